@@ -1,0 +1,94 @@
+"""The front door: pick a solver by name and a step budget; get a sample and its NFE."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .denoisers import Thresholded
+from .schedules import NoiseSchedule, custom_grid, time_grid
+from .solvers import SamplerOutput, fast_orders, get_solver
+
+__all__ = ["sample", "invert", "solver_grid", "expected_nfe"]
+
+
+def solver_grid(schedule: NoiseSchedule, solver: str, steps: int, spacing: str = "logsnr",
+                final: str = "zero", **grid_kw) -> tuple[torch.Tensor, dict]:
+    """The grid (and extra solver options) that spends ``steps`` model calls with ``solver``.
+
+    Multistep solvers: one call per interval. Singlestep: ``steps`` is the NFE budget,
+    split into per-step orders (DPM-Solver-fast); a final step to 0 costs one call.
+    Heun: ``steps`` intervals. Adaptive: the grid only fixes the ends.
+    """
+    spec = get_solver(solver)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if spec.kind != "singlestep":
+        return time_grid(schedule, steps, spacing, final=final, **grid_kw), {}
+    budget = steps - (final in ("zero", "denoise"))
+    if budget < 1:  # one call: straight to clean data
+        if final != "zero":
+            raise ValueError("a singlestep solver needs steps >= 2 unless final='zero'")
+        return time_grid(schedule, 1, spacing, final="zero", **grid_kw), {"order": [1]}
+    orders = fast_orders(budget, spec.options["order"])
+    if final == "zero":
+        grid = time_grid(schedule, len(orders) + 1, spacing, final="zero", **grid_kw)
+        return grid, {"order": orders + [1]}
+    grid = time_grid(schedule, len(orders), spacing, final=final, **grid_kw)
+    return grid, {"order": orders + ([1] if final == "denoise" else [])}
+
+
+def expected_nfe(solver: str, grid: torch.Tensor, options: dict | None = None) -> int | None:
+    """Model calls a solver spends on a grid (None for adaptive solvers)."""
+    spec = get_solver(solver)
+    n = grid.numel() - 1
+    to_zero = float(grid[-1]) == 0.0
+    if spec.kind == "multistep":
+        return n
+    if spec.kind == "heun":
+        return 2 * n - 1 if to_zero else 2 * n
+    if spec.kind == "singlestep":
+        orders = (options or {}).get("order", spec.options["order"])
+        return sum(orders) if isinstance(orders, list) else orders * (n - to_zero) + to_zero
+    return None
+
+
+def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m",
+           steps: int = 10, spacing: str = "logsnr", final: str = "zero", grid=None, cond: dict | None = None,
+           thresholding: bool | dict = False, generator=None, callback=None, progress: bool = False,
+           **options) -> SamplerOutput:
+    """Sample from ``denoiser`` starting at ``x_T`` (noise at the grid's first time).
+
+    solver: a name from ``fewstep.solvers.SOLVERS`` (e.g. ``dpmpp_2m``, ``unipc_bh2_3``).
+    steps: the budget of model calls (see ``solver_grid``); ignored if ``grid`` is given.
+    grid: an explicit decreasing time grid (ending in 0 for a final denoising step).
+    thresholding: True (or a dict of ``dynamic_threshold`` arguments) to clip x0_hat.
+    options: solver options (``lower_order_final``, ``eta`` for ddim, ``rtol`` ...).
+    """
+    spec = get_solver(solver)
+    if grid is None:
+        grid, extra = solver_grid(schedule, solver, steps, spacing, final)
+        options = {**extra, **options}
+    else:
+        grid = custom_grid(schedule, grid)
+    if thresholding:
+        denoiser = Thresholded(denoiser, **(thresholding if isinstance(thresholding, dict) else {}))
+    return spec(denoiser, x_T, grid, schedule, cond=cond, generator=generator, callback=callback,
+                progress=progress, **options)
+
+
+def invert(denoiser: Callable, x0: torch.Tensor, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m",
+           steps: int = 50, spacing: str = "logsnr", cond: dict | None = None, progress: bool = False,
+           **options) -> SamplerOutput:
+    """Encode data into noise by running the probability-flow ODE forwards (t_min -> t_max).
+
+    Decode with ``sample(..., steps=steps, spacing=spacing, final="tmin")`` and the same
+    solver to return to x0; the round-trip error shrinks as steps grow.
+    Only deterministic multistep solvers (ddim, dpm_solver_2m/3m, dpmpp_2m/3m) invert.
+    """
+    spec = get_solver(solver)
+    if not spec.invertible:
+        invertible = [n for n, s in __import__("fewstep.solvers", fromlist=["SOLVERS"]).SOLVERS.items() if s.invertible]
+        raise ValueError(f"solver {solver!r} cannot run backwards; use one of {', '.join(invertible)}")
+    grid = time_grid(schedule, steps, spacing, final="tmin").flip(0)
+    return spec(denoiser, x0, grid, schedule, cond=cond, progress=progress, **options)
