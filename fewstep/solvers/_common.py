@@ -22,7 +22,7 @@ import torch
 from ..denoisers import CountingDenoiser
 from ..schedules import NoiseSchedule
 
-__all__ = ["SamplerOutput", "Point", "prepare", "randn_like", "steps_iter", "report",
+__all__ = ["SamplerOutput", "Point", "prepare", "randn_like", "steps_iter", "report", "run_steps",
            "phi", "ei_weights", "Frame", "frame", "ei_update", "eps_from_x0"]
 
 
@@ -93,6 +93,23 @@ def steps_iter(n: int, progress: bool, desc: str) -> Iterable[int]:
 def report(callback, i: int, t: float, x: torch.Tensor, x0: torch.Tensor | None) -> None:
     if callback is not None:
         callback({"i": i, "t": t, "x": x, "x0": x0})
+
+
+def run_steps(step: Callable, state, denoiser: Callable, x: torch.Tensor, grid, schedule: NoiseSchedule, *,
+              cond: dict | None, generator, callback, progress: bool, desc: str,
+              allow_increasing: bool = False) -> SamplerOutput:
+    """The loop of every one-call-per-step sampler.
+
+    ``step(x, x0_hat, i, points, state, generator) -> (x_next, state)`` is the solver's
+    update from point i to i + 1 given the model's x0_hat at (x, t_i). The diffusers
+    scheduler adapter drives the same ``step`` functions one call at a time.
+    """
+    model, counter, pts, grid = prepare(denoiser, x, grid, schedule, cond, allow_increasing=allow_increasing)
+    for i in steps_iter(len(pts) - 1, progress, desc):
+        x0 = model(x, pts[i].t)
+        report(callback, i, pts[i].t, x, x0)
+        x, state = step(x, x0, i, pts, state, generator)
+    return SamplerOutput(x, counter.nfe, grid)
 
 
 def eps_from_x0(x: torch.Tensor, x0: torch.Tensor, p: Point) -> torch.Tensor:

@@ -3,13 +3,27 @@ Euler / Heun in EDM's variables (Karras et al. 2022, Alg. 1)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
 
-from ._common import SamplerOutput, eps_from_x0, prepare, randn_like, report, steps_iter
+from ._common import SamplerOutput, eps_from_x0, prepare, randn_like, report, run_steps, steps_iter
 
-__all__ = ["ddim", "euler", "heun"]
+__all__ = ["ddim", "ddim_step", "euler", "heun"]
+
+
+def ddim_step(x, x0, i, pts, state=None, generator=None, *, eta: float = 0.0):
+    """One DDIM step from pts[i] to pts[i + 1] (see ``ddim``)."""
+    s, t = pts[i], pts[i + 1]
+    if t.sigma == 0:
+        return x0, state
+    eps = eps_from_x0(x, x0, s)
+    c = eta * t.sigma * math.sqrt(-math.expm1(-2.0 * (t.lam - s.lam))) if eta > 0 else 0.0
+    x = t.alpha * x0 + math.sqrt(max(t.sigma ** 2 - c * c, 0.0)) * eps
+    if c > 0:
+        x = x + c * randn_like(x, generator)
+    return x, state
 
 
 def ddim(denoiser: Callable, x: torch.Tensor, grid, schedule, *, eta: float = 0.0,
@@ -22,20 +36,9 @@ def ddim(denoiser: Callable, x: torch.Tensor, grid, schedule, *, eta: float = 0.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    model, counter, pts, grid = prepare(denoiser, x, grid, schedule, cond, allow_increasing=eta == 0)
-    for i in steps_iter(len(pts) - 1, progress, "ddim" if eta == 0 else f"ddim(eta={eta})"):
-        s, t = pts[i], pts[i + 1]
-        x0 = model(x, s.t)
-        report(callback, i, s.t, x, x0)
-        if t.sigma == 0:
-            x = x0
-            break
-        eps = eps_from_x0(x, x0, s)
-        c = eta * t.sigma * math.sqrt(-math.expm1(-2.0 * (t.lam - s.lam))) if eta > 0 else 0.0
-        x = t.alpha * x0 + math.sqrt(max(t.sigma ** 2 - c * c, 0.0)) * eps
-        if c > 0:
-            x = x + c * randn_like(x, generator)
-    return SamplerOutput(x, counter.nfe, grid)
+    return run_steps(partial(ddim_step, eta=eta), None, denoiser, x, grid, schedule, cond=cond,
+                     generator=generator, callback=callback, progress=progress,
+                     desc="ddim" if eta == 0 else f"ddim(eta={eta})", allow_increasing=eta == 0)
 
 
 def _edm_heun(denoiser, x, grid, schedule, second_order: bool, cond, callback, progress) -> SamplerOutput:

@@ -7,15 +7,15 @@ DPM-Solver++ (x0 prediction), ``data=False`` DPM-Solver (noise prediction).
 """
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
 
 from ._common import (Point, SamplerOutput, eps_from_x0, ei_update, frame, prepare, randn_like,
-                      report, steps_iter)
+                      report, run_steps, steps_iter)
 
-__all__ = ["dpm_multistep", "dpm_singlestep", "fast_orders", "singlestep_update"]
+__all__ = ["dpm_multistep", "dpm_multistep_step", "dpm_singlestep", "fast_orders", "singlestep_update"]
 
 
 def _pred(x: torch.Tensor, x0: torch.Tensor, p: Point, data: bool) -> torch.Tensor:
@@ -54,6 +54,31 @@ def multistep_terms(fr, hist: Sequence[tuple[float, torch.Tensor]], order: int, 
     return terms
 
 
+def dpm_multistep_step(x, x0, i, pts, hist, generator=None, *, order: int = 2, data: bool = True,
+                       sde: bool = False, solver_type: str = "midpoint", lower_order_final: bool = True,
+                       third_order: str = "exact"):
+    """One multistep update from pts[i] to pts[i + 1]; ``hist`` holds (lambda, model output) pairs."""
+    s, t = pts[i], pts[i + 1]
+    if t.sigma == 0:  # final step to clean data
+        return x0, hist
+    hist = (list(hist or []) + [(s.lam, _pred(x, x0, s, data))])[-order:]
+    n = len(pts) - 1
+    k = min(order, len(hist))
+    if lower_order_final and n < 15:
+        k = min(k, n - i)
+    fr = frame(s, t, data=data, sde=sde, n=k)
+    noise = randn_like(x, generator) if sde else None
+    return ei_update(x, fr, multistep_terms(fr, hist, k, solver_type, third_order), noise), hist
+
+
+def check_multistep_options(order, solver_type, third_order) -> None:
+    _check_order(order, 3)
+    if solver_type not in ("midpoint", "taylor"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'taylor', got {solver_type!r}")
+    if third_order not in ("exact", "legacy"):
+        raise ValueError(f"third_order must be 'exact' or 'legacy', got {third_order!r}")
+
+
 def dpm_multistep(denoiser: Callable, x: torch.Tensor, grid, schedule, *, order: int = 2,
                   data: bool = True, sde: bool = False, solver_type: str = "midpoint",
                   lower_order_final: bool = True, third_order: str = "exact",
@@ -68,29 +93,11 @@ def dpm_multistep(denoiser: Callable, x: torch.Tensor, grid, schedule, *, order:
     ``solver_type`` ("midpoint" | "taylor") picks the second-order weight and
     ``third_order`` ("exact" | "legacy") the third-order one; see ``multistep_terms``.
     """
-    _check_order(order, 3)
-    if solver_type not in ("midpoint", "taylor"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'taylor', got {solver_type!r}")
-    if third_order not in ("exact", "legacy"):
-        raise ValueError(f"third_order must be 'exact' or 'legacy', got {third_order!r}")
-    model, counter, pts, grid = prepare(denoiser, x, grid, schedule, cond, allow_increasing=not sde)
-    n = len(pts) - 1
-    hist: list[tuple[float, torch.Tensor]] = []
-    for i in steps_iter(n, progress, f"dpm{'pp' if data else ''}_{order}m"):
-        s, t = pts[i], pts[i + 1]
-        x0 = model(x, s.t)
-        report(callback, i, s.t, x, x0)
-        if t.sigma == 0:  # final step to clean data
-            x = x0
-            break
-        hist = (hist + [(s.lam, _pred(x, x0, s, data))])[-order:]
-        k = min(order, len(hist))
-        if lower_order_final and n < 15:
-            k = min(k, n - i)
-        fr = frame(s, t, data=data, sde=sde, n=k)
-        x = ei_update(x, fr, multistep_terms(fr, hist, k, solver_type, third_order),
-                      randn_like(x, generator) if sde else None)
-    return SamplerOutput(x, counter.nfe, grid)
+    check_multistep_options(order, solver_type, third_order)
+    step = partial(dpm_multistep_step, order=order, data=data, sde=sde, solver_type=solver_type,
+                   lower_order_final=lower_order_final, third_order=third_order)
+    return run_steps(step, [], denoiser, x, grid, schedule, cond=cond, generator=generator, callback=callback,
+                     progress=progress, desc=f"dpm{'pp' if data else ''}_{order}m", allow_increasing=not sde)
 
 
 # ---------------------------------------------------------------------------

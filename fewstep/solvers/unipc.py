@@ -7,14 +7,15 @@ paper Alg. 2 / 3 with the coefficients rho solved from R rho = b (eq. 8).
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ._common import Point, SamplerOutput, phi, prepare, report, steps_iter
+from ._common import Point, SamplerOutput, phi, run_steps
 
-__all__ = ["unipc", "unipc_rhos"]
+__all__ = ["unipc", "unipc_step", "unipc_rhos"]
 
 
 def unipc_rhos(h: float, rks: list[float], variant: str, corrector: bool) -> tuple[float, list[float]]:
@@ -45,6 +46,29 @@ def _update(x: torch.Tensor, s: Point, t: Point, m0: torch.Tensor, diffs: list[t
     return out
 
 
+def unipc_step(x, x0, i, pts, state, generator=None, *, order: int = 2, variant: str = "bh2",
+               corrector: bool = True, lower_order_final: bool = True):
+    """One UniPC step: correct x at pts[i] with the new x0_hat (UniC), then predict pts[i + 1] (UniP).
+    ``state`` = (history of (point, x0_hat), x before the last prediction, that prediction's order)."""
+    hist, x_prev, k_prev = state or ([], None, 0)
+    s, t = pts[i], pts[i + 1]
+    if corrector and x_prev is not None:
+        x = _corrector(x_prev, hist, s, x0, k_prev, variant)
+    if t.sigma == 0:
+        return x0, (hist, None, 0)
+    hist = (list(hist) + [(s, x0)])[-order:]
+    n = len(pts) - 1
+    k = min(order, len(hist), n - i if lower_order_final else order)
+    return _predictor(x, hist, t, k, variant), (hist, x, k)
+
+
+def check_unipc_options(order, variant) -> None:
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    if not isinstance(order, int) or not 1 <= order <= 3:
+        raise ValueError(f"order must be an integer from 1 to 3, got {order!r}")
+
+
 def unipc(denoiser: Callable, x: torch.Tensor, grid, schedule, *, order: int = 2, variant: str = "bh2",
           corrector: bool = True, lower_order_final: bool = True, cond: dict | None = None,
           generator=None, callback=None, progress: bool = False) -> SamplerOutput:
@@ -54,28 +78,11 @@ def unipc(denoiser: Callable, x: torch.Tensor, grid, schedule, *, order: int = 2
     min(order, steps left). ``corrector=False`` gives plain UniP. A step to t = 0 is a
     pure denoising step (after the corrector has used that step's model call).
     """
-    if variant not in ("bh1", "bh2"):
-        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
-    if not isinstance(order, int) or not 1 <= order <= 3:
-        raise ValueError(f"order must be an integer from 1 to 3, got {order!r}")
-    model, counter, pts, grid = prepare(denoiser, x, grid, schedule, cond)
-    n = len(pts) - 1
-    hist: list[tuple[Point, torch.Tensor]] = []  # (point, x0_hat), newest last
-    x_prev, k_prev = None, 0
-    for i in steps_iter(n, progress, f"unipc_{variant}_{order}"):
-        s, t = pts[i], pts[i + 1]
-        x0 = model(x, s.t)
-        report(callback, i, s.t, x, x0)
-        if corrector and x_prev is not None:  # UniC: correct x at s with the new model output
-            x = _corrector(x_prev, hist, s, x0, k_prev, variant)
-        if t.sigma == 0:
-            x = x0
-            break
-        hist = (hist + [(s, x0)])[-order:]
-        k = min(order, len(hist), n - i if lower_order_final else order)
-        x_prev, k_prev = x, k
-        x = _predictor(x, hist, t, k, variant)
-    return SamplerOutput(x, counter.nfe, grid)
+    check_unipc_options(order, variant)
+    step = partial(unipc_step, order=order, variant=variant, corrector=corrector,
+                   lower_order_final=lower_order_final)
+    return run_steps(step, None, denoiser, x, grid, schedule, cond=cond, generator=generator,
+                     callback=callback, progress=progress, desc=f"unipc_{variant}_{order}")
 
 
 def _differences(hist, h: float, k: int):
