@@ -8,3 +8,10 @@ __version__ = "0.1.0"
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "ModelDenoiser", "Thresholded", "dynamic_threshold",
            "expected_nfe", "invert", "sample", "solver_grid", "CosineVP", "DiscreteVP", "EDM", "LinearVP",
            "RectifiedFlow", "custom_grid", "time_grid", "SOLVERS", "SamplerOutput"]
+
+
+def __getattr__(name):  # import the diffusers edge only when asked for
+    if name == "FewstepScheduler":
+        from .diffusers import FewstepScheduler
+        return FewstepScheduler
+    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")

@@ -71,7 +71,7 @@ def dpm_multistep_step(x, x0, i, pts, hist, generator=None, *, order: int = 2, d
     return ei_update(x, fr, multistep_terms(fr, hist, k, solver_type, third_order), noise), hist
 
 
-def check_multistep_options(order, solver_type, third_order) -> None:
+def check_multistep_options(order=2, solver_type="midpoint", third_order="exact", **_) -> None:
     _check_order(order, 3)
     if solver_type not in ("midpoint", "taylor"):
         raise ValueError(f"solver_type must be 'midpoint' or 'taylor', got {solver_type!r}")

@@ -7,9 +7,9 @@ from functools import partial
 from typing import Callable
 
 from .adaptive import dpm_adaptive
-from .baseline import ddim, euler, heun
-from .dpm_solver import dpm_multistep, dpm_singlestep
-from .unipc import unipc
+from .baseline import ddim, ddim_step, euler, heun
+from .dpm_solver import check_multistep_options, dpm_multistep, dpm_multistep_step, dpm_singlestep
+from .unipc import check_unipc_options, unipc, unipc_step
 
 __all__ = ["SolverSpec", "SOLVERS", "get_solver"]
 
@@ -32,15 +32,28 @@ class SolverSpec:
     invertible: bool = False
     options: dict = field(default_factory=dict)
     summary: str = ""
+    step: Callable | None = None
+    check: Callable | None = None
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **{**self.options, **kwargs})
 
+    def stepper(self, **options) -> Callable:
+        """The per-step update with this solver's options bound (validated)."""
+        if self.step is None:
+            raise ValueError(f"solver {self.name!r} ({self.kind}) needs the whole sampling loop and cannot run "
+                             "one model call at a time; use fewstep.sample or fewstep.diffusers.sample instead")
+        opts = {**self.options, **options}
+        if self.check is not None:
+            self.check(**opts)
+        return partial(self.step, **opts)
+
 
 def _specs():
-    yield SolverSpec("ddim", ddim, "multistep", 1, invertible=True, summary="DDIM (eta = 0), first order")
+    yield SolverSpec("ddim", ddim, "multistep", 1, invertible=True, summary="DDIM (eta = 0), first order",
+                     step=ddim_step)
     yield SolverSpec("ddpm", partial(ddim, eta=1.0), "multistep", 1, stochastic=True,
-                     summary="DDPM ancestral sampling (DDIM with eta = 1)")
+                     summary="DDPM ancestral sampling (DDIM with eta = 1)", step=partial(ddim_step, eta=1.0))
     yield SolverSpec("euler", euler, "multistep", 1, summary="Euler in EDM variables (equals DDIM)")
     yield SolverSpec("heun", heun, "heun", 2, summary="Heun, EDM Alg. 1 (deterministic)")
     for o in (1, 2, 3):
@@ -51,12 +64,15 @@ def _specs():
     for o in (2, 3):
         yield SolverSpec(f"dpmpp_{o}s", partial(dpm_singlestep, data=True), "singlestep", o, options={"order": o},
                          summary=f"singlestep DPM-Solver++({o}S)")
-        yield SolverSpec(f"dpm_solver_{o}m", partial(dpm_multistep, data=False), "multistep", o,
-                         invertible=True, options={"order": o}, summary=f"multistep DPM-Solver (noise), order {o}")
-        yield SolverSpec(f"dpmpp_{o}m", partial(dpm_multistep, data=True), "multistep", o, invertible=True,
-                         options={"order": o}, summary=f"multistep DPM-Solver++({o}M)")
-        yield SolverSpec(f"sde_dpmpp_{o}m", partial(dpm_multistep, data=True, sde=True), "multistep", o,
-                         stochastic=True, options={"order": o}, summary=f"SDE-DPM-Solver++({o}M)")
+        yield SolverSpec(f"dpm_solver_{o}m", dpm_multistep, "multistep", o, invertible=True,
+                         options={"order": o, "data": False}, summary=f"multistep DPM-Solver (noise), order {o}",
+                         step=dpm_multistep_step, check=check_multistep_options)
+        yield SolverSpec(f"dpmpp_{o}m", dpm_multistep, "multistep", o, invertible=True,
+                         options={"order": o, "data": True}, summary=f"multistep DPM-Solver++({o}M)",
+                         step=dpm_multistep_step, check=check_multistep_options)
+        yield SolverSpec(f"sde_dpmpp_{o}m", dpm_multistep, "multistep", o, stochastic=True,
+                         options={"order": o, "data": True, "sde": True}, summary=f"SDE-DPM-Solver++({o}M)",
+                         step=dpm_multistep_step, check=check_multistep_options)
     yield SolverSpec("dpm_solver_12", dpm_adaptive, "adaptive", 2, options={"order": 2},
                      summary="adaptive DPM-Solver-12 (rtol/atol)")
     yield SolverSpec("dpm_solver_23", dpm_adaptive, "adaptive", 3, options={"order": 3},
@@ -64,7 +80,8 @@ def _specs():
     for v in ("bh1", "bh2"):
         for o in (1, 2, 3):
             yield SolverSpec(f"unipc_{v}_{o}", unipc, "multistep", o + 1,
-                             options={"order": o, "variant": v}, summary=f"UniPC-{o} ({v}), order {o + 1}")
+                             options={"order": o, "variant": v}, summary=f"UniPC-{o} ({v}), order {o + 1}",
+                             step=unipc_step, check=check_unipc_options)
 
 
 SOLVERS: dict[str, SolverSpec] = {s.name: s for s in _specs()}

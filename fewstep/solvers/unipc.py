@@ -62,7 +62,7 @@ def unipc_step(x, x0, i, pts, state, generator=None, *, order: int = 2, variant:
     return _predictor(x, hist, t, k, variant), (hist, x, k)
 
 
-def check_unipc_options(order, variant) -> None:
+def check_unipc_options(order=2, variant="bh2", **_) -> None:
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     if not isinstance(order, int) or not 1 <= order <= 3:
