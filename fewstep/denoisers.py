@@ -116,12 +116,18 @@ class ModelDenoiser:
 
 
 def _cat_cond(cond: Mapping, uncond: Mapping) -> dict:
+    """Stack conditional and unconditional inputs along the batch (nested dicts too)."""
     both = {}
     for k in set(cond) | set(uncond):
         if k not in cond or k not in uncond:
             raise ValueError(f"conditioning {k!r} must be given for both the conditional and unconditional call")
         c, u = cond[k], uncond[k]
-        both[k] = torch.cat([c, u]) if isinstance(c, torch.Tensor) else c
+        if isinstance(c, torch.Tensor):
+            both[k] = torch.cat([c, u])
+        elif isinstance(c, Mapping):
+            both[k] = _cat_cond(c, u)
+        else:
+            both[k] = c
     return both
 
 

@@ -48,7 +48,7 @@ class NoiseSchedule:
         raise NotImplementedError
 
     def sigma(self, t) -> torch.Tensor:  # VP default
-        la = self.log_alpha(t)
+        la = self.log_alpha(t).clamp(max=0.0)  # round-off can give +1e-20 at t = 0
         return torch.sqrt(-torch.expm1(2.0 * la))
 
     def t_of_lambda(self, lam) -> torch.Tensor:
@@ -135,8 +135,8 @@ class DiscreteVP(NoiseSchedule):
                 raise ValueError("betas must lie strictly between 0 and 1")
             alphas_cumprod = torch.cumprod(1.0 - betas, 0)
         ac = _f64(alphas_cumprod).flatten()
-        if ac.numel() < 2 or (ac <= 0).any() or (ac >= 1).any() or (ac[1:] > ac[:-1]).any():
-            raise ValueError("alphas_cumprod must be decreasing values in (0, 1) with at least 2 entries")
+        if ac.numel() < 2 or (ac <= 0).any() or (ac >= 1).any() or (ac[1:] >= ac[:-1]).any():
+            raise ValueError("alphas_cumprod must be strictly decreasing values in (0, 1) with at least 2 entries")
         self.alphas_cumprod = ac
         self.N = ac.numel()
         # knots: t = 0 (clean) then t_n = (n + 1) / N
@@ -225,7 +225,8 @@ class CosineVP(NoiseSchedule):
 
     def t_of_lambda(self, lam) -> torch.Tensor:
         la = _log_alpha_from_lambda(_f64(lam))
-        return 2 * (1 + self.s) / math.pi * torch.arccos(torch.exp(la + self._la0)) - self.s
+        t = 2 * (1 + self.s) / math.pi * torch.arccos(torch.exp(la + self._la0).clamp(max=1.0)) - self.s
+        return t.clamp(min=0.0)  # round-off near lambda = +inf
 
     def config(self) -> dict:
         return {"kind": self.kind, "s": self.s, "t_min": self.t_min, "t_max": self.t_max}
@@ -326,6 +327,8 @@ def time_grid(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr", *,
     t_hi = schedule.t_max if t_max is None else float(t_max)
     t_lo = schedule.t_min if t_min is None else float(t_min)
     schedule.check_times(torch.tensor([t_lo, t_hi], dtype=torch.float64), "t_min/t_max")
+    if t_lo <= 0:
+        raise ValueError("t_min must be > 0; use final='zero' to end the grid at clean data (t = 0)")
     if not t_lo < t_hi:
         raise ValueError(f"t_min ({t_lo}) must be smaller than t_max ({t_hi})")
     n = steps + 1 if final != "zero" else steps

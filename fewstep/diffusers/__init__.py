@@ -1,5 +1,7 @@
 """The diffusers edge: a scheduler that runs fewstep's solvers inside any pipeline,
 and adapters that make diffusers models fewstep denoisers."""
+from .models import DiffusersDenoiser, pipeline_denoiser, prediction_from_config, sample, schedule_from_config
 from .scheduler import FewstepScheduler
 
-__all__ = ["FewstepScheduler"]
+__all__ = ["FewstepScheduler", "DiffusersDenoiser", "pipeline_denoiser", "prediction_from_config", "sample",
+           "schedule_from_config"]
