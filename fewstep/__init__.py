@@ -3,11 +3,12 @@ from .denoisers import ClassifierFreeGuidance, ClassifierGuidance, ModelDenoiser
 from .sampling import expected_nfe, invert, sample, solver_grid
 from .schedules import CosineVP, DiscreteVP, EDM, LinearVP, RectifiedFlow, custom_grid, time_grid
 from .solvers import SOLVERS, SamplerOutput
+from .api import generate, load
 
 __version__ = "0.1.0"
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "ModelDenoiser", "Thresholded", "dynamic_threshold",
            "expected_nfe", "invert", "sample", "solver_grid", "CosineVP", "DiscreteVP", "EDM", "LinearVP",
-           "RectifiedFlow", "custom_grid", "time_grid", "SOLVERS", "SamplerOutput"]
+           "RectifiedFlow", "custom_grid", "time_grid", "SOLVERS", "SamplerOutput", "generate", "load"]
 
 
 def __getattr__(name):  # import the diffusers edge only when asked for
