@@ -1,0 +1,555 @@
+"""The one training loop that every fewstep trainer runs.
+
+``train(objective, model, data, steps=..., out_dir=...)`` where
+``objective(model, batch) -> per-sample loss (B,)``; the loop takes the mean.
+
+Data can be
+  * a tensor or a tuple/list of tensors (same first dim) held in memory, or a
+    map-style dataset (``__len__`` + ``__getitem__``): shuffled epochs whose order
+    depends only on (seed, epoch), last partial batch dropped;
+  * a callable ``sample(generator, batch_size) -> batch`` (e.g. a toy
+    distribution) drawing from a loop-owned ``torch.Generator``;
+  * any other iterable (e.g. a DataLoader): cycled; its order is *not*
+    restored on resume (a warning says so).
+
+Checkpoints are folders ``out_dir/ckpt-<step>/`` holding ``model.safetensors``,
+``ema.safetensors``, ``optimizer.safetensors``, ``rng.safetensors`` and
+``state.json`` (step, optimizer/scheduler metadata, python/numpy RNG state,
+data position). Each is written to a ``.tmp`` folder first and moved into place
+with ``os.replace``; ``latest.json`` (also replaced atomically) names the newest.
+With ``resume=True`` the loop continues from it exactly: on CPU with
+deterministic data, a killed-and-resumed run ends with the same parameters as an
+uninterrupted one.
+
+The metrics log ``log.jsonl`` has one JSON object per line (``step``, ``loss``,
+``lr``, ``grad_norm``, ``sec_per_step``, ``elapsed``); lines past the resumed
+step are dropped on resume. ``sample_fn(ema_model, step)`` returning images in
+[-1, 1] (or ``(images, nrow)``) is called periodically and saved as
+``samples/step-<step>.png``; it runs under a forked RNG so it does not change
+the training randomness.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["train", "TrainResult", "make_batch_source", "save_image_grid", "latest_checkpoint",
+           "load_checkpoint_weights"]
+
+CKPT_PREFIX = "ckpt-"
+LATEST = "latest.json"
+LOG = "log.jsonl"
+
+
+# ---------------------------------------------------------------------------
+# Batch sources (resumable data order)
+# ---------------------------------------------------------------------------
+
+class _IndexedBatches:
+    """Shuffled epochs over an indexable dataset; order is a function of (seed, epoch)."""
+
+    exact_resume = True
+
+    def __init__(self, n: int, gather: Callable, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"the dataset has {n} items, fewer than batch_size={batch_size}")
+        self.n, self.gather, self.batch_size, self.seed = n, gather, batch_size, seed
+        self.epoch, self.pos, self._perm = 0, 0, None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._perm = torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def next(self):
+        if self.pos + self.batch_size > self.n:
+            self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
+        idx = self._permutation()[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.gather(idx)
+
+    def state_dict(self) -> dict:
+        return {"kind": "indexed", "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos, self._perm = int(state["epoch"]), int(state["pos"]), None
+
+
+class _SampledBatches:
+    """Batches drawn by ``sample(generator, batch_size)`` from a loop-owned generator."""
+
+    exact_resume = True
+
+    def __init__(self, sample: Callable, batch_size: int, seed: int):
+        self.sample, self.batch_size = sample, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        return self.sample(self.generator, self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"kind": "sampled", "generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+class _IterBatches:
+    """Cycles any iterable; its order cannot be restored on resume."""
+
+    exact_resume = False
+
+    def __init__(self, iterable):
+        self.iterable, self.it, self.count = iterable, iter(iterable), 0
+
+    def next(self):
+        try:
+            batch = next(self.it)
+        except StopIteration:
+            self.it = iter(self.iterable)
+            try:
+                batch = next(self.it)
+            except StopIteration:
+                raise ValueError("the data iterable is empty") from None
+        self.count += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"kind": "iter", "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        warnings.warn("resuming with a plain iterable/DataLoader: the data order is not restored; "
+                      "pass tensors or a map-style dataset for an exact resume")
+        self.count = int(state.get("count", 0))
+
+
+def _tensor_gather(tensors):
+    return lambda idx: tuple(t[idx] for t in tensors) if len(tensors) > 1 else tensors[0][idx]
+
+
+def _dataset_gather(dataset):
+    from torch.utils.data import default_collate
+    return lambda idx: default_collate([dataset[int(i)] for i in idx])
+
+
+def make_batch_source(data, batch_size: int, seed: int):
+    """Wrap tensors / a dataset / a sampler callable / an iterable as a resumable batch source."""
+    if isinstance(data, torch.Tensor):
+        data = (data,)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        n = data[0].shape[0]
+        if any(t.shape[0] != n for t in data):
+            raise ValueError(f"data tensors differ in length: {[t.shape[0] for t in data]}")
+        return _IndexedBatches(n, _tensor_gather(tuple(data)), batch_size, seed)
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        return _IndexedBatches(len(data), _dataset_gather(data), batch_size, seed)
+    if callable(data):
+        return _SampledBatches(data, batch_size, seed)
+    if hasattr(data, "__iter__"):
+        return _IterBatches(data)
+    raise TypeError(f"cannot train on data of type {type(data).__name__}: pass tensors, a dataset, "
+                    "a sample(generator, batch_size) callable or an iterable")
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+# ---------------------------------------------------------------------------
+# Nested state <-> (JSON, tensors)
+# ---------------------------------------------------------------------------
+
+def _split_tree(obj, tensors: dict, key: str):
+    """Replace tensors in a nested structure by references; collect them in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _split_tree(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, _split_tree(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_split_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_split_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} at {key} in a checkpoint")
+
+
+def _join_tree(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _join_tree(v, tensors) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(_join_tree(v, tensors) for v in obj["__tuple__"])
+        return {k: _join_tree(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tree(v, tensors) for v in obj]
+    return obj
+
+
+def _rng_state() -> tuple[dict, dict]:
+    """(JSON part, tensor part) of the python, numpy and torch RNG states."""
+    py = random.getstate()
+    npy = np.random.get_state()
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return js, tensors
+
+
+def _set_rng_state(js: dict, tensors: dict) -> None:
+    v, internal, gauss = js["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _state_tensors(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, scheduler, source, extra: dict,
+                    keep: int = 2) -> Path:
+    """Write ``ckpt-<step>`` atomically (tmp folder + os.replace), update latest.json, prune old ones."""
+    from safetensors.torch import save_file
+
+    final = out_dir / f"{CKPT_PREFIX}{step:08d}"
+    tmp = out_dir / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_state_tensors(model), str(tmp / "model.safetensors"))
+    save_file(_state_tensors(ema), str(tmp / "ema.safetensors"))
+    opt_tensors: dict = {}
+    opt_meta = _split_tree(optimizer.state_dict(), opt_tensors, "opt")
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_js, rng_tensors = _rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    _write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                                     "rng": rng_js, "data": source.state_dict(), **extra})
+    if final.exists():  # re-saving a step (e.g. after a resume): the previous checkpoint stays meanwhile
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_json(out_dir / LATEST, {"step": step, "dir": final.name})
+    _prune(out_dir, keep, final.name)
+    return final
+
+
+def _prune(out_dir: Path, keep: int, newest: str) -> None:
+    done = sorted(p for p in out_dir.glob(f"{CKPT_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in done[:-keep] if keep > 0 else []:
+        if p.name != newest:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint folder in ``out_dir`` (None if there is none)."""
+    out_dir = Path(out_dir)
+    try:
+        name = json.loads((out_dir / LATEST).read_text())["dir"]
+        if (out_dir / name / "state.json").is_file():
+            return out_dir / name
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    done = sorted(p for p in out_dir.glob(f"{CKPT_PREFIX}*")
+                  if not p.name.endswith(".tmp") and (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint file {path}: it is corrupt or truncated ({e})") from None
+
+
+def load_checkpoint_weights(ckpt: Path, which: str = "ema") -> dict:
+    """State dict of the model ('model') or its EMA ('ema') from a checkpoint folder."""
+    if which not in ("model", "ema"):
+        raise ValueError(f"which must be 'model' or 'ema', got {which!r}")
+    return _read_safetensors(Path(ckpt) / f"{which}.safetensors")
+
+
+def _restore(ckpt: Path, model, ema, optimizer, scheduler, source) -> dict:
+    state = json.loads((ckpt / "state.json").read_text())
+    model.load_state_dict(_read_safetensors(ckpt / "model.safetensors"))
+    ema.load_state_dict(_read_safetensors(ckpt / "ema.safetensors"))
+    opt_tensors = _read_safetensors(ckpt / "optimizer.safetensors")
+    optimizer.load_state_dict(_join_tree(state["optimizer"], opt_tensors))
+    scheduler.load_state_dict(state["scheduler"])
+    source.load_state_dict(state["data"])
+    _set_rng_state(state["rng"], _read_safetensors(ckpt / "rng.safetensors"))
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Logging and sample grids
+# ---------------------------------------------------------------------------
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only log lines at or before ``step`` (lines of a killed run past its last checkpoint go)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a half-written last line of a killed run
+    path.write_text("".join(k + "\n" for k in kept))
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2) -> Path:
+    """Save (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid with ``nrow`` images per row."""
+    from PIL import Image
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
+    arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+    return path
+
+
+def _run_sample_fn(sample_fn, ema, step: int, out_dir: Path) -> Path:
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        with torch.no_grad():
+            out = sample_fn(ema, step)
+    random.setstate(py)
+    np.random.set_state(npy)
+    images, nrow = out if isinstance(out, tuple) else (out, None)
+    return save_image_grid(images, out_dir / "samples" / f"step-{step:08d}.png", nrow)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module     # the trained (unwrapped) model
+    ema: torch.nn.Module       # its EMA copy
+    step: int
+    out_dir: Path
+    last_loss: float
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for float tensors; other buffers are copied."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m.to(e.dtype), 1.0 - decay)
+        else:
+            e.copy_(m)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warm-up: min(decay, (1 + step) / (10 + step)), so early EMA tracks the model."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def _warmup_lambda(warmup: int):
+    return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+
+
+def _check_args(steps, lr, batch_size, grad_accum, ema_decay, grad_clip):
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not (isinstance(batch_size, int) and batch_size >= 1 and isinstance(grad_accum, int) and grad_accum >= 1):
+        raise ValueError(f"batch_size and grad_accum must be integers >= 1, got {batch_size!r}, {grad_accum!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be positive or None, got {grad_clip!r}")
+
+
+def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_dir, lr: float = 2e-4,
+          batch_size: int = 64, warmup: int = 0, grad_clip: float | None = 1.0, ema_decay: float = 0.999,
+          weight_decay: float = 0.0, mixed_precision: str = "no", grad_accum: int = 1,
+          ckpt_every_minutes: float | None = 5.0, ckpt_every_steps: int | None = None,
+          sample_fn: Callable | None = None, sample_every_minutes: float | None = 10.0,
+          sample_every_steps: int | None = None, log_every: int = 50, resume: bool = True, seed: int = 0,
+          keep_checkpoints: int = 2, on_step: Callable | None = None, progress: bool = True,
+          cpu: bool | None = None, run_info: dict | None = None) -> TrainResult:
+    """Train ``model`` on ``objective`` for ``steps`` optimizer steps; see the module docstring.
+
+    lr warms up linearly over ``warmup`` steps then stays constant (AdamW, betas (0.9, 0.999)).
+    Each step uses ``grad_accum`` micro-batches of ``batch_size``. ``grad_clip`` clips the global
+    gradient norm (None: no clipping). EMA decay follows :func:`ema_decay_at`. Checkpoints go out
+    every ``ckpt_every_minutes`` and/or ``ckpt_every_steps`` and at the end. ``resume=True``
+    continues from the newest checkpoint in ``out_dir`` if there is one; ``resume=False`` refuses to
+    reuse a folder that has checkpoints. ``on_step(step, loss)`` is called after each step.
+    ``run_info`` (JSON-able) is stored in ``run.json`` and every checkpoint.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    _check_args(steps, lr, batch_size, grad_accum, ema_decay, grad_clip)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None and not resume:
+        raise ValueError(f"{out_dir} already holds checkpoint {ckpt.name}; pass resume=True to continue it "
+                         "or choose a new out_dir")
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    main = accelerator.is_main_process
+    rank_seed = seed + accelerator.process_index
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+    source = make_batch_source(data, batch_size, rank_seed)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    raw = accelerator.unwrap_model(model)
+
+    step = 0
+    if ckpt is not None:
+        step = _restore(ckpt, raw, ema, optimizer, scheduler, source)["step"]
+        if main:
+            _truncate_log(out_dir / LOG, step)
+            print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
+    info = {"steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "grad_clip": grad_clip,
+            "ema_decay": ema_decay, "weight_decay": weight_decay, "mixed_precision": mixed_precision,
+            "grad_accum": grad_accum, "seed": seed, "info": run_info or {}}
+    if main:
+        _write_json(out_dir / "run.json", info)
+
+    def checkpoint():
+        if main:
+            save_checkpoint(out_dir, step, raw, ema, optimizer, scheduler, source, {"run": info}, keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    t_start = t_ckpt = t_sample = time.monotonic()
+    bar = tqdm(total=steps, initial=step, disable=not (main and progress), dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    window, t_window, last_ckpt_step, loss_val = [], time.monotonic(), step, float("nan")
+    model.train()
+    while step < steps:
+        loss_val, grad_norm = _train_step(objective, model, source, optimizer, accelerator, grad_accum, grad_clip)
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; lower lr or enable grad_clip")
+        scheduler.step()
+        step += 1
+        ema_update(ema, raw, ema_decay_at(step, ema_decay))
+        window.append(loss_val)
+        bar.update(1)
+        if step % log_every == 0 or step == steps:
+            now = time.monotonic()
+            rec = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": grad_norm, "sec_per_step": (now - t_window) / len(window),
+                   "elapsed": now - t_start, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if main:
+                _append_log(out_dir / LOG, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            window, t_window = [], now
+        if on_step is not None:
+            on_step(step, loss_val)
+        now = time.monotonic()
+        if sample_fn is not None and main and (
+                (sample_every_steps and step % sample_every_steps == 0)
+                or (sample_every_minutes and now - t_sample >= 60 * sample_every_minutes)):
+            path = _run_sample_fn(sample_fn, ema, step, out_dir)
+            bar.write(f"step {step}: samples -> {path}")
+            t_sample = time.monotonic()
+        if step < steps and ((ckpt_every_steps and step % ckpt_every_steps == 0)
+                             or (ckpt_every_minutes and now - t_ckpt >= 60 * ckpt_every_minutes)):
+            checkpoint()
+            last_ckpt_step, t_ckpt = step, time.monotonic()
+            bar.write(f"step {step}: checkpoint written")
+    bar.close()
+    if last_ckpt_step != step or latest_checkpoint(out_dir) is None:
+        checkpoint()
+    if sample_fn is not None and main:
+        _run_sample_fn(sample_fn, ema, step, out_dir)
+    return TrainResult(model=raw, ema=ema, step=step, out_dir=out_dir, last_loss=loss_val)
+
+
+def _train_step(objective, model, source, optimizer, accelerator, grad_accum, grad_clip):
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm)."""
+    total = 0.0
+    for micro in range(grad_accum):
+        batch = _to_device(source.next(), accelerator.device)
+        sync = micro == grad_accum - 1
+        ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else contextlib.nullcontext()
+        with ctx:
+            with accelerator.autocast():
+                per_sample = objective(model, batch)
+            if per_sample.ndim != 1:
+                raise ValueError(f"the objective must return a per-sample loss of shape (B,), "
+                                 f"got {tuple(per_sample.shape)}")
+            loss = per_sample.float().mean()
+            accelerator.backward(loss / grad_accum)
+        total += loss.item() / grad_accum
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, float(norm)
