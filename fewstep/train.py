@@ -22,8 +22,8 @@ deterministic data, a killed-and-resumed run ends with the same parameters as an
 uninterrupted one.
 
 The metrics log ``log.jsonl`` has one JSON object per line (``step``, ``loss``,
-``lr``, ``grad_norm``, ``sec_per_step``, ``elapsed``); lines past the resumed
-step are dropped on resume. ``sample_fn(ema_model, step)`` returning images in
+``lr``, ``grad_norm``, ``sec_per_step``, ``elapsed`` = seconds since this
+(re)start); lines past the resumed step are dropped on resume. ``sample_fn(ema_model, step)`` returning images in
 [-1, 1] (or ``(images, nrow)``) is called periodically and saved as
 ``samples/step-<step>.png``; it runs under a forked RNG so it does not change
 the training randomness.
@@ -427,6 +427,33 @@ def _check_args(steps, lr, batch_size, grad_accum, ema_decay, grad_clip):
         raise ValueError(f"grad_clip must be positive or None, got {grad_clip!r}")
 
 
+def _due(step: int, every_steps: int | None, seconds_since: float, every_minutes: float | None) -> bool:
+    """Whether a periodic action (checkpoint, samples) is due at ``step``."""
+    return bool((every_steps and step % every_steps == 0) or (every_minutes and seconds_since >= 60 * every_minutes))
+
+
+def _log_record(step: int, losses: list, lr: float, grad_norm: float, seconds: float, elapsed: float) -> dict:
+    return {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": grad_norm,
+            "sec_per_step": seconds / len(losses), "elapsed": elapsed, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build(model, accelerator, lr: float, weight_decay: float, warmup: int):
+    """(prepared model, unwrapped model, EMA copy, AdamW, warm-up LambdaLR)."""
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    return model, accelerator.unwrap_model(model), ema, optimizer, scheduler
+
+
 def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_dir, lr: float = 2e-4,
           batch_size: int = 64, warmup: int = 0, grad_clip: float | None = 1.0, ema_decay: float = 0.999,
           weight_decay: float = 0.0, mixed_precision: str = "no", grad_accum: int = 1,
@@ -445,7 +472,6 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
     reuse a folder that has checkpoints. ``on_step(step, loss)`` is called after each step.
     ``run_info`` (JSON-able) is stored in ``run.json`` and every checkpoint.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     _check_args(steps, lr, batch_size, grad_accum, ema_decay, grad_clip)
@@ -455,21 +481,11 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
     if ckpt is not None and not resume:
         raise ValueError(f"{out_dir} already holds checkpoint {ckpt.name}; pass resume=True to continue it "
                          "or choose a new out_dir")
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    accelerator = _make_accelerator(mixed_precision, cpu)
     main = accelerator.is_main_process
-    rank_seed = seed + accelerator.process_index
-    random.seed(rank_seed)
-    np.random.seed(rank_seed)
-    torch.manual_seed(rank_seed)
-    source = make_batch_source(data, batch_size, rank_seed)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(warmup))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
-    raw = accelerator.unwrap_model(model)
-
+    _seed_all(seed + accelerator.process_index)
+    source = make_batch_source(data, batch_size, seed + accelerator.process_index)
+    model, raw, ema, optimizer, scheduler = _build(model, accelerator, lr, weight_decay, warmup)
     step = 0
     if ckpt is not None:
         step = _restore(ckpt, raw, ema, optimizer, scheduler, source)["step"]
@@ -487,15 +503,13 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
             save_checkpoint(out_dir, step, raw, ema, optimizer, scheduler, source, {"run": info}, keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    t_start = t_ckpt = t_sample = time.monotonic()
+    t_start = t_ckpt = t_sample = t_window = time.monotonic()
     bar = tqdm(total=steps, initial=step, disable=not (main and progress), dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    window, t_window, last_ckpt_step, loss_val = [], time.monotonic(), step, float("nan")
+    window, last_ckpt_step, loss_val = [], step, float("nan")
     model.train()
     while step < steps:
         loss_val, grad_norm = _train_step(objective, model, source, optimizer, accelerator, grad_accum, grad_clip)
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"loss became {loss_val} at step {step + 1}; lower lr or enable grad_clip")
         scheduler.step()
         step += 1
         ema_update(ema, raw, ema_decay_at(step, ema_decay))
@@ -503,24 +517,18 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
         bar.update(1)
         if step % log_every == 0 or step == steps:
             now = time.monotonic()
-            rec = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm, "sec_per_step": (now - t_window) / len(window),
-                   "elapsed": now - t_start, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            rec = _log_record(step, window, scheduler.get_last_lr()[0], grad_norm, now - t_window, now - t_start)
             if main:
                 _append_log(out_dir / LOG, rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
             window, t_window = [], now
         if on_step is not None:
             on_step(step, loss_val)
-        now = time.monotonic()
-        if sample_fn is not None and main and (
-                (sample_every_steps and step % sample_every_steps == 0)
-                or (sample_every_minutes and now - t_sample >= 60 * sample_every_minutes)):
-            path = _run_sample_fn(sample_fn, ema, step, out_dir)
-            bar.write(f"step {step}: samples -> {path}")
+        if sample_fn is not None and main and _due(step, sample_every_steps, time.monotonic() - t_sample,
+                                                   sample_every_minutes):
+            bar.write(f"step {step}: samples -> {_run_sample_fn(sample_fn, ema, step, out_dir)}")
             t_sample = time.monotonic()
-        if step < steps and ((ckpt_every_steps and step % ckpt_every_steps == 0)
-                             or (ckpt_every_minutes and now - t_ckpt >= 60 * ckpt_every_minutes)):
+        if step < steps and _due(step, ckpt_every_steps, time.monotonic() - t_ckpt, ckpt_every_minutes):
             checkpoint()
             last_ckpt_step, t_ckpt = step, time.monotonic()
             bar.write(f"step {step}: checkpoint written")
@@ -530,6 +538,21 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
     if sample_fn is not None and main:
         _run_sample_fn(sample_fn, ema, step, out_dir)
     return TrainResult(model=raw, ema=ema, step=step, out_dir=out_dir, last_loss=loss_val)
+
+
+def _make_accelerator(mixed_precision: str, cpu: bool | None):
+    """An Accelerator; a previous train() call in this process may have pinned another precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError as e:
+        if "already been initialized" not in str(e):
+            raise
+    # accelerate keeps one global state per process; drop its precision settings (keeping the
+    # distributed setup) so that successive trainers in one process can differ in precision
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _train_step(objective, model, source, optimizer, accelerator, grad_accum, grad_clip):
@@ -548,6 +571,8 @@ def _train_step(objective, model, source, optimizer, accelerator, grad_accum, gr
             loss = per_sample.float().mean()
             accelerator.backward(loss / grad_accum)
         total += loss.item() / grad_accum
+    if not math.isfinite(total):
+        raise FloatingPointError(f"the loss became {total}; lower lr or enable grad_clip")
     params = [p for p in model.parameters() if p.grad is not None]
     norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
     optimizer.step()

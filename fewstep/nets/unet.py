@@ -12,7 +12,7 @@ The output has the shape of x; what it predicts (eps, v, x0) is recorded by the 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

@@ -1,0 +1,204 @@
+"""The training loop and the denoising objective."""
+import json
+import math
+
+import pytest
+import torch
+
+from fewstep.data.toys import ring8, toy_sampler
+from fewstep.losses import DenoisingLoss, drop_labels, prediction_target
+from fewstep.nets import MLP
+from fewstep.schedules import CosineVP, DiscreteVP
+from fewstep.train import latest_checkpoint, make_batch_source, save_image_grid, train
+
+SCHEDULE = CosineVP()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _toy_run(out_dir, steps, **kw):
+    torch.manual_seed(0)
+    net = MLP(dim=2, hidden=64, depth=2, num_classes=8)
+    opts = dict(batch_size=128, lr=2e-3, warmup=10, ema_decay=0.99, ckpt_every_minutes=None, log_every=10,
+                progress=False, seed=0)
+    opts.update(kw)
+    return train(DenoisingLoss(SCHEDULE, prediction="eps"), net, toy_sampler(ring8()), steps=steps,
+                 out_dir=out_dir, **opts)
+
+
+def _log(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _ring_denoiser_error(net, t):
+    """RMS distance between the net's x0 estimate and the exact posterior mean at time t."""
+    from fewstep.data.gmm import GaussianMixture
+    gm = GaussianMixture(**ring8())
+    g = torch.Generator().manual_seed(1)
+    x0, _ = gm.sample(2000, g)
+    tt = torch.full((2000,), t, dtype=torch.float64)
+    a, s = SCHEDULE.alpha(tt)[:, None], SCHEDULE.sigma(tt)[:, None]
+    xt = a * x0.double() + s * torch.randn(2000, 2, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        x0_hat = (xt - s * net(xt.float(), tt).double()) / a  # eps-prediction -> x0
+    exact = gm.denoiser(SCHEDULE)(xt, tt)
+    rms = lambda d: d.pow(2).sum(1).mean().sqrt().item()  # noqa: E731
+    return rms(x0_hat - exact), rms(exact - x0.double())
+
+
+def test_loop_learns_the_ring_denoiser(tmp_path):
+    result = _toy_run(tmp_path, 400, ckpt_every_steps=None)
+    log = _log(tmp_path)
+    assert log[0]["loss"] > 0.4  # starts near the eps-prediction loss of a zero output (~1)
+    late = sum(r["loss"] for r in log[-5:]) / 5
+    assert late < 0.2, f"eps-prediction loss after 400 steps is {late:.3f}, expected < 0.2"
+    # at moderate and high noise the learned denoiser is close to the exact one, relative to
+    # how uncertain x0 still is there
+    for t in (0.5, 0.8):
+        err, spread = _ring_denoiser_error(result.ema, t)
+        assert err < 0.3 and err < 0.35 * spread, (t, err, spread)
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    full = _toy_run(tmp_path / "full", 120, ckpt_every_steps=40)
+
+    def crash(step, loss):
+        if step == 100:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        _toy_run(tmp_path / "killed", 120, ckpt_every_steps=40, on_step=crash)
+    assert latest_checkpoint(tmp_path / "killed").name == "ckpt-00000080"
+    resumed = _toy_run(tmp_path / "killed", 120, ckpt_every_steps=40, resume=True)
+    assert resumed.step == 120
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b)
+    steps_logged = [r["step"] for r in _log(tmp_path / "killed")]
+    assert steps_logged == list(range(10, 121, 10))  # the killed run's lines past step 80 were dropped
+    assert [r["loss"] for r in _log(tmp_path / "killed")][:8] == [r["loss"] for r in _log(tmp_path / "full")][:8]
+
+
+def test_checkpoints_are_complete_and_pruned(tmp_path):
+    _toy_run(tmp_path, 50, ckpt_every_steps=10, keep_checkpoints=2)
+    ckpts = sorted(p.name for p in tmp_path.glob("ckpt-*"))
+    assert ckpts == ["ckpt-00000040", "ckpt-00000050"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 50
+    names = {p.name for p in (tmp_path / "ckpt-00000050").iterdir()}
+    assert {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
+            "state.json"} <= names
+
+
+def test_resume_false_refuses_existing_run(tmp_path):
+    _toy_run(tmp_path, 5)
+    with pytest.raises(ValueError, match="already holds checkpoint"):
+        _toy_run(tmp_path, 10, resume=False)
+
+
+def test_objective_must_return_per_sample_loss(tmp_path):
+    net = MLP(dim=2, hidden=8, depth=1)
+    with pytest.raises(ValueError, match="per-sample loss"):
+        train(lambda m, b: m(b, torch.zeros(b.shape[0])).pow(2).mean(), net, torch.randn(64, 2), steps=2,
+              batch_size=8, out_dir=tmp_path, progress=False)
+
+
+def test_bad_arguments_are_reported(tmp_path):
+    net = MLP(dim=2, hidden=8, depth=1)
+    with pytest.raises(ValueError, match="steps must be"):
+        train(DenoisingLoss(SCHEDULE), net, torch.randn(64, 2), steps=0, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="fewer than batch_size"):
+        train(DenoisingLoss(SCHEDULE), net, torch.randn(4, 2), steps=1, batch_size=8, out_dir=tmp_path)
+
+
+def test_sample_fn_writes_grid_without_changing_training(tmp_path):
+    def sample_fn(ema, step):
+        torch.randn(100)  # consumes RNG: must not change the training run
+        return torch.zeros(6, 1, 4, 4), 3
+
+    plain = _toy_run(tmp_path / "a", 20)
+    sampled = _toy_run(tmp_path / "b", 20, sample_fn=sample_fn, sample_every_steps=5)
+    for a, b in zip(plain.model.parameters(), sampled.model.parameters()):
+        assert torch.equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "b" / "samples").iterdir())[0] == "step-00000005.png"
+
+
+def test_save_image_grid_layout(tmp_path):
+    from PIL import Image
+    path = save_image_grid(torch.ones(5, 1, 4, 6), tmp_path / "g.png", nrow=3, pad=1)
+    im = Image.open(path)
+    assert im.size == (3 * 7 + 1, 2 * 5 + 1)
+    with pytest.raises(ValueError, match="shape"):
+        save_image_grid(torch.ones(2, 4, 4), tmp_path / "bad.png")
+
+
+def test_indexed_batches_resume_mid_epoch():
+    data = torch.arange(10).float()
+    a = make_batch_source(data, 3, seed=1)
+    first = [a.next() for _ in range(5)]  # crosses an epoch boundary (3 full batches per epoch)
+    state = a.state_dict()
+    rest_a = [a.next() for _ in range(4)]
+    b = make_batch_source(data, 3, seed=1)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(rest_a, [b.next() for _ in range(4)]))
+    assert sorted(torch.cat(first[:3]).tolist()) == sorted(set(torch.cat(first[:3]).tolist()))  # no repeats
+
+
+def test_prediction_targets_are_consistent():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    t = torch.rand(4, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    a, s = SCHEDULE.alpha(t)[:, None].float(), SCHEDULE.sigma(t)[:, None].float()
+    xt = a * x0 + s * eps
+    v = prediction_target("v", x0, eps, a, s)
+    torch.testing.assert_close(a * xt - s * v, x0)  # x0 = alpha x_t - sigma v (VP)
+    torch.testing.assert_close(s * xt + a * v, eps)
+    assert torch.equal(prediction_target("eps", x0, eps, a, s), eps)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        prediction_target("score", x0, eps, a, s)
+
+
+def test_loss_is_zero_for_an_oracle_x0_net():
+    x0 = torch.randn(16, 2)
+
+    def oracle(x_t, t, labels=None):
+        return x0  # knows the clean data: x0-prediction loss must be exactly 0
+
+    loss = DenoisingLoss(SCHEDULE, prediction="x0")(oracle, x0)
+    assert loss.shape == (16,) and loss.abs().max() == 0
+
+
+def test_discrete_time_training_uses_the_n_grid():
+    sched = DiscreteVP.from_name("linear", num_train_timesteps=50)
+    t = DenoisingLoss(sched).sample_t(5000, "cpu")
+    n = t * 50 - 1
+    assert torch.allclose(n, n.round(), atol=1e-9) and n.min() >= 0 and n.max() <= 49
+    assert len(n.round().unique()) == 50
+
+
+def test_continuous_t_range_and_label_dropout_rate():
+    t = DenoisingLoss(SCHEDULE).sample_t(10000, "cpu")
+    assert t.min() >= SCHEDULE.t_min and t.max() <= SCHEDULE.t_max and t.dtype == torch.float64
+    torch.manual_seed(0)
+    dropped = (drop_labels(torch.zeros(20000, dtype=torch.long), 10, 0.15) == 10).float().mean().item()
+    assert math.isclose(dropped, 0.15, abs_tol=0.01)
+    with pytest.raises(ValueError, match="label_dropout"):
+        DenoisingLoss(SCHEDULE, label_dropout=1.5)
+
+
+def test_bf16_autocast_and_grad_accum_train(tmp_path):
+    torch.manual_seed(0)
+    net = MLP(dim=2, hidden=32, depth=1, num_classes=8)
+    before = [p.detach().clone() for p in net.parameters()]
+    result = train(DenoisingLoss(SCHEDULE), net, toy_sampler(ring8()), steps=10, batch_size=32, grad_accum=2,
+                   mixed_precision="bf16", out_dir=tmp_path, progress=False, log_every=5)
+    assert math.isfinite(result.last_loss)
+    assert next(result.model.parameters()).dtype == torch.float32  # weights stay fp32
+    assert any(not torch.equal(a, b) for a, b in zip(before, result.model.parameters()))
