@@ -6,6 +6,8 @@ Images are float tensors in [-1, 1], shape (N, C, H, W).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -16,11 +18,11 @@ class FeatureNet(nn.Module):
     """Expose a classifier's penultimate features (``mode="features"``) or logits (``"logits"``)
     in the form torchmetrics expects (``num_features`` and a forward on raw images)."""
 
-    def __init__(self, classifier: nn.Module, mode: str = "features"):
+    def __init__(self, classifier: nn.Module, mode: str = "features", scale: float = 1.0):
         super().__init__()
         if mode not in ("features", "logits"):
             raise ValueError(f"mode must be 'features' or 'logits', got {mode!r}")
-        self.classifier, self.mode = classifier.eval(), mode
+        self.classifier, self.mode, self.scale = classifier.eval(), mode, float(scale)
         with torch.no_grad():
             probe = torch.zeros(1, *_input_shape(classifier))
             self.num_features = int(self._run(probe).shape[-1])
@@ -30,7 +32,7 @@ class FeatureNet(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x.float()).double()
+        return self._run(x.float()).double() / self.scale
 
 
 def _input_shape(classifier) -> tuple:
@@ -48,12 +50,16 @@ def _check_images(x: torch.Tensor, what: str) -> torch.Tensor:
     return x.float()
 
 
-def _feature_metrics(feature: nn.Module | int, inception_weights: str | None, kid_subset: int, n: int):
+warnings.filterwarnings("ignore", message=r"Metric `(Kernel Inception Distance|InceptionScore)` will save")
+
+
+def _feature_metrics(feature, kid_feature, inception_weights: str | None, kid_subset: int, n: int):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
     kw = {} if isinstance(feature, nn.Module) else {"feature_extractor_weights_path": inception_weights}
     fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, **kw)
-    kid = KernelInceptionDistance(feature=feature, subset_size=min(kid_subset, n), reset_real_features=False, **kw)
+    kid = KernelInceptionDistance(feature=kid_feature, subset_size=max(2, min(kid_subset, n // 2)),
+                                  reset_real_features=False, **kw)
     return fid, kid
 
 
@@ -77,11 +83,15 @@ def image_metrics(fake: torch.Tensor, real: torch.Tensor, classifier: nn.Module 
         raise ValueError("pass a classifier (e.g. fewstep.load('mnist-classifier')) or inception_weights=PATH")
     if classifier is not None:
         feat, logits = FeatureNet(classifier, "features"), FeatureNet(classifier, "logits")
+        # KID's cubic kernel (x.y / d + 1)^3 wants features of unit RMS per dimension
+        rms = float(torch.cat([feat(xb) for xb in _batches(real)]).pow(2).mean().sqrt())
+        kid_feat = FeatureNet(classifier, "features", scale=rms)
         prep = lambda x: x  # noqa: E731  the classifier takes [-1, 1] images
     else:
-        feat, logits = 2048, "logits_unbiased"
+        feat = kid_feat = 2048
+        logits = "logits_unbiased"
         prep = _to_inception_input
-    fid, kid = _feature_metrics(feat, inception_weights, kid_subset, min(len(fake), len(real)))
+    fid, kid = _feature_metrics(feat, kid_feat, inception_weights, kid_subset, min(len(fake), len(real)))
     from torchmetrics.image.inception import InceptionScore
     is_metric = InceptionScore(feature=logits) if classifier is not None else \
         InceptionScore(feature=logits, feature_extractor_weights_path=inception_weights)
