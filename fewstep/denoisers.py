@@ -180,22 +180,25 @@ class ClassifierGuidance:
         return x0 + (self.scale * _bcast(s * s / a, x)).to(x.dtype) * grad
 
 
-def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
-    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3), per sample.
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float | None = None) -> torch.Tensor:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022, Sec. 2.3; DPM-Solver++ Sec. 5), per sample.
 
-    s = max(quantile(|x0|, ratio), max_value); x0 <- clamp(x0, -s, s) * max_value / s.
-    The quantile runs in float32 (torch.quantile has no half-precision kernel).
+    s = quantile(|x0|, ratio), clamped to [1, max_value]; x0 <- clamp(x0, -s, s) / s.
+    (diffusers' thresholding with sample_max_value = max_value.) The quantile runs in
+    float32: torch.quantile has no half-precision kernel.
     """
     flat = x0.reshape(x0.shape[0], -1).abs().float()
-    s = torch.quantile(flat, ratio, dim=1).clamp_min(max_value)
+    s = torch.quantile(flat, ratio, dim=1).clamp_min(1.0)
+    if max_value is not None:
+        s = s.clamp_max(max(float(max_value), 1.0))
     s = _bcast(s, x0)
-    return (torch.maximum(torch.minimum(x0.float(), s), -s) * (max_value / s)).to(x0.dtype)
+    return (torch.maximum(torch.minimum(x0.float(), s), -s) / s).to(x0.dtype)
 
 
 class Thresholded:
     """A denoiser whose x0_hat is corrected by dynamic thresholding."""
 
-    def __init__(self, denoiser: Callable, ratio: float = 0.995, max_value: float = 1.0):
+    def __init__(self, denoiser: Callable, ratio: float = 0.995, max_value: float | None = None):
         self.denoiser, self.ratio, self.max_value = denoiser, ratio, max_value
 
     def __call__(self, x, t, **cond):
@@ -211,6 +214,10 @@ class CountingDenoiser:
     def __call__(self, x, t, **cond):
         self.nfe += 1
         out = self.denoiser(x, t, **cond)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the denoiser returned {got} for an input of shape {tuple(x.shape)}; "
+                             "it must return x0_hat with the input's shape")
         if not torch.isfinite(out).all():
             raise FloatingPointError(
                 f"the model returned NaN or inf at model call {self.nfe} (t = {float(torch.as_tensor(t).flatten()[0]):.6g}); "

@@ -16,19 +16,27 @@ def solver_grid(schedule: NoiseSchedule, solver: str, steps: int, spacing: str =
                 final: str = "zero", **grid_kw) -> tuple[torch.Tensor, dict]:
     """The grid (and extra solver options) that spends ``steps`` model calls with ``solver``.
 
-    Multistep solvers: one call per interval. Singlestep: ``steps`` is the NFE budget,
-    split into per-step orders (DPM-Solver-fast); a final step to 0 costs one call.
-    Heun: ``steps`` intervals. Adaptive: the grid only fixes the ends.
+    ``steps`` is the budget of model calls. Multistep solvers: one call per interval;
+    singlestep: split into per-step orders (DPM-Solver-fast); a final denoising step
+    costs one call and is part of the budget for both. Heun: ``steps`` intervals
+    (2 calls each). Adaptive: the grid only fixes the ends, [t_max, t_min(, 0)].
     """
     spec = get_solver(solver)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if spec.kind == "adaptive":  # only the ends matter: t_max -> t_min (then denoise unless final="tmin")
+        return time_grid(schedule, 1, spacing, final="tmin" if final == "tmin" else "denoise", **grid_kw), {}
+    if spec.kind == "multistep" and final == "denoise":  # the extra denoising call is part of the budget
+        if steps < 2:
+            raise ValueError("final='denoise' needs steps >= 2 (one step plus the final denoising call)")
+        return time_grid(schedule, steps - 1, spacing, final="denoise", **grid_kw), {}
     if spec.kind != "singlestep":
         return time_grid(schedule, steps, spacing, final=final, **grid_kw), {}
     budget = steps - (final in ("zero", "denoise"))
     if budget < 1:  # one call: straight to clean data
         if final != "zero":
-            raise ValueError("a singlestep solver needs steps >= 2 unless final='zero'")
+            raise ValueError("with final='denoise' a singlestep solver needs steps >= 2 (the denoising call "
+                             "is part of the budget)")
         return time_grid(schedule, 1, spacing, final="zero", **grid_kw), {"order": [1]}
     orders = fast_orders(budget, spec.options["order"])
     if final == "zero":

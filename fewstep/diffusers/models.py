@@ -107,7 +107,8 @@ def sample(pipe, *, solver: str = "dpmpp_2m", steps: int = 20, guidance: float =
                 raise ValueError(f"guidance={guidance} needs the unconditional counterpart of {key} "
                                  f"(pass the negative/unconditional value)")
             uncond[key] = u
-    n = batch_size or next((v.shape[0] for v in cond.values() if isinstance(v, torch.Tensor)), 1)
+    n = batch_size or next((v.shape[0] for v in cond.values() if isinstance(v, torch.Tensor)),
+                           len(generator) if isinstance(generator, (list, tuple)) else 1)
     model = ClassifierFreeGuidance(den, guidance, uncond) if guidance != 0 else den
     cfg = den.net.config
     size = _get(cfg, "sample_size")

@@ -74,6 +74,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = None
         self._state = None
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As diffusers' ``from_config``, but keeps values the source left at its own defaults
+        (diffusers drops them, which would swap e.g. an LCM pipeline's betas for ours)."""
+        if config is not None:
+            config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+            if config.get("rescale_betas_zero_snr"):
+                raise ValueError("rescale_betas_zero_snr=True is not supported by FewstepScheduler: its final "
+                                 "alpha is 0 (infinite noise), which has no finite log-SNR")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     # -- timesteps --------------------------------------------------------
     @property
     def step_index(self):
@@ -101,11 +112,15 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             if (sig < 0).any():
                 raise ValueError("sigmas must be >= 0")
             pos = sch.t_of_edm_sigma(sig[sig > 0])
+            if (pos <= sch.t_max * (1 + 1e-6)).all():  # float32 sigmas overshoot t_max by round-off
+                pos = pos.clamp(max=sch.t_max)
             grid = torch.cat([pos, torch.zeros(1, dtype=torch.float64)]) if (sig == 0).any() else \
                 torch.cat([pos, self._final_point(pos)])
         elif self.config.spacing == "linspace":
             n = self._check_steps(num_inference_steps)
             ts = torch.linspace(0, n_train - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
+            if n >= n_train:  # rounding would repeat timesteps: use fractional ones instead
+                ts = torch.linspace(n_train - 1, 0, n, dtype=torch.float64)
             t = (ts + 1.0) / n_train
             grid = torch.cat([t, self._final_point(t)])
         else:
@@ -133,14 +148,14 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _init_step_index(self, timestep) -> None:
         if self._begin_index is not None:
-            self._step_index = self._begin_index
+            self._step_index = self._start = self._begin_index
             return
         t = torch.as_tensor(timestep, dtype=torch.float32).flatten()[0].to(self.timesteps.device)
         hits = torch.nonzero((self.timesteps - t).abs() < 1e-3)
         if len(hits) == 0:
             raise ValueError(f"timestep {float(t)} is not one of this scheduler's timesteps; call set_timesteps "
                              "and step with the values from scheduler.timesteps")
-        self._step_index = int(hits[0])
+        self._step_index = self._start = int(hits[0])
 
     # -- the diffusers contract ---------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
@@ -158,7 +173,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if i >= len(self._points) - 1:
             raise ValueError("all steps are done; call set_timesteps again to sample anew")
         x0 = self._x0(model_output, sample, self._points[i])
-        prev, self._state = self._step_fn(sample, x0, i, self._points, self._state, generator)
+        b = self._start  # img2img: the solver sees the grid from its starting point on
+        prev, self._state = self._step_fn(sample, x0, i - b, self._points[b:], self._state, generator)
         self._step_index = i + 1
         prev = prev.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)

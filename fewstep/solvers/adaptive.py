@@ -30,24 +30,23 @@ def dpm_adaptive(denoiser: Callable, x: torch.Tensor, grid, schedule, *, order: 
         raise ValueError("rtol, atol and h_init must be > 0 and theta in (0, 1)")
     model, counter, pts, grid = prepare(denoiser, x, grid, schedule, cond)
     start, end = pts[0], (pts[-2] if pts[-1].sigma == 0 else pts[-1])
-    lower, higher = (1, 2) if order == 2 else (2, 3)
     r1 = 0.5 if order == 2 else 1.0 / 3.0
-    s, h, i = start, h_init, 0
+    s, h, i, x0 = start, h_init, 0, None
     bar = _bar(progress, end.lam - start.lam)
     while abs(s.t - end.t) > t_err:
         if counter.nfe > max_nfe:
             raise RuntimeError(f"adaptive solver did not finish within max_nfe={max_nfe}; loosen rtol/atol")
         t = _point_at(schedule, min(s.lam + h, end.lam))
-        x0 = model(x, s.t)
-        x_lo, _ = singlestep_update(model, x, x0, s, t, lower, schedule, data=data, r1=r1)
-        x_hi, _ = singlestep_update(model, x, x0, s, t, higher, schedule, data=data, r1=r1)
+        if x0 is None:  # after a rejected step x and s are unchanged: reuse the call
+            x0 = model(x, s.t)
+        x_hi, x_lo = singlestep_update(model, x, x0, s, t, order, schedule, data=data, r1=r1)
         delta = torch.maximum(torch.full_like(x, atol), rtol * torch.maximum(x_lo.abs(), x.abs()))
         err = ((x_hi - x_lo) / delta).flatten(1).pow(2).mean(1).sqrt().max().item()
         if err <= 1.0:
             report(callback, i, s.t, x, x0)
             if bar is not None:
                 bar.update(t.lam - s.lam)
-            x, s, i = x_hi, t, i + 1
+            x, s, i, x0 = x_hi, t, i + 1, None
         h = min(theta * h * max(err, 1e-10) ** (-1.0 / order), end.lam - s.lam)
     if pts[-1].sigma == 0:
         x = model(x, s.t)
