@@ -31,7 +31,7 @@ from .schedules import CosineVP, schedule_from_config
 from .train import train
 
 # Sized from measurements on this machine: ~0.68 s per step at batch 64 on one
-# thread (1.0M params), so 7,500 steps take about 95 minutes with previews and checkpoints.
+# thread (1.0M params), so 6,000 steps take about 75 minutes with previews and checkpoints.
 MNIST_TEACHER = {
     "net": {"base_channels": 16, "channel_mults": [1, 4, 4], "num_res_blocks": 1,
             "attention_resolutions": [7], "num_classes": NUM_CLASSES},
@@ -43,7 +43,7 @@ MNIST_TEACHER = {
     "warmup": 500,
     "ema_decay": 0.999,
     "grad_clip": 1.0,
-    "steps": 7500,
+    "steps": 6000,
     "ckpt_every_minutes": 5.0,
     "sample_every_minutes": 10.0,
     "seed": 0,
