@@ -47,6 +47,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .images import save_image_grid
+
 __all__ = ["train", "TrainResult", "make_batch_source", "save_image_grid", "latest_checkpoint",
            "load_checkpoint_weights"]
 
@@ -348,27 +350,6 @@ def _truncate_log(path: Path, step: int) -> None:
 def _append_log(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2) -> Path:
-    """Save (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid with ``nrow`` images per row."""
-    from PIL import Image
-
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = x[i]
-    arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
-    return path
 
 
 def _run_sample_fn(sample_fn, ema, step: int, out_dir: Path) -> Path:
