@@ -12,12 +12,12 @@ import math
 
 import torch
 
-from .gmm import _alpha_sigma, _batch_labels, _batch_times, _class_mask_logits, _flatten_batch
+from .gmm import ExactDenoiser, _batch_labels, _class_mask_logits
 
 __all__ = ["EmpiricalDistribution"]
 
 
-class EmpiricalDistribution:
+class EmpiricalDistribution(ExactDenoiser):
     """Uniform distribution on ``points`` (M, ...); optional ``labels`` (M,) give each point a class.
 
     chunk_size: points handled at once by the denoiser, which bounds memory to
@@ -103,23 +103,6 @@ class EmpiricalDistribution:
             run_max = new_max
         x0 = run_mean / run_sum[:, None]
         return torch.where(clean[:, None], self.points[best_idx], x0)
-
-    def denoiser(self, schedule):
-        """The exact denoiser ``D(x, t, labels=None) -> E[x0 | x_t = x]`` for this schedule.
-
-        x: (B, ...) with the points' number of values per sample, any float dtype;
-        t: float, 0-d tensor or (B,) tensor (0 = clean data: nearest point);
-        labels: None (all points), an int or (B,) ints (only that class's points).
-        Returns x0_hat in x's dtype and shape.
-        """
-        def exact_denoiser(x: torch.Tensor, t, labels=None) -> torch.Tensor:
-            flat = _flatten_batch(x, self.dim)
-            alpha, sigma = _alpha_sigma(schedule, _batch_times(t, flat.shape[0], schedule))
-            x0 = self.posterior_mean(flat, alpha, sigma, labels)
-            return x0.reshape(x.shape).to(x.dtype)
-
-        exact_denoiser.__qualname__ = f"{self!r}.denoiser({schedule!r})"
-        return exact_denoiser
 
 
 def _check_point_labels(labels, m: int) -> torch.Tensor | None:

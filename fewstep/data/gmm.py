@@ -96,7 +96,28 @@ def _log_normal(resid: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 # The mixture
 # ---------------------------------------------------------------------------
 
-class GaussianMixture:
+class ExactDenoiser:
+    """Mixin: the exact denoiser of a distribution that provides ``dim`` and
+    ``posterior_mean(x (B, D) float64, alpha (B,), sigma (B,), labels) -> E[x0 | x_t]``."""
+
+    def denoiser(self, schedule):
+        """The exact denoiser ``D(x, t, labels=None) -> E[x0 | x_t = x]`` for this schedule.
+
+        x: (B, D) or (B, ...) with D values per sample, any float dtype; t: float, 0-d
+        tensor or (B,) tensor of times (0 = clean data); labels: None (unconditional),
+        an int or (B,) ints (condition on the class). Returns x0_hat in x's dtype and shape.
+        """
+        def exact_denoiser(x: torch.Tensor, t, labels=None) -> torch.Tensor:
+            flat = _flatten_batch(x, self.dim)
+            alpha, sigma = _alpha_sigma(schedule, _batch_times(t, flat.shape[0], schedule))
+            x0 = self.posterior_mean(flat, alpha, sigma, labels)
+            return x0.reshape(x.shape).to(x.dtype)
+
+        exact_denoiser.__qualname__ = f"{self!r}.denoiser({schedule!r})"
+        return exact_denoiser
+
+
+class GaussianMixture(ExactDenoiser):
     """``sum_k w_k N(means[k], diag(stds[k]^2))`` in D dimensions, optionally with a class per component.
 
     means:   (K, D).
@@ -190,23 +211,6 @@ class GaussianMixture:
         resp = torch.softmax(log_w + _log_normal(resid, var_t), dim=1)  # p(k | x_t)
         x0_k = self.means[None] + (a * var0 / var_t) * resid  # Wiener posterior mean per component
         return (resp[:, :, None] * x0_k).sum(1)
-
-    def denoiser(self, schedule):
-        """The exact denoiser ``D(x, t, labels=None) -> E[x0 | x_t = x]`` for this schedule.
-
-        x: (B, D) or (B, ...) with D values per sample, any float dtype; t: float,
-        0-d tensor or (B,) tensor of times (0 = clean data: returns x); labels:
-        None (unconditional mixture), an int or (B,) ints (condition on the class).
-        Returns x0_hat in x's dtype and shape.
-        """
-        def exact_denoiser(x: torch.Tensor, t, labels=None) -> torch.Tensor:
-            flat = _flatten_batch(x, self.dim)
-            alpha, sigma = _alpha_sigma(schedule, _batch_times(t, flat.shape[0], schedule))
-            x0 = self.posterior_mean(flat, alpha, sigma, labels)
-            return x0.reshape(x.shape).to(x.dtype)
-
-        exact_denoiser.__qualname__ = f"{self!r}.denoiser({schedule!r})"
-        return exact_denoiser
 
 
 def _check_stds(stds, k: int, d: int) -> torch.Tensor:

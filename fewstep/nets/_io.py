@@ -86,3 +86,26 @@ def load_state_checked(net: torch.nn.Module, state: dict, source) -> None:
             parts.append(f"shape mismatches {shapes[:3]}")
         raise ValueError(f"weights in {source} do not match the network config: " + "; ".join(parts))
     net.load_state_dict(state)
+
+
+class Savable:
+    """Mixin for fewstep networks: ``save(folder, extra)`` / ``load(folder)`` through
+    safetensors + JSON. A subclass sets ``arch`` and ``config_class`` and keeps its
+    config dataclass in ``self.config``."""
+
+    arch: str
+    config_class: type
+
+    def save(self, folder, extra: dict | None = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` (``extra`` entries are added to the JSON)."""
+        return save_net(self, folder, self.arch, self.config.to_dict(), extra)
+
+    @classmethod
+    def load(cls, folder):
+        """Rebuild the network saved in ``folder``, in eval mode; clear errors for a wrong arch or bad weights."""
+        cfg = read_config(folder)
+        if cfg["arch"] != cls.arch:
+            raise ValueError(f"{folder} holds a {cfg['arch']!r} network, not a {cls.arch!r}")
+        net = cls(cls.config_class(**cfg["net_config"]))
+        load_state_checked(net, load_weights(folder), f"{folder}/model.safetensors")
+        return net.eval()

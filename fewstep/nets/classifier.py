@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ._io import load_state_checked, load_weights, read_config, save_net
+from ._io import Savable
 
 ARCH = "cnn_classifier"
 
@@ -34,8 +34,9 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
                          nn.MaxPool2d(2))
 
 
-class CNNClassifier(nn.Module):
+class CNNClassifier(Savable, nn.Module):
     arch = ARCH
+    config_class = ClassifierConfig
 
     def __init__(self, config: ClassifierConfig | dict | None = None, **kwargs):
         super().__init__()
@@ -56,14 +57,4 @@ class CNNClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
-    def save(self, folder, extra: dict | None = None):
-        return save_net(self, folder, ARCH, self.config.to_dict(), extra)
 
-    @classmethod
-    def load(cls, folder) -> "CNNClassifier":
-        cfg = read_config(folder)
-        if cfg["arch"] != ARCH:
-            raise ValueError(f"{folder} holds a {cfg['arch']!r} network, not a {ARCH!r}")
-        net = cls(ClassifierConfig(**cfg["net_config"]))
-        load_state_checked(net, load_weights(folder), f"{folder}/model.safetensors")
-        return net.eval()

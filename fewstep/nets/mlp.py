@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ._io import load_state_checked, load_weights, read_config, save_net
+from ._io import Savable
 from ._layers import TIME_SCALE, ScalarEmbedding, batch_scalar, class_indices
 
 ARCH = "mlp"
@@ -37,8 +37,9 @@ class MLPConfig:
         return asdict(self)
 
 
-class MLP(nn.Module):
+class MLP(Savable, nn.Module):
     arch = ARCH
+    config_class = MLPConfig
 
     def __init__(self, config: MLPConfig | dict | None = None, **kwargs):
         super().__init__()
@@ -69,15 +70,4 @@ class MLP(nn.Module):
             h = h + block(h + emb)
         return self.out(h)
 
-    def save(self, folder, extra: dict | None = None):
-        """Write ``model.safetensors`` + ``config.json`` (``extra`` entries are added to the JSON)."""
-        return save_net(self, folder, ARCH, self.config.to_dict(), extra)
 
-    @classmethod
-    def load(cls, folder) -> "MLP":
-        cfg = read_config(folder)
-        if cfg["arch"] != ARCH:
-            raise ValueError(f"{folder} holds a {cfg['arch']!r} network, not a {ARCH!r}")
-        net = cls(MLPConfig(**cfg["net_config"]))
-        load_state_checked(net, load_weights(folder), f"{folder}/model.safetensors")
-        return net

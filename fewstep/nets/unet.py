@@ -18,7 +18,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ._io import load_state_checked, load_weights, read_config, save_net
+from ._io import Savable
 from ._layers import TIME_SCALE, ScalarEmbedding, batch_scalar, class_indices
 
 ARCH = "unet"
@@ -116,8 +116,9 @@ class Block(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
-class UNet(nn.Module):
+class UNet(Savable, nn.Module):
     arch = ARCH
+    config_class = UNetConfig
 
     def __init__(self, config: UNetConfig | dict | None = None, **kwargs):
         super().__init__()
@@ -191,19 +192,7 @@ class UNet(nn.Module):
             h = layer(torch.cat([h, hs.pop()], 1), emb) if isinstance(layer, Block) else layer(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    # -- persistence -------------------------------------------------------
-    def save(self, folder, extra: dict | None = None):
-        """Write ``model.safetensors`` + ``config.json`` (``extra`` entries are added to the JSON)."""
-        return save_net(self, folder, ARCH, self.config.to_dict(), extra)
 
-    @classmethod
-    def load(cls, folder) -> "UNet":
-        cfg = read_config(folder)
-        if cfg["arch"] != ARCH:
-            raise ValueError(f"{folder} holds a {cfg['arch']!r} network, not a {ARCH!r}")
-        net = cls(UNetConfig(**cfg["net_config"]))
-        load_state_checked(net, load_weights(folder), f"{folder}/model.safetensors")
-        return net
 
     def with_w_input(self) -> "UNet":
         """A copy with ``use_w=True`` whose output equals this net's for every w (zero-init w branch)."""
