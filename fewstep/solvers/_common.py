@@ -28,10 +28,17 @@ __all__ = ["SamplerOutput", "Point", "prepare", "randn_like", "steps_iter", "rep
 
 @dataclass
 class SamplerOutput:
-    """A sampler's result: the final sample, the model evaluations spent and the grid used."""
+    """A sampler's result: the final sample, the model evaluations spent and the grid used.
+    A sample with NaN or inf is refused here, so none leaves a sampler."""
     x: torch.Tensor
     nfe: int
     grid: torch.Tensor
+
+    def __post_init__(self):
+        if not torch.isfinite(self.x).all():
+            raise FloatingPointError(
+                f"sampling produced NaN or inf after {self.nfe} model calls: a model output or an update was "
+                "not finite; check the model, its prediction type, its dtype (float16 overflow?) and the grid")
 
 
 class Point(NamedTuple):

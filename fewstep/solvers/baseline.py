@@ -8,22 +8,24 @@ from typing import Callable
 
 import torch
 
-from ._common import SamplerOutput, eps_from_x0, prepare, randn_like, report, run_steps, steps_iter
+from ._common import SamplerOutput, prepare, randn_like, report, run_steps, steps_iter
 
 __all__ = ["ddim", "ddim_step", "euler", "heun"]
 
 
 def ddim_step(x, x0, i, pts, state=None, generator=None, *, eta: float = 0.0):
-    """One DDIM step from pts[i] to pts[i + 1] (see ``ddim``)."""
+    """One DDIM step from pts[i] to pts[i + 1] (see ``ddim``), written as
+    x_t = (k / sigma_s) x + (alpha_t - k alpha_s / sigma_s) x0 + c z with k = sqrt(sigma_t^2 - c^2)."""
     s, t = pts[i], pts[i + 1]
     if t.sigma == 0:
         return x0, state
-    eps = eps_from_x0(x, x0, s)
     c = eta * t.sigma * math.sqrt(-math.expm1(-2.0 * (t.lam - s.lam))) if eta > 0 else 0.0
-    x = t.alpha * x0 + math.sqrt(max(t.sigma ** 2 - c * c, 0.0)) * eps
+    k = math.sqrt(max(t.sigma ** 2 - c * c, 0.0))
+    out = x * (k / s.sigma)
+    out.add_(x0, alpha=t.alpha - k * s.alpha / s.sigma)
     if c > 0:
-        x = x + c * randn_like(x, generator)
-    return x, state
+        out.add_(randn_like(x, generator), alpha=c)
+    return out, state
 
 
 def ddim(denoiser: Callable, x: torch.Tensor, grid, schedule, *, eta: float = 0.0,
@@ -42,21 +44,26 @@ def ddim(denoiser: Callable, x: torch.Tensor, grid, schedule, *, eta: float = 0.
 
 
 def _edm_heun(denoiser, x, grid, schedule, second_order: bool, cond, callback, progress) -> SamplerOutput:
-    # EDM variables: x_hat = x / alpha, sigma_hat = sigma / alpha; dx_hat/dsigma_hat = (x_hat - D) / sigma_hat
+    # EDM variables x_hat = x / alpha, sigma_hat = sigma / alpha: dx_hat/dsigma_hat = (x_hat - D) / sigma_hat.
+    # The updates below are those steps with x_hat, D and D at the Euler point collected into weights.
     model, counter, pts, grid = prepare(denoiser, x, grid, schedule, cond)
-    x_hat = x / pts[0].alpha
     for i in steps_iter(len(pts) - 1, progress, "heun" if second_order else "euler"):
         s, t = pts[i], pts[i + 1]
+        x0 = model(x, s.t)
+        report(callback, i, s.t, x, x0)
         sig_cur, sig_next = s.sigma / s.alpha, t.sigma / t.alpha
-        x0 = model(x_hat * s.alpha, s.t)
-        report(callback, i, s.t, x_hat * s.alpha, x0)
-        d_cur = (x_hat - x0) / sig_cur
-        x_next = x_hat + (sig_next - sig_cur) * d_cur  # Euler step
-        if second_order and t.sigma > 0:  # 2nd-order correction (EDM Alg. 1, lines 9-11)
-            d_next = (x_next - model(x_next * t.alpha, t.t)) / sig_next
-            x_next = x_hat + (sig_next - sig_cur) * (0.5 * d_cur + 0.5 * d_next)
-        x_hat = x_next
-    return SamplerOutput(x_hat * pts[-1].alpha, counter.nfe, grid)
+        r = sig_next / sig_cur
+        x_e = x * (t.alpha / s.alpha * r)  # Euler step: x_hat' = r x_hat + (1 - r) D
+        x_e.add_(x0, alpha=t.alpha * (1.0 - r))
+        if not (second_order and t.sigma > 0):
+            x = x_e
+            continue
+        # 2nd-order correction (EDM Alg. 1, lines 9-11): x_hat' = x_hat + dsig (d_cur + d_next) / 2
+        x0_e, ds = model(x_e, t.t), sig_next - sig_cur
+        x_next = x * (t.alpha / s.alpha * r)
+        x_next.add_(x0, alpha=t.alpha * (-ds / (2 * sig_cur) + ds * (1 - r) / (2 * sig_next)))
+        x = x_next.add_(x0_e, alpha=t.alpha * (-ds / (2 * sig_next)))
+    return SamplerOutput(x, counter.nfe, grid)
 
 
 def euler(denoiser: Callable, x: torch.Tensor, grid, schedule, *, cond: dict | None = None,

@@ -24,7 +24,8 @@ def _pred(x: torch.Tensor, x0: torch.Tensor, p: Point, data: bool) -> torch.Tens
 
 def multistep_terms(fr, hist: Sequence[tuple[float, torch.Tensor]], order: int, solver_type: str,
                     third_order: str = "exact"):
-    """Taylor terms for a multistep update from the newest history entries (lambda, model).
+    """Taylor terms for a multistep update, as (weight, model output) pairs over the newest
+    history entries (lambda, model output), so the update needs no temporary tensors.
 
     Order 2: D1 = (m0 - m1) / r0 ~ h m'. "midpoint" weighs it by w0 / 2 (the DPM-Solver++(2M)
     update, arXiv 2211.01095 Alg. 2), "taylor" by w1 / h.
@@ -33,25 +34,25 @@ def multistep_terms(fr, hist: Sequence[tuple[float, torch.Tensor]], order: int, 
     weigh D2 by w2 / h^2 ("legacy"), which our convergence tests show is only second
     order; "legacy" exists to reproduce them.
     """
-    (l0, m0), h = hist[-1], fr.h
-    w = fr.weights
-    terms = [(w[0], m0)]
+    (l0, m0), h, w = hist[-1], fr.h, fr.weights
     if order == 1:
-        return terms
+        return [(w[0], m0)]
     l1, m1 = hist[-2]
     r0 = (l0 - l1) / h
-    d1_0 = (m0 - m1) / r0
+    d1_0 = (1.0 / r0, -1.0 / r0, 0.0)  # D1_0 = (m0 - m1) / r0, as coefficients on (m0, m1, m2)
     if order == 2:
-        terms.append((0.5 * w[0] if solver_type == "midpoint" else w[1] / h, d1_0))
-        return terms
+        c1 = 0.5 * w[0] if solver_type == "midpoint" else w[1] / h
+        return [(w[0] + c1 * d1_0[0], m0), (c1 * d1_0[1], m1)]
     l2, m2 = hist[-3]
     r1 = (l1 - l2) / h
-    d1_1 = (m1 - m2) / r1
-    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-    d2 = (d1_0 - d1_1) / (r0 + r1)
+    d1_1 = (0.0, 1.0 / r1, -1.0 / r1)  # D1_1 = (m1 - m2) / r1
+    diff = [a - b for a, b in zip(d1_0, d1_1)]
+    d1 = [a + r0 / (r0 + r1) * d for a, d in zip(d1_0, diff)]
+    d2 = [d / (r0 + r1) for d in diff]
     kappa = {"exact": 2.0, "legacy": 1.0}[third_order]
-    terms += [(w[1] / h, d1), (kappa * w[2] / h ** 2, d2)]
-    return terms
+    c1, c2 = w[1] / h, kappa * w[2] / h ** 2
+    coef = [c1 * a + c2 * b for a, b in zip(d1, d2)]
+    return [(w[0] + coef[0], m0), (coef[1], m1), (coef[2], m2)]
 
 
 def dpm_multistep_step(x, x0, i, pts, hist, generator=None, *, order: int = 2, data: bool = True,
