@@ -1,0 +1,247 @@
+"""The ``fewstep`` command: thin over the library (parse, call, report).
+
+    fewstep bench solvers [--quick] [--json PATH] [--model NAME|PATH] [--w FLOAT]
+                          [--nfe LIST] [--samples N] [--out-dir DIR] [--threads N]
+
+Add a command with ``@main.command()`` or a group with ``@main.group()``. Misuse exits
+with status 2 and one line on stderr (``fewstep: error: ...``), never a traceback: raise
+``click.UsageError`` / ``click.BadParameter`` (or let a library raise the error type
+that the command turns into one).
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+
+__all__ = ["main"]
+
+
+class OneLineErrors(click.Group):
+    """A click group whose usage errors print one line, not click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name or "fewstep", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `fewstep` or `fewstep bench`: show help
+            click.echo(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
+        except click.ClickException as e:
+            message = " ".join(e.format_message().split())  # one line whatever the message
+            click.echo(f"fewstep: error: {message}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fewstep")
+def main():
+    """fewstep: fast sampling for diffusion models (training-free solvers and distillation)."""
+
+
+@main.group()
+def bench():
+    """Benchmarks: fewstep against its peers, written under benchmarks/results/."""
+
+
+def _nfe_list(ctx, param, value):
+    if value is None:
+        return None
+    from .bench.solvers import BenchArgumentError, parse_nfe_list
+    try:
+        return parse_nfe_list(value)
+    except BenchArgumentError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+@bench.command("solvers")
+@click.option("--quick", is_flag=True, help="Fewer solvers, NFE 5 and 10, 16 samples: under two minutes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Where to write the JSON (default: OUT_DIR/solvers.json, solvers_quick.json with --quick).")
+@click.option("--model", default="gmm-mnist", show_default=True,
+              help="gmm-mnist, mnist-teacher, or a path to a diffusers model folder (UNet2DModel + scheduler "
+                   "config) or to a fewstep model folder.")
+@click.option("--w", type=float, default=None,
+              help="Guidance weight w (x_w = (1 + w) x_cond - w x_uncond); default 1.0 for gmm-mnist, 0 otherwise.")
+@click.option("--nfe", callback=_nfe_list, metavar="LIST",
+              help="Comma-separated model-call budgets (default 4,5,6,8,10,15,20,50; 5,10 with --quick).")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Number of samples from fixed noise (default 64; 16 with --quick).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
+              help="Folder for the markdown table and the PNG plot.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch threads for the run (more threads oversubscribe a shared small machine).")
+def bench_solvers(quick, json_path, model, w, nfe, samples, out_dir, threads):
+    """Solver error against a reference ODE solution by NFE, fewstep vs diffusers, plus per-step overhead."""
+    from .bench.solvers import BenchArgumentError, run
+    log = lambda msg: click.echo(f"[bench solvers] {msg}", err=True)  # noqa: E731
+    try:
+        doc = run(quick=quick, json_path=json_path, model=model, w=w, nfe=nfe, samples=samples,
+                  out_dir=out_dir, threads=threads, log=log)
+    except BenchArgumentError as e:
+        raise click.UsageError(str(e)) from None
+    default = [r for r in doc["results"] if (r["impl"], r["solver"], r["spacing"])
+               == ("diffusers", "DPMSolverMultistepScheduler", "default")]
+    click.echo(f"{len(doc['results'])} rows ({len(default)} diffusers default rows) in "
+               f"{doc['machine']['wall_time_s']} s; outputs in {out_dir}" + (f" and {json_path}" if json_path else ""))
+
+
+# ---------------------------------------------------------------------------
+# Models: sample, eval, train
+# ---------------------------------------------------------------------------
+
+def _finite(ctx, param, value):
+    import math
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", ctx=ctx, param=param)
+    return value
+
+
+def _solver_name(ctx, param, value):
+    from .solvers import SOLVERS
+    if value not in SOLVERS:
+        import difflib
+        close = difflib.get_close_matches(value, SOLVERS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise click.BadParameter(f"unknown solver {value!r}{hint}; see `fewstep solvers`", ctx=ctx, param=param)
+    return value
+
+
+def _labels(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated class ids, got {value!r}", ctx=ctx, param=param) from None
+
+
+def _load_model(name):
+    from .api import load
+    try:
+        return load(name)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _sampling_options(f):
+    f = click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")(f)
+    f = click.option("--spacing", type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras"]),
+                     default="logsnr", show_default=True)(f)
+    f = click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+                     help="Budget of model calls (see the README).")(f)
+    f = click.option("--solver", default="dpmpp_2m", show_default=True, callback=_solver_name)(f)
+    f = click.option("--w", type=float, default=0.0, show_default=True, callback=_finite,
+                     help="Guidance weight: x_w = (1 + w) x_cond - w x_uncond.")(f)
+    return click.option("--model", default="mnist-teacher", show_default=True,
+                        help="A shipped model name or a fewstep model folder.")(f)
+
+
+@main.command("solvers")
+def list_solvers():
+    """List the solvers with their kind and order."""
+    from .solvers import SOLVERS
+    for name, s in SOLVERS.items():
+        click.echo(f"{name:16s} {s.kind:10s} order {s.order}{'  stochastic' if s.stochastic else ''}  {s.summary}")
+
+
+@main.command("sample")
+@_sampling_options
+@click.option("--labels", callback=_labels, help="Comma-separated class ids (default: 0..9 repeated).")
+@click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
+              help="PNG grid to write.")
+@click.option("--singles", type=click.Path(file_okay=False), default=None, help="Also write single PNGs here.")
+@click.option("--progress/--no-progress", default=True)
+def sample_cmd(model, w, solver, steps, spacing, seed, labels, n, batch_size, device, out, singles, progress):
+    """Generate images with a model and a solver; write a PNG grid."""
+    import time
+
+    import torch
+
+    from .api import generate
+    from .images import save_image_grid, save_images
+    from .sampling import expected_nfe, solver_grid
+    m = _load_model(model)
+    if not hasattr(m, "sample_batch"):
+        raise click.UsageError(f"{model!r} is not a generative model")
+    try:
+        m.to(device)
+    except (RuntimeError, ValueError) as e:
+        raise click.UsageError(f"cannot use device {device!r}: {e}") from None
+    if labels is None and m.num_classes:
+        labels = [i % m.num_classes for i in range(n)]
+    try:
+        t0 = time.perf_counter()
+        images = generate(m, None if labels is None else torch.tensor(labels), n=n, w=w, solver=solver,
+                          steps=steps, spacing=spacing, seed=seed, batch_size=batch_size, progress=progress)
+        seconds = time.perf_counter() - t0
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    nrow = m.num_classes if labels is not None and len(images) % (m.num_classes or 1) == 0 else None
+    path = save_image_grid(images, out, nrow=nrow)
+    if singles:
+        save_images(images, singles)
+    grid, extra = solver_grid(m.schedule, solver, steps, spacing)
+    nfe = expected_nfe(solver, grid, extra)
+    click.echo(f"wrote {path} ({len(images)} images); NFE {nfe if nfe is not None else 'adaptive'}"
+               f"{' (each a batched cond+uncond call)' if w else ''}; {seconds / len(images):.4f} s/image")
+
+
+@main.command("eval")
+@_sampling_options
+@click.option("-n", "--num", "n", type=click.IntRange(min=20), default=2000, show_default=True,
+              help="Samples (class-balanced); at most 2000 (two disjoint real sets of n are needed).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON here.")
+def eval_cmd(model, w, solver, steps, spacing, seed, n, batch_size, json_path):
+    """FID, KID, IS, class accuracy, NFE and seconds per image, beside the real-vs-real baseline."""
+    import json
+    from pathlib import Path
+
+    from .evaluate import evaluate
+    m = _load_model(model)
+    try:
+        res = evaluate(m, solver=solver, steps=steps, w=w, n=n, seed=seed, batch_size=batch_size, spacing=spacing,
+                       progress=True)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    text = json.dumps(res, indent=2)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
+    click.echo(text)
+
+
+@main.command("train")
+@click.argument("preset", type=click.Choice(["mnist", "mnist-teacher", "mnist-classifier"]))
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Run folder: checkpoints, log.jsonl, samples/, and the export model/.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--progress/--no-progress", default=True)
+def train_cmd(preset, out, resume, threads, progress):
+    """Train a model from a preset: mnist (= mnist-teacher) or mnist-classifier reproduce the shipped ones."""
+    from pathlib import Path
+
+    import torch
+
+    from .recipes import RECIPES
+    torch.set_num_threads(threads)
+    try:
+        RECIPES["mnist-teacher" if preset == "mnist" else preset](Path(out), resume=resume, progress=progress)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

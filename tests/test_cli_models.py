@@ -1,0 +1,80 @@
+"""`fewstep sample`, `fewstep eval`, `fewstep train`, `fewstep solvers` on a tiny model folder."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from fewstep.cli import main
+from fewstep.nets import UNet, UNetConfig
+from fewstep.schedules import CosineVP
+from fewstep.solvers import SOLVERS
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), standalone_mode=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[],
+                          num_classes=10, image_size=28, groups=4))
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("tiny-teacher")
+    net.save(folder, extra={"kind": "diffusion", "prediction": "v", "schedule": CosineVP().config(),
+                            "num_classes": 10, "null_class": 10, "image_shape": [1, 28, 28]})
+    return folder
+
+
+def test_sample_writes_a_grid_and_reports_nfe(tiny, tmp_path):
+    out = tmp_path / "grid.png"
+    r = invoke("sample", "--model", str(tiny), "--w", "1", "--solver", "dpmpp_2m", "--steps", "3", "-n", "20",
+               "--out", str(out), "--singles", str(tmp_path / "one"), "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "NFE 3" in r.output and "s/image" in r.output
+    grid = Image.open(out)
+    assert grid.size == (10 * 30 + 2, 2 * 30 + 2)  # 10 per row (one per class), 2 px padding
+    assert len(list((tmp_path / "one").glob("*.png"))) == 20
+
+
+@pytest.mark.parametrize("args, words", [
+    (["sample", "--model", "no-such-model"], "no model named"),
+    (["sample", "--model", "mnist-classifier"], "not a generative model"),
+    (["sample", "--solver", "dpm_solver_9"], "unknown solver"),
+    (["sample", "--w", "inf"], "finite"),
+    (["sample", "--steps", "0"], "--steps"),
+    (["sample", "--labels", "1,a"], "class ids"),
+    (["eval", "--model", "no-such-model"], "no model named"),
+    (["train", "mnist"], "--out"),
+    (["train", "cifar", "--out", "x"], "cifar"),
+])
+def test_misuse_exits_2_with_one_line(args, words):
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.output
+
+
+def test_labels_out_of_range_is_misuse(tiny):
+    r = invoke("sample", "--model", str(tiny), "--labels", "12", "--steps", "1")
+    assert r.exit_code == 2 and "labels must lie" in r.output
+
+
+def test_solvers_lists_every_solver():
+    r = invoke("solvers")
+    assert r.exit_code == 0
+    assert [line.split()[0] for line in r.output.splitlines()] == list(SOLVERS)
+
+
+def test_eval_json(tiny, tmp_path):
+    out = tmp_path / "e.json"
+    r = invoke("eval", "--model", str(tiny), "--steps", "1", "-n", "20", "--json", str(out))
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    for key in ("fid", "kid", "is", "class_accuracy", "nfe", "seconds_per_image", "baseline"):
+        assert key in res
+    assert res["nfe"] == 1 and res["n"] == 20
+    assert res["fid"] > res["baseline"]["fid"]  # a random network is far from real digits
