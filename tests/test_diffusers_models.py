@@ -16,14 +16,14 @@ import types
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       UNet2DConditionModel, UNet2DModel)
+                       UNet2DConditionModel)
 
 import fewstep  # noqa: E402
 from fewstep.diffusers import DiffusersDenoiser, FewstepScheduler, pipeline_denoiser  # noqa: E402
 from fewstep.diffusers import sample as pipeline_sample  # noqa: E402
 from fewstep.sampling import expected_nfe, solver_grid  # noqa: E402
+from _tiny_models import tiny_unet
 
 
 def gen(seed: int) -> torch.Generator:
@@ -37,15 +37,6 @@ def gens(*seeds):
 def noise_like_helper(shape, seeds) -> torch.Tensor:
     """x_T as the helper draws it: one (1, C, H, W) draw per sample from its own generator."""
     return torch.cat([torch.randn((1, *shape), generator=gen(s)) for s in seeds])
-
-
-def tiny_unet(**overrides) -> UNet2DModel:
-    cfg = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-               norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "UpBlock2D"))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return UNet2DModel(**{**cfg, **overrides}).eval()
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline,  # noqa: E402
                        DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, UNet2DConditionModel,
-                       UNet2DModel, UniPCMultistepScheduler)
+                       UniPCMultistepScheduler)
 from diffusers.configuration_utils import ConfigMixin  # noqa: E402
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
@@ -37,6 +36,7 @@ from fewstep.diffusers import sample as pipeline_sample  # noqa: E402
 from fewstep.diffusers.scheduler import STEPPABLE  # noqa: E402
 from fewstep.schedules import SPACINGS  # noqa: E402
 from fewstep.solvers import SOLVERS  # noqa: E402
+from _tiny_models import tiny_unet
 
 ALL_SPACINGS = SPACINGS + ("linspace",)
 STOCHASTIC = {n for n in STEPPABLE if SOLVERS[n].stochastic}
@@ -55,15 +55,6 @@ def gen(seed: int) -> torch.Generator:
 
 def randn(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(shape, generator=gen(seed), dtype=dtype)
-
-
-def tiny_unet(**overrides) -> UNet2DModel:
-    cfg = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-               norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "UpBlock2D"))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return UNet2DModel(**{**cfg, **overrides}).eval()
 
 
 @pytest.fixture(scope="module")
