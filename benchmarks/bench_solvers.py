@@ -1,7 +1,7 @@
 """Regenerate benchmarks/results/solvers.{json,md,png} (the numbers in BENCHMARKS.md).
 
-    python benchmarks/bench_solvers.py            # the full run (about 15 minutes on 2 CPU cores)
-    python benchmarks/bench_solvers.py --quick    # under two minutes
+    python benchmarks/bench_solvers.py --model gmm-mnist            # the full run on the exact model (~7 min)
+    python benchmarks/bench_solvers.py --quick                      # under two minutes, on mnist-teacher
 
 Same options as ``fewstep bench solvers`` (this script is that command); the benchmark
 itself lives in ``fewstep.bench.solvers``.

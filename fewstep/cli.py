@@ -65,11 +65,12 @@ def _nfe_list(ctx, param, value):
 @click.option("--quick", is_flag=True, help="Fewer solvers, NFE 5 and 10, 16 samples: under two minutes.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Where to write the JSON (default: OUT_DIR/solvers.json, solvers_quick.json with --quick).")
-@click.option("--model", default="gmm-mnist", show_default=True,
-              help="gmm-mnist, mnist-teacher, or a path to a diffusers model folder (UNet2DModel + scheduler "
+@click.option("--model", default="mnist-teacher", show_default=True,
+              help="mnist-teacher (the shipped teacher), gmm-mnist (an exact-denoiser Gaussian mixture), or a path "
+                   "to a diffusers model folder (UNet2DModel + scheduler "
                    "config) or to a fewstep model folder.")
 @click.option("--w", type=float, default=None,
-              help="Guidance weight w (x_w = (1 + w) x_cond - w x_uncond); default 1.0 for gmm-mnist, 0 otherwise.")
+              help="Guidance weight w (x_w = (1 + w) x_cond - w x_uncond); default 1.0.")
 @click.option("--nfe", callback=_nfe_list, metavar="LIST",
               help="Comma-separated model-call budgets (default 4,5,6,8,10,15,20,50; 5,10 with --quick).")
 @click.option("--samples", type=click.IntRange(min=1), default=None,

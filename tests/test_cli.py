@@ -67,7 +67,7 @@ def test_help_lists_bench_solvers():
 
 def test_tiny_bench_run_writes_the_json_schema(tmp_path):
     out = tmp_path / "results.json"
-    result = invoke("bench", "solvers", "--quick", "--nfe", "5", "--samples", "4",
+    result = invoke("bench", "solvers", "--quick", "--model", "gmm-mnist", "--nfe", "5", "--samples", "4",
                     "--out-dir", str(tmp_path), "--json", str(out))
     assert result.exit_code == 0, result.output + result.stderr
     doc = json.loads(out.read_text())
