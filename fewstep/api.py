@@ -143,13 +143,14 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model.device
+    sigma_max = float(model.schedule.sigma(torch.tensor(model.schedule.t_max, dtype=torch.float64)))
     outs = []
     for start in range(0, n, batch_size):
         count = min(batch_size, n - start)
         gens = sample_generators(seed, start, count)
         x_T = torch.cat([torch.randn((1, *model.image_shape), generator=g) for g in gens]).to(device)
         lab = None if labels is None else labels[start:start + count].to(device)
-        out = model.sample_batch(x_T * float(model.schedule.sigma(torch.tensor(model.schedule.t_max))), lab,
+        out = model.sample_batch(x_T * sigma_max, lab,
                                  w=w, solver=solver, steps=steps, spacing=spacing, generator=gens,
                                  progress=progress, **options)
         outs.append(out.x.float().clamp(-1, 1).cpu())

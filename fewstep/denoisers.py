@@ -17,9 +17,9 @@ import torch
 from .schedules import DiscreteVP, NoiseSchedule
 
 __all__ = [
-    "PREDICTIONS", "as_batch_times", "to_x0", "x0_to_eps", "ModelDenoiser",
+    "PREDICTIONS", "as_batch_times", "to_x0", "ModelDenoiser",
     "ClassifierFreeGuidance", "ClassifierGuidance", "dynamic_threshold", "Thresholded",
-    "CountingDenoiser", "checked",
+    "CountingDenoiser",
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
@@ -69,11 +69,6 @@ def to_x0(prediction: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tens
     dtype = torch.promote_types(x.dtype, torch.float32)
     ca, cb = _bcast(ca, x).to(dtype), _bcast(cb, x).to(dtype)
     return (x.to(dtype) * ca + out.to(dtype) * cb).to(x.dtype)
-
-
-def x0_to_eps(x0: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
-    """eps_hat = (x - alpha x0_hat) / sigma (noise prediction recovered from the contract)."""
-    return (x - alpha * x0) / sigma
 
 
 class ModelDenoiser:
@@ -234,7 +229,3 @@ class CountingDenoiser:
                 f"the model returned NaN or inf at model call {self.nfe} (t = {float(torch.as_tensor(t).flatten()[0]):.6g}); "
                 "check the model, its prediction type and dtype (float16 overflow?)")
         return out
-
-
-def checked(denoiser: Callable) -> CountingDenoiser:
-    return denoiser if isinstance(denoiser, CountingDenoiser) else CountingDenoiser(denoiser)

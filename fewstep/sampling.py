@@ -7,7 +7,7 @@ import torch
 
 from .denoisers import Thresholded
 from .schedules import NoiseSchedule, custom_grid, time_grid
-from .solvers import SamplerOutput, fast_orders, get_solver
+from .solvers import SOLVERS, SamplerOutput, fast_orders, get_solver
 
 __all__ = ["sample", "invert", "solver_grid", "expected_nfe"]
 
@@ -96,7 +96,7 @@ def invert(denoiser: Callable, x0: torch.Tensor, schedule: NoiseSchedule, *, sol
     """
     spec = get_solver(solver)
     if not spec.invertible:
-        invertible = [n for n, s in __import__("fewstep.solvers", fromlist=["SOLVERS"]).SOLVERS.items() if s.invertible]
+        invertible = [n for n, s in SOLVERS.items() if s.invertible]
         raise ValueError(f"solver {solver!r} cannot run backwards; use one of {', '.join(invertible)}")
     grid = time_grid(schedule, steps, spacing, final="tmin").flip(0)
     return spec(denoiser, x0, grid, schedule, cond=cond, progress=progress, **options)

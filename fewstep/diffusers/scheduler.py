@@ -5,6 +5,8 @@ and every update is the solver's own step function from ``fewstep.solvers``.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
@@ -62,10 +64,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  else betas_by_name(beta_schedule, num_train_timesteps, beta_start, beta_end))
         self.schedule = DiscreteVP(betas=betas)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
-        self._options = {"lower_order_final": lower_order_final, **(solver_options or {})}
-        if solver in ("ddim", "ddpm"):  # first order: nothing to lower
-            self._options.pop("lower_order_final")
-        self._step_fn = get_solver(solver).stepper(**self._options)
+        spec = get_solver(solver)
+        options = dict(solver_options or {})
+        if "lower_order_final" in inspect.signature(spec.step).parameters:  # first-order steps have none
+            options.setdefault("lower_order_final", lower_order_final)
+        self._step_fn = spec.stepper(**options)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = None

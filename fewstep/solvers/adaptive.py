@@ -39,7 +39,8 @@ def dpm_adaptive(denoiser: Callable, x: torch.Tensor, grid, schedule, *, order: 
         t = _point_at(schedule, min(s.lam + h, end.lam))
         if x0 is None:  # after a rejected step x and s are unchanged: reuse the call
             x0 = model(x, s.t)
-        x_hi, x_lo = singlestep_update(model, x, x0, s, t, order, schedule, data=data, r1=r1)
+        x_hi, x_lo = singlestep_update(model, x, x0, s, t, order, schedule, data=data, r1=r1,
+                                       embedded=True)
         delta = torch.maximum(torch.full_like(x, atol), rtol * torch.maximum(x_lo.abs(), x.abs()))
         err = ((x_hi - x_lo) / delta).flatten(1).pow(2).mean(1).sqrt().max().item()
         if err <= 1.0:

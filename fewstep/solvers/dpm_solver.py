@@ -112,32 +112,35 @@ def _point_at(schedule, lam: float) -> Point:
 
 
 def singlestep_update(model, x: torch.Tensor, x0_s: torch.Tensor, s: Point, t: Point, order: int,
-                      schedule, *, data: bool, r1: float | None = None, r2: float = 2.0 / 3.0):
+                      schedule, *, data: bool, r1: float | None = None, r2: float = 2.0 / 3.0,
+                      embedded: bool = False):
     """One singlestep DPM-Solver(++) step of order 1-3 from s to t (arXiv 2206.00927, Alg. 1 and
     App. A: DPM-Solver-2 with r1 = 1/2, DPM-Solver-3 with r1 = 1/3, r2 = 2/3).
-    ``x0_s`` is the model's x0_hat at s (already paid for). Returns x_t and the update of
-    one order lower built from the same model calls (the embedded pair of the adaptive
-    solver: DPM-Solver-12 and -23, arXiv 2206.00927, Sec. 3.3)."""
+    ``x0_s`` is the model's x0_hat at s (already paid for). Returns x_t and, with
+    ``embedded=True``, the update of one order lower built from the same model calls (the
+    embedded pair of the adaptive solver: DPM-Solver-12 and -23, arXiv 2206.00927, Sec. 3.3),
+    else None."""
     m0 = _pred(x, x0_s, s, data)
     fr = frame(s, t, data=data, n=order)
-    first = ei_update(x, fr, [(fr.weights[0], m0)])
+    first_terms = [(fr.weights[0], m0)]
     if order == 1:
-        return first, None
+        return ei_update(x, fr, first_terms), None
     r1 = (0.5 if order == 2 else 1.0 / 3.0) if r1 is None else r1
     p1 = _point_at(schedule, s.lam + r1 * fr.h)
     f1 = frame(s, p1, data=data, n=1)
     x1 = ei_update(x, f1, [(f1.weights[0], m0)])
     x0_1 = model(x1, p1.t)
     d1 = (_pred(x1, x0_1, p1, data) - m0) / r1  # ~ h m'
-    if order == 2:  # the "midpoint"-type second-order update
-        return ei_update(x, fr, [(fr.weights[0], m0), (0.5 * fr.weights[0], d1)]), first
+    second_terms = [(fr.weights[0], m0), (0.5 * fr.weights[0], d1)]  # the "midpoint"-type 2nd-order update
+    if order == 2:
+        return ei_update(x, fr, second_terms), ei_update(x, fr, first_terms) if embedded else None
     p2 = _point_at(schedule, s.lam + r2 * fr.h)
     f2 = frame(s, p2, data=data, n=2)
     x2 = ei_update(x, f2, [(f2.weights[0], m0), (f2.weights[1] / fr.h, d1)])
     x0_2 = model(x2, p2.t)
     d2 = (_pred(x2, x0_2, p2, data) - m0) / r2
-    second = ei_update(x, fr, [(fr.weights[0], m0), (0.5 * fr.weights[0], d1)])
-    return ei_update(x, fr, [(fr.weights[0], m0), (fr.weights[1] / fr.h, d2)]), second
+    return (ei_update(x, fr, [(fr.weights[0], m0), (fr.weights[1] / fr.h, d2)]),
+            ei_update(x, fr, second_terms) if embedded else None)
 
 
 def fast_orders(nfe: int, order: int = 3) -> list[int]:

@@ -18,7 +18,7 @@ from ._common import Point, SamplerOutput, phi, run_steps
 __all__ = ["unipc", "unipc_step", "unipc_rhos"]
 
 
-def unipc_rhos(h: float, rks: list[float], variant: str, corrector: bool) -> tuple[float, list[float]]:
+def unipc_rhos(h: float, rks: list[float], variant: str) -> tuple[float, list[float]]:
     """B(h) and the coefficients rho for the differences D_k (UniPC eq. 8), data prediction.
 
     rks: the ratios r_k = (lambda_{s_k} - lambda_s) / h of the previous points, with 1.0
@@ -102,7 +102,7 @@ def _predictor(x, hist, t: Point, k: int, variant: str):
     rks, diffs = _differences(hist, h, k)
     if k == 1:
         return _update(x, s0, t, m0, [], [], 1.0)
-    b_h, rhos = unipc_rhos(h, rks, variant, corrector=False)
+    b_h, rhos = unipc_rhos(h, rks, variant)
     return _update(x, s0, t, m0, diffs, [0.5] if k == 2 else rhos, b_h)
 
 
@@ -110,5 +110,5 @@ def _corrector(x_prev, hist, t: Point, x0_t, k: int, variant: str):
     s0, m0 = hist[-1]
     h = t.lam - s0.lam
     rks, diffs = _differences(hist, h, k)
-    b_h, rhos = unipc_rhos(h, rks + [1.0], variant, corrector=True)
+    b_h, rhos = unipc_rhos(h, rks + [1.0], variant)
     return _update(x_prev, s0, t, m0, diffs + [x0_t - m0], rhos, b_h)
