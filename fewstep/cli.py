@@ -244,5 +244,41 @@ def train_cmd(preset, out, resume, threads, progress):
         raise click.UsageError(str(e)) from None
 
 
+@main.group()
+def distill():
+    """Distill a teacher into a few-step student (guided + progressive, DMD)."""
+
+
+def _distill_options(f):
+    f = click.option("--progress/--no-progress", default=True)(f)
+    f = click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="torch CPU threads")(f)
+    f = click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoints.")(f)
+    return click.option("--out", type=click.Path(file_okay=False), required=True,
+                        help="Run folder: one sub-folder per stage (checkpoints, log.jsonl, samples/) and the "
+                             "exported students.")(f)
+
+
+@distill.command("guided")
+@_distill_options
+@click.option("--until", type=click.IntRange(min=1), default=None,
+              help="Stop after the round that reaches this many steps (default: down to 1).")
+def distill_guided_cmd(out, resume, threads, progress, until):
+    """Guided distillation of the shipped mnist-teacher: stage 1 (w-conditioned student), then progressive
+    rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps. Reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1."""
+    from pathlib import Path
+
+    import torch
+
+    from .distill.recipes import run_mnist_guided
+    torch.set_num_threads(threads)
+    try:
+        exports = run_mnist_guided(Path(out), resume=resume, progress=progress, until=until)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from None
+    for name, folder in exports.items():
+        click.echo(f"{name}: {folder}")
+
+
 if __name__ == "__main__":
     main()

@@ -41,12 +41,46 @@ def prediction_target(prediction: str, x0, eps, alpha, sigma) -> torch.Tensor:
     raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
 
 
+def sample_times(schedule: NoiseSchedule, batch: int, device, t_min: float, t_max: float) -> torch.Tensor:
+    """Training times, float64 (B,): U(t_min, t_max) for continuous schedules; for a
+    :class:`DiscreteVP`, t = (n + 1) / N with n ~ U{0..N-1} (its N training knots)."""
+    if isinstance(schedule, DiscreteVP):
+        n = torch.randint(0, schedule.N, (batch,), device=device)
+        return (n + 1).to(torch.float64) / schedule.N
+    u = torch.rand(batch, dtype=torch.float64, device=device)
+    return t_min + u * (t_max - t_min)
+
+
+def noised(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+    """(x_t, alpha, sigma) with x_t = alpha(t) x0 + sigma(t) eps; alpha, sigma broadcast against x0."""
+    alpha, sigma = _bcast(schedule.alpha(t), x0), _bcast(schedule.sigma(t), x0)
+    return alpha * x0 + sigma * eps, alpha, sigma
+
+
+def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """max(SNR, 1) = max(alpha^2 / sigma^2, 1) (Salimans & Ho 2022, Sec. 4 "truncated SNR" weighting), (B,)."""
+    a, s = alpha.flatten(), sigma.flatten()
+    if a.numel() != s.numel():
+        raise ValueError("alpha and sigma must have one value per sample")
+    return (a.float() ** 2 / (s.float() ** 2).clamp_min(1e-20)).clamp_min(1.0)
+
+
 def drop_labels(labels: torch.Tensor, null_class: int, p: float) -> torch.Tensor:
     """Replace each label by ``null_class`` with probability p (classifier-free guidance training)."""
     if p <= 0:
         return labels
     drop = torch.rand(labels.shape, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def null_class_of(net, given: int | None = None) -> int:
+    """The null (unconditional) class index: ``given``, else the net's (or a DDP-wrapped net's) attribute."""
+    null = given if given is not None else getattr(net, "null_class", None)
+    if null is None:  # e.g. a DDP-wrapped net: look one level down
+        null = getattr(getattr(net, "module", None), "null_class", None)
+    if null is None:
+        raise ValueError("labelled batch but no null class: pass null_class= or use a net with .null_class")
+    return null
 
 
 class DenoisingLoss:
@@ -82,25 +116,15 @@ class DenoisingLoss:
 
     def sample_t(self, batch: int, device) -> torch.Tensor:
         """Training times, float64 (B,)."""
-        if self.discrete:
-            n = torch.randint(0, self.schedule.N, (batch,), device=device)
-            return (n + 1).to(torch.float64) / self.schedule.N
-        u = torch.rand(batch, dtype=torch.float64, device=device)
-        return self.t_min + u * (self.t_max - self.t_min)
+        return sample_times(self.schedule, batch, device, self.t_min, self.t_max)
 
     def __call__(self, net, batch) -> torch.Tensor:
         x0, labels = unpack_batch(batch)
         t = self.sample_t(x0.shape[0], x0.device)
         eps = torch.randn_like(x0)
-        alpha, sigma = _bcast(self.schedule.alpha(t), x0), _bcast(self.schedule.sigma(t), x0)
-        x_t = alpha * x0 + sigma * eps
+        x_t, alpha, sigma = noised(self.schedule, x0, t, eps)
         if labels is not None:
-            null = self.null_class if self.null_class is not None else getattr(net, "null_class", None)
-            if null is None:  # e.g. a DDP-wrapped net: look one level down
-                null = getattr(getattr(net, "module", None), "null_class", None)
-            if null is None:
-                raise ValueError("labelled batch but no null class: pass null_class= or use a net with .null_class")
-            labels = drop_labels(labels, null, self.label_dropout)
+            labels = drop_labels(labels, null_class_of(net, self.null_class), self.label_dropout)
         out = net(x_t, t, labels)
         target = prediction_target(self.prediction, x0, eps, alpha, sigma)
         return (out.float() - target.float()).pow(2).flatten(1).mean(1)

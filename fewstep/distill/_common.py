@@ -1,0 +1,94 @@
+"""Pieces shared by the distillation objectives: networks seen as x0-predictors, guidance,
+the per-sample DDIM jump, and the w-conditioned copy of a teacher network.
+
+Every distillation objective compares x0 predictions. A *net* is called as
+``net(x_t, t, labels[, w])`` and outputs eps, v or x0 (its ``prediction``);
+:class:`NetX0` turns it into ``x0_hat(x_t, t, labels, w)`` for a schedule.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+
+from ..denoisers import to_x0
+from ..losses import _bcast
+from ..schedules import NoiseSchedule
+
+__all__ = ["NetX0", "GuidedX0", "ddim_jump", "with_w_input", "sample_w", "uses_w"]
+
+
+def uses_w(net) -> bool:
+    """Whether ``net`` takes a guidance-weight input ``w`` (fewstep nets: config.use_w)."""
+    inner = getattr(net, "module", net)
+    return bool(getattr(getattr(inner, "config", None), "use_w", False))
+
+
+class NetX0:
+    """``x0_hat(x, t, labels, w)`` from a net of output type ``prediction`` ('eps', 'v', 'x0').
+
+    ``w`` is passed to the net only when it has a w input; a net without one ignores it
+    (``GuidedX0`` adds guidance around such a net).
+    """
+
+    def __init__(self, net, schedule: NoiseSchedule, prediction: str):
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+        self.takes_w = uses_w(net)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels=None, w=None) -> torch.Tensor:
+        out = self.net(x, t, labels, w) if self.takes_w else self.net(x, t, labels)
+        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+        return to_x0(self.prediction, out, x, _bcast(alpha, x), _bcast(sigma, x))
+
+
+class GuidedX0:
+    """Classifier-free guidance of an x0-predictor in one batched call (cond and uncond stacked):
+    x_w = (1 + w) x_cond - w x_uncond (w = 0: the conditional model; diffusers' scale = 1 + w)."""
+
+    def __init__(self, x0_fn, null_class: int):
+        self.x0_fn, self.null_class = x0_fn, null_class
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w) -> torch.Tensor:
+        b = x.shape[0]
+        w = _bcast(torch.as_tensor(w, dtype=torch.float64, device=x.device).expand(b), x).to(x.dtype)
+        both = self.x0_fn(torch.cat([x, x]), torch.cat([t, t]),
+                          torch.cat([labels, torch.full_like(labels, self.null_class)]))
+        x_cond, x_uncond = both[:b], both[b:]
+        return x_cond + w * (x_cond - x_uncond)
+
+
+def ddim_jump(x: torch.Tensor, x0: torch.Tensor, schedule: NoiseSchedule, t_from: torch.Tensor,
+              t_to: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM step, per sample (Song et al. 2021, eq. 12 with eta = 0):
+    x_to = alpha_to x0 + sigma_to (x - alpha_from x0) / sigma_from."""
+    a_s, s_s = _bcast(schedule.alpha(t_from), x), _bcast(schedule.sigma(t_from), x)
+    a_t, s_t = _bcast(schedule.alpha(t_to), x), _bcast(schedule.sigma(t_to), x)
+    ratio = (s_t / s_s).to(x.dtype)
+    return ratio * x + (a_t - ratio * a_s).to(x.dtype) * x0
+
+
+def sample_w(batch: int, w_min: float, w_max: float, device) -> torch.Tensor:
+    """Guidance weights w ~ U[w_min, w_max], float32 (B,)."""
+    return w_min + (w_max - w_min) * torch.rand(batch, device=device)
+
+
+def with_w_input(net):
+    """A copy of a fewstep net (UNet, MLP) with a guidance-weight input whose output equals the
+    original's for every w: the w embedding (sinusoidal features of w_scale * w through a
+    2-layer MLP, added to the time embedding) has a zero-initialised last layer."""
+    cfg = getattr(net, "config", None)
+    if cfg is None or not hasattr(cfg, "use_w"):
+        raise TypeError(f"{type(net).__name__} is not a fewstep network with a w input option; "
+                        "for a diffusers UNet use fewstep.distill.diffusers_w_student")
+    if cfg.use_w:
+        return copy.deepcopy(net)
+    student = type(net)(replace(cfg, use_w=True)).to(next(net.parameters()).device)
+    missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("w_embed.") for k in missing):
+        raise ValueError(f"cannot copy weights into a w-conditioned net: {unexpected or missing}")
+    return student.to(memory_format=torch.channels_last) if _is_image_net(student) else student
+
+
+def _is_image_net(net) -> bool:
+    return hasattr(getattr(net, "config", None), "image_size")

@@ -1,0 +1,75 @@
+"""Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512, Alg. 2), guided or not
+(Meng et al. 2022, Sec. 4.2): a student's one DDIM step of length 1/N reproduces two
+DDIM steps of its teacher (the previous round's model) at the same class and w.
+
+The N-step grid of a student is uniform in t: t_i = t_max * i / N, i = N..0
+(:func:`student_grid`); its last step lands on clean data (t = 0).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..losses import _bcast, noised, truncated_snr_weight, unpack_batch
+from ..schedules import NoiseSchedule
+from ._common import NetX0, ddim_jump, sample_w
+
+__all__ = ["ProgressiveLoss", "progressive_target", "student_grid"]
+
+
+def student_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """The N-step student's grid t_max -> 0, uniform in t (float64, N + 1 points)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    return torch.linspace(schedule.t_max, 0.0, steps + 1, dtype=torch.float64)
+
+
+def progressive_target(x_t: torch.Tensor, x_next: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
+                       t_next: torch.Tensor) -> torch.Tensor:
+    """The x0 that takes x_t to x_next in one DDIM step (Salimans & Ho 2022, Alg. 2):
+    x~ = (x_next - (sigma_next / sigma_t) x_t) / (alpha_next - (sigma_next / sigma_t) alpha_t)."""
+    a_t, s_t = _bcast(schedule.alpha(t), x_t), _bcast(schedule.sigma(t), x_t)
+    a_n, s_n = _bcast(schedule.alpha(t_next), x_t), _bcast(schedule.sigma(t_next), x_t)
+    ratio = s_n / s_t
+    return ((x_next.double() - ratio * x_t.double()) / (a_n - ratio * a_t)).to(x_t.dtype)
+
+
+class ProgressiveLoss:
+    """One progressive round ``loss(student, batch) -> (B,)``: student steps = ``student_steps`` (N'),
+    teacher steps = 2 N'.
+
+    teacher: the previous round's net (for round 1 the stage-1 student, or an unguided
+      teacher), output type ``teacher_prediction``; called with w when it has a w input.
+    w_range: (w_min, w_max) for w-conditioned students; None for plain progressive
+      distillation of an unguided model.
+    Times t = t_max * i / N' with i ~ U{1..N'}; loss max(SNR, 1) * mean_CHW (x0_student - x~)^2.
+    """
+
+    def __init__(self, teacher, schedule: NoiseSchedule, student_steps: int, teacher_prediction: str,
+                 student_prediction: str | None = None, w_range: tuple[float, float] | None = (0.0, 4.0)):
+        self.grid = student_grid(schedule, student_steps)
+        if w_range is not None and not 0 <= w_range[0] <= w_range[1]:
+            raise ValueError(f"w_range must satisfy 0 <= w_min <= w_max, got {w_range}")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.schedule, self.steps, self.w_range = schedule, student_steps, w_range
+        self.teacher_x0 = NetX0(self.teacher, schedule, teacher_prediction)
+        self.student_prediction = student_prediction or teacher_prediction
+
+    @torch.no_grad()
+    def two_teacher_steps(self, x_t, t, t_next, labels, w):
+        """x at t_next after two teacher DDIM steps (t -> midpoint -> t_next) from x_t at t."""
+        t_mid = 0.5 * (t + t_next)
+        x_mid = ddim_jump(x_t, self.teacher_x0(x_t, t, labels, w), self.schedule, t, t_mid)
+        return ddim_jump(x_mid, self.teacher_x0(x_mid, t_mid, labels, w), self.schedule, t_mid, t_next)
+
+    def __call__(self, student, batch) -> torch.Tensor:
+        x0, labels = unpack_batch(batch)
+        b = x0.shape[0]
+        i = torch.randint(1, self.steps + 1, (b,), device=x0.device)
+        ascending = self.grid.to(x0.device).flip(0)
+        t, t_next = ascending[i], ascending[i - 1]
+        w = None if self.w_range is None else sample_w(b, *self.w_range, x0.device)
+        x_t, alpha, sigma = noised(self.schedule, x0, t, torch.randn_like(x0))
+        target = progressive_target(x_t, self.two_teacher_steps(x_t, t, t_next, labels, w), self.schedule, t, t_next)
+        x0_student = NetX0(student, self.schedule, self.student_prediction)(x_t, t, labels, w)
+        mse = (x0_student.float() - target.float()).pow(2).flatten(1).mean(1)
+        return truncated_snr_weight(alpha, sigma) * mse
