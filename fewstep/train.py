@@ -255,24 +255,38 @@ def _state_tensors(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(out_dir: Path, step: int, model, ema, optimizer, scheduler, source, extra: dict,
-                    keep: int = 2) -> Path:
-    """Write ``ckpt-<step>`` atomically (tmp folder + os.replace), update latest.json, prune old ones."""
+def _file_names(name: str) -> tuple[str, str, str]:
+    """(weights, EMA, optimizer) file names of network ``name`` in a checkpoint; the single
+    network of a one-network run is called 'model' and keeps the plain names."""
+    if name == "model":
+        return "model.safetensors", "ema.safetensors", "optimizer.safetensors"
+    return f"{name}.safetensors", f"{name}.ema.safetensors", f"{name}.optimizer.safetensors"
+
+
+def save_checkpoint(out_dir: Path, step: int, nets: dict, source, extra: dict, keep: int = 2) -> Path:
+    """Write ``ckpt-<step>`` atomically (tmp folder + os.replace), update latest.json, prune old ones.
+
+    ``nets`` maps each trained network's name to a :class:`_Trained` (model, EMA, optimizer, scheduler).
+    """
     from safetensors.torch import save_file
 
     final = out_dir / f"{CKPT_PREFIX}{step:08d}"
     tmp = out_dir / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_state_tensors(model), str(tmp / "model.safetensors"))
-    save_file(_state_tensors(ema), str(tmp / "ema.safetensors"))
-    opt_tensors: dict = {}
-    opt_meta = _split_tree(optimizer.state_dict(), opt_tensors, "opt")
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    opt_meta, sched = {}, {}
+    for name, n in nets.items():
+        f_model, f_ema, f_opt = _file_names(name)
+        save_file(_state_tensors(n.raw), str(tmp / f_model))
+        save_file(_state_tensors(n.ema), str(tmp / f_ema))
+        opt_tensors: dict = {}
+        opt_meta[name] = _split_tree(n.optimizer.state_dict(), opt_tensors, "opt")
+        save_file(opt_tensors, str(tmp / f_opt))
+        sched[name] = n.scheduler.state_dict()
     rng_js, rng_tensors = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    _write_json(tmp / "state.json", {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                                     "rng": rng_js, "data": source.state_dict(), **extra})
+    _write_json(tmp / "state.json", {"step": step, "networks": list(nets), "optimizers": opt_meta,
+                                     "schedulers": sched, "rng": rng_js, "data": source.state_dict(), **extra})
     if final.exists():  # re-saving a step (e.g. after a resume): the previous checkpoint stays meanwhile
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -310,20 +324,28 @@ def _read_safetensors(path: Path) -> dict:
         raise ValueError(f"cannot read checkpoint file {path}: it is corrupt or truncated ({e})") from None
 
 
-def load_checkpoint_weights(ckpt: Path, which: str = "ema") -> dict:
-    """State dict of the model ('model') or its EMA ('ema') from a checkpoint folder."""
+def load_checkpoint_weights(ckpt: Path, which: str = "ema", network: str = "model") -> dict:
+    """State dict of a network ('model' for one-network runs) or its EMA from a checkpoint folder."""
     if which not in ("model", "ema"):
         raise ValueError(f"which must be 'model' or 'ema', got {which!r}")
-    return _read_safetensors(Path(ckpt) / f"{which}.safetensors")
+    f_model, f_ema, _ = _file_names(network)
+    return _read_safetensors(Path(ckpt) / (f_model if which == "model" else f_ema))
 
 
-def _restore(ckpt: Path, model, ema, optimizer, scheduler, source) -> dict:
+def _restore(ckpt: Path, nets: dict, source) -> dict:
     state = json.loads((ckpt / "state.json").read_text())
-    model.load_state_dict(_read_safetensors(ckpt / "model.safetensors"))
-    ema.load_state_dict(_read_safetensors(ckpt / "ema.safetensors"))
-    opt_tensors = _read_safetensors(ckpt / "optimizer.safetensors")
-    optimizer.load_state_dict(_join_tree(state["optimizer"], opt_tensors))
-    scheduler.load_state_dict(state["scheduler"])
+    if "networks" not in state:  # a one-network checkpoint written before several networks were supported
+        state.update(networks=["model"], optimizers={"model": state["optimizer"]},
+                     schedulers={"model": state["scheduler"]})
+    if sorted(state["networks"]) != sorted(nets):
+        raise ValueError(f"checkpoint {ckpt} holds networks {state.get('networks')}, this run trains "
+                         f"{list(nets)}; use a new out_dir")
+    for name, n in nets.items():
+        f_model, f_ema, f_opt = _file_names(name)
+        n.raw.load_state_dict(_read_safetensors(ckpt / f_model))
+        n.ema.load_state_dict(_read_safetensors(ckpt / f_ema))
+        n.optimizer.load_state_dict(_join_tree(state["optimizers"][name], _read_safetensors(ckpt / f_opt)))
+        n.scheduler.load_state_dict(state["schedulers"][name])
     source.load_state_dict(state["data"])
     _set_rng_state(state["rng"], _read_safetensors(ckpt / "rng.safetensors"))
     return state
@@ -369,11 +391,13 @@ def _run_sample_fn(sample_fn, ema, step: int, out_dir: Path) -> Path:
 
 @dataclass
 class TrainResult:
-    model: torch.nn.Module     # the trained (unwrapped) model
+    model: torch.nn.Module     # the trained (unwrapped) model; with several networks, the first one
     ema: torch.nn.Module       # its EMA copy
     step: int
     out_dir: Path
     last_loss: float
+    models: dict = None        # every trained network by name (one-network runs: {"model": model})
+    emas: dict = None          # their EMA copies
 
 
 @torch.no_grad()
@@ -395,15 +419,26 @@ def _warmup_lambda(warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
 
 
-def _check_args(steps, lr, batch_size, grad_accum, ema_decay, grad_clip):
+def _per_net(value, names, what: str) -> dict:
+    """A hyper-parameter given once for all networks or as {name: value}."""
+    if isinstance(value, dict):
+        if sorted(value) != sorted(names):  # noqa: SIM102
+            raise ValueError(f"{what} is given for networks {sorted(value)} but the run trains {sorted(names)}")
+        return dict(value)
+    return {n: value for n in names}
+
+
+def _check_args(steps, lrs, batch_size, grad_accum, emas, grad_clip):
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1 and isinstance(grad_accum, int) and grad_accum >= 1):
         raise ValueError(f"batch_size and grad_accum must be integers >= 1, got {batch_size!r}, {grad_accum!r}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+    for lr in lrs.values():
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+    for ema_decay in emas.values():
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip must be positive or None, got {grad_clip!r}")
 
@@ -413,9 +448,15 @@ def _due(step: int, every_steps: int | None, seconds_since: float, every_minutes
     return bool((every_steps and step % every_steps == 0) or (every_minutes and seconds_since >= 60 * every_minutes))
 
 
-def _log_record(step: int, losses: list, lr: float, grad_norm: float, seconds: float, elapsed: float) -> dict:
-    return {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": grad_norm,
-            "sec_per_step": seconds / len(losses), "elapsed": elapsed, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def _log_record(step: int, window: dict, lr: float, grad_norm: float, seconds: float, elapsed: float) -> dict:
+    """One log line: per-network mean losses ('loss' for a one-network run, 'loss/<name>' otherwise)."""
+    rec = {"step": step}
+    for key, values in window.items():
+        rec[key] = sum(values) / len(values)
+    n = max(len(v) for v in window.values())
+    rec.update({"lr": lr, "grad_norm": grad_norm, "sec_per_step": seconds / n, "elapsed": elapsed,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return rec
 
 
 def _seed_all(seed: int) -> None:
@@ -424,38 +465,83 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build(model, accelerator, lr: float, weight_decay: float, warmup: int):
-    """(prepared model, unwrapped model, EMA copy, AdamW, warm-up LambdaLR)."""
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(warmup))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema.to(accelerator.device)
-    return model, accelerator.unwrap_model(model), ema, optimizer, scheduler
+@dataclass
+class _Trained:
+    """One trained network: the prepared (possibly DDP-wrapped) model, the raw module, its EMA,
+    AdamW optimizer and warm-up scheduler, and its EMA decay."""
+    model: torch.nn.Module
+    raw: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    ema_decay: float
 
 
-def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_dir, lr: float = 2e-4,
-          batch_size: int = 64, warmup: int = 0, grad_clip: float | None = 1.0, ema_decay: float = 0.999,
-          weight_decay: float = 0.0, mixed_precision: str = "no", grad_accum: int = 1,
+def _build(models: dict, accelerator, lrs: dict, weight_decays: dict, warmup: int, emas: dict) -> dict:
+    out = {}
+    for name, model in models.items():
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lrs[name],
+                                      weight_decay=weight_decays[name])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(warmup))
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+        ema.to(accelerator.device)
+        out[name] = _Trained(prepared, accelerator.unwrap_model(prepared), ema, optimizer, scheduler, emas[name])
+    return out
+
+
+class _OneNetwork:
+    """Adapter: a plain objective ``objective(model, batch)`` as a one-network ('model') objective."""
+
+    def __init__(self, objective: Callable):
+        self.objective = objective
+
+    def phases(self, step: int) -> list[str]:
+        return ["model"]
+
+    def __call__(self, models: dict, batch, name: str):
+        return self.objective(models["model"], batch)
+
+
+def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | dict = 2e-4,
+          batch_size: int = 64, warmup: int = 0, grad_clip: float | None = 1.0, ema_decay: float | dict = 0.999,
+          weight_decay: float | dict = 0.0, mixed_precision: str = "no", grad_accum: int = 1,
           ckpt_every_minutes: float | None = 5.0, ckpt_every_steps: int | None = None,
           sample_fn: Callable | None = None, sample_every_minutes: float | None = 10.0,
           sample_every_steps: int | None = None, log_every: int = 50, resume: bool = True, seed: int = 0,
           keep_checkpoints: int = 2, on_step: Callable | None = None, progress: bool = True,
           cpu: bool | None = None, run_info: dict | None = None) -> TrainResult:
-    """Train ``model`` on ``objective`` for ``steps`` optimizer steps; see the module docstring.
+    """Train ``model`` on ``objective`` for ``steps`` steps; see the module docstring.
+
+    One network: ``model`` is an nn.Module and ``objective(model, batch) -> (B,)``.
+    Several networks (e.g. DMD's generator and fake score): ``model`` is ``{name: nn.Module}``
+    and the objective has ``phases(step) -> [names]`` (the networks updated at this step, in
+    order; each phase draws its own batch and takes one optimizer step of that network) and
+    ``objective(models, batch, name) -> (B,)``. ``lr``, ``ema_decay`` and ``weight_decay`` may
+    then be ``{name: value}``. Each network has its own AdamW, warm-up, EMA and checkpoint files.
 
     lr warms up linearly over ``warmup`` steps then stays constant (AdamW, betas (0.9, 0.999)).
-    Each step uses ``grad_accum`` micro-batches of ``batch_size``. ``grad_clip`` clips the global
+    Each phase uses ``grad_accum`` micro-batches of ``batch_size``. ``grad_clip`` clips the global
     gradient norm (None: no clipping). EMA decay follows :func:`ema_decay_at`. Checkpoints go out
     every ``ckpt_every_minutes`` and/or ``ckpt_every_steps`` and at the end. ``resume=True``
     continues from the newest checkpoint in ``out_dir`` if there is one; ``resume=False`` refuses to
     reuse a folder that has checkpoints. ``on_step(step, loss)`` is called after each step.
-    ``run_info`` (JSON-able) is stored in ``run.json`` and every checkpoint.
+    ``run_info`` (JSON-able) is stored in ``run.json`` and every checkpoint. ``sample_fn`` gets the
+    first network's EMA.
     """
     from tqdm.auto import tqdm
 
-    _check_args(steps, lr, batch_size, grad_accum, ema_decay, grad_clip)
+    models = dict(model) if isinstance(model, dict) else {"model": model}
+    if not models:
+        raise ValueError("no network to train")
+    if not isinstance(model, dict):
+        objective = _OneNetwork(objective)
+    elif not hasattr(objective, "phases"):
+        raise TypeError("training several networks needs an objective with phases(step) -> [network names]")
+    names = list(models)
+    lrs, emas = _per_net(lr, names, "lr"), _per_net(ema_decay, names, "ema_decay")
+    wds = _per_net(weight_decay, names, "weight_decay")
+    _check_args(steps, lrs, batch_size, grad_accum, emas, grad_clip)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(out_dir)
@@ -466,10 +552,10 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
     main = accelerator.is_main_process
     _seed_all(seed + accelerator.process_index)
     source = make_batch_source(data, batch_size, seed + accelerator.process_index)
-    model, raw, ema, optimizer, scheduler = _build(model, accelerator, lr, weight_decay, warmup)
+    nets = _build(models, accelerator, lrs, wds, warmup, emas)
     step = 0
     if ckpt is not None:
-        step = _restore(ckpt, raw, ema, optimizer, scheduler, source)["step"]
+        step = _restore(ckpt, nets, source)["step"]
         if main:
             _truncate_log(out_dir / LOG, step)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
@@ -481,33 +567,45 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
 
     def checkpoint():
         if main:
-            save_checkpoint(out_dir, step, raw, ema, optimizer, scheduler, source, {"run": info}, keep_checkpoints)
+            save_checkpoint(out_dir, step, nets, source, {"run": info}, keep_checkpoints)
         accelerator.wait_for_everyone()
 
+    first = nets[names[0]]
     t_start = t_ckpt = t_sample = t_window = time.monotonic()
     bar = tqdm(total=steps, initial=step, disable=not (main and progress), dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    window, last_ckpt_step, loss_val = [], step, float("nan")
-    model.train()
+    window, last_ckpt_step, loss_val, grad_norm = {}, step, float("nan"), float("nan")
+    for n in nets.values():
+        n.model.train()
     while step < steps:
-        loss_val, grad_norm = _train_step(objective, model, source, optimizer, accelerator, grad_accum, grad_clip)
-        scheduler.step()
+        for name in objective.phases(step):
+            n = nets[name]
+            for other in nets.values():  # a phase's loss may reach other networks (e.g. DMD's GAN head)
+                other.optimizer.zero_grad(set_to_none=True)
+            loss_val, grad_norm = _train_step(lambda m, b: objective({**{k: v.model for k, v in nets.items()}, name: m},
+                                                                     b, name),
+                                              n.model, source, n.optimizer, accelerator, grad_accum, grad_clip)
+            n.scheduler.step()  # warm-up counts this network's own updates
+            window.setdefault("loss" if len(nets) == 1 else f"loss/{name}", []).append(loss_val)
+            for key, value in (getattr(objective, "last_metrics", None) or {}).items():
+                window.setdefault(f"{name}/{key}", []).append(value)
         step += 1
-        ema_update(ema, raw, ema_decay_at(step, ema_decay))
-        window.append(loss_val)
+        for n in nets.values():
+            ema_update(n.ema, n.raw, ema_decay_at(step, n.ema_decay))
         bar.update(1)
-        if step % log_every == 0 or step == steps:
+        if (step % log_every == 0 or step == steps) and window:
             now = time.monotonic()
-            rec = _log_record(step, window, scheduler.get_last_lr()[0], grad_norm, now - t_window, now - t_start)
+            rec = _log_record(step, window, first.scheduler.get_last_lr()[0], grad_norm, now - t_window,
+                              now - t_start)
             if main:
                 _append_log(out_dir / LOG, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            window, t_window = [], now
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in rec.items() if k.startswith("loss")})
+            window, t_window = {}, now
         if on_step is not None:
             on_step(step, loss_val)
         if sample_fn is not None and main and _due(step, sample_every_steps, time.monotonic() - t_sample,
                                                    sample_every_minutes):
-            bar.write(f"step {step}: samples -> {_run_sample_fn(sample_fn, ema, step, out_dir)}")
+            bar.write(f"step {step}: samples -> {_run_sample_fn(sample_fn, first.ema, step, out_dir)}")
             t_sample = time.monotonic()
         if step < steps and _due(step, ckpt_every_steps, time.monotonic() - t_ckpt, ckpt_every_minutes):
             checkpoint()
@@ -517,8 +615,9 @@ def train(objective: Callable, model: torch.nn.Module, data, *, steps: int, out_
     if last_ckpt_step != step or latest_checkpoint(out_dir) is None:
         checkpoint()
     if sample_fn is not None and main:
-        _run_sample_fn(sample_fn, ema, step, out_dir)
-    return TrainResult(model=raw, ema=ema, step=step, out_dir=out_dir, last_loss=loss_val)
+        _run_sample_fn(sample_fn, first.ema, step, out_dir)
+    return TrainResult(model=first.raw, ema=first.ema, step=step, out_dir=out_dir, last_loss=loss_val,
+                       models={k: v.raw for k, v in nets.items()}, emas={k: v.ema for k, v in nets.items()})
 
 
 def _make_accelerator(mixed_precision: str, cpu: bool | None):

@@ -179,7 +179,9 @@ class UNet(Savable, nn.Module):
             raise ValueError("this UNet has no w input (use_w=False); do not pass w")
         return emb
 
-    def forward(self, x: torch.Tensor, t, labels=None, w=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, labels=None, w=None, return_features: bool = False):
+        """The prediction; with ``return_features=True`` also the bottleneck features (B, C, h, w)
+        after the middle blocks (DMD2's GAN head reads them)."""
         emb = self.embed(t, labels, w, x.shape[0], x.device)
         h = self.conv_in(x)
         hs = [h]
@@ -188,11 +190,16 @@ class UNet(Savable, nn.Module):
             hs.append(h)
         for layer in self.mid:
             h = layer(h, emb)
+        features = h
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], 1), emb) if isinstance(layer, Block) else layer(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return (out, features) if return_features else out
 
-
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the bottleneck features (``return_features=True``)."""
+        return self.config.base_channels * self.config.channel_mults[-1]
 
     def with_w_input(self) -> "UNet":
         """A copy with ``use_w=True`` whose output equals this net's for every w (zero-init w branch)."""

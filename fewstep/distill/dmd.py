@@ -1,0 +1,267 @@
+"""Distribution Matching Distillation: DMD (Yin et al. 2023, arXiv 2311.18828) and the DMD2
+options (Yin et al. 2024, arXiv 2405.14867).
+
+A generator G (the teacher's architecture, initialised from it, evaluated at fixed times)
+is trained with the distribution-matching gradient, the difference of a frozen "real"
+denoiser (the teacher, optionally with classifier-free guidance) and a "fake" denoiser
+trained online on G's samples, plus a regression loss onto noise -> image pairs made once
+by the teacher's ODE (DMD) and/or a GAN loss on the fake denoiser's bottleneck (DMD2).
+
+:class:`DMDLoss` is a several-network objective for :func:`fewstep.train.train`: networks
+``generator`` and ``fake`` (a :class:`FakeScore`: the fake denoiser plus the optional GAN
+head), ``phases(step)`` gives the two-time-scale update ratio.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..losses import noised, prediction_target, sample_times
+from ..schedules import NoiseSchedule
+from ._common import GuidedX0, NetX0
+
+__all__ = ["DMDLoss", "FakeScore", "GANHead", "dm_gradient", "dm_loss", "regression_distance",
+           "generator_times", "generator_sample", "DISTANCES"]
+
+DISTANCES = ("l2", "pseudo_huber", "lpips")
+
+
+def dm_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Distribution-matching gradient (DMD eq. 7-8): (x0_fake - x0_real) / mean_CHW |x - x0_real|, per
+    sample; the normaliser is floored at ``eps`` so a perfect real prediction gives no division by zero."""
+    norm = (x.float() - x0_real.float()).abs().flatten(1).mean(1).clamp_min(eps)
+    return (x0_fake.float() - x0_real.float()) / norm.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def dm_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 mean_CHW (x - stopgrad(x - grad))^2 per sample: its gradient w.r.t. x is grad / CHW."""
+    return 0.5 * (x.float() - (x.float() - grad).detach()).pow(2).flatten(1).mean(1)
+
+
+def regression_distance(kind: str, a: torch.Tensor, b: torch.Tensor, lpips_net=None, c: float = 0.03):
+    """Per-sample distance for the regression loss: 'l2' (mean squared error), 'pseudo_huber'
+    (sqrt(|a - b|^2 / d + c^2) - c, Song & Dhariwal 2023) or 'lpips' (needs ``lpips_net``)."""
+    if kind == "l2":
+        return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    if kind == "pseudo_huber":
+        return torch.sqrt((a.float() - b.float()).pow(2).flatten(1).mean(1) + c * c) - c
+    if kind == "lpips":
+        if lpips_net is None:
+            raise ValueError("the lpips distance needs an LPIPS network (see fewstep.distill.dmd.load_lpips)")
+        rgb = (lambda v: v.expand(-1, 3, -1, -1) if v.shape[1] == 1 else v)
+        return lpips_net(rgb(a.float()), rgb(b.float())).flatten()
+    raise ValueError(f"unknown regression distance {kind!r}; choose one of {', '.join(DISTANCES)}")
+
+
+def load_lpips(weights: str | None, net: str = "vgg"):
+    """An LPIPS network from the ``lpips`` package with backbone + linear weights from local files only.
+
+    ``weights``: path of a state dict holding the backbone and the linear layers (as ``lpips.LPIPS``
+    names them). Nothing is downloaded: without the file this raises with how to supply it.
+    """
+    try:
+        import lpips
+    except ImportError:
+        raise ValueError("the lpips distance needs the 'lpips' package: pip install lpips; or use "
+                         "--distance pseudo_huber / l2") from None
+    if weights is None:
+        raise ValueError("LPIPS needs local weights (this machine does not download them): save "
+                         "lpips.LPIPS(net='vgg').state_dict() to a file where a network is available and pass "
+                         "its path as lpips_weights; or use the pseudo_huber / l2 distance")
+    model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False)
+
+
+def generator_times(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """The fixed input times of a ``steps``-step generator: t_max, then evenly spaced down to
+    t_max / steps (e.g. 4 steps: t_max * [1, 3/4, 1/2, 1/4]), float64."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"generator steps must be an integer >= 1, got {steps!r}")
+    return schedule.t_max * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
+
+
+class GANHead(nn.Module):
+    """DMD2's discriminator head: conv-GroupNorm-SiLU, global average pool, one logit, on the
+    fake denoiser's bottleneck features."""
+
+    def __init__(self, channels: int, groups: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels),
+                                  nn.SiLU(), nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.SiLU())
+        self.out = nn.Linear(channels, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(features).mean((2, 3))).flatten()
+
+
+class FakeScore(nn.Module):
+    """The online-trained fake denoiser (a copy of the teacher) and the optional GAN head."""
+
+    def __init__(self, net: nn.Module, gan_head: bool = False):
+        super().__init__()
+        self.net = net
+        if gan_head and not hasattr(net, "feature_channels"):
+            raise ValueError(f"the GAN head reads bottleneck features, which {type(net).__name__} does not "
+                             "expose (return_features=True); use fewstep's UNet or gan_weight=0")
+        self.head = GANHead(net.feature_channels, getattr(net.config, "groups", 8)) if gan_head else None
+        self.null_class = getattr(net, "null_class", None)
+
+    def forward(self, x, t, labels=None):
+        return self.net(x, t, labels)
+
+    def logits(self, x, t, labels) -> torch.Tensor:
+        """Real-vs-generated logits of noisy images x at t."""
+        return self.head(self.net(x, t, labels, return_features=True)[1])
+
+
+def generator_sample(gen_x0, z: torch.Tensor, labels, schedule: NoiseSchedule, times: torch.Tensor,
+                     upto: int | None = None, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a generator over its times (DMD2's multi-step sampler, also its backward simulation).
+
+    Start from x = sigma(t_0) z; at each time t_i predict x0 = G(x, t_i), then re-noise it to
+    t_{i+1} with fresh noise. Stops at input time ``upto`` (default: after the last time) and
+    returns (the input x at that time, the last x0; for upto=0 x0 is None).
+    ``noise(shape)`` draws the re-noising noise (default torch.randn).
+    """
+    k = len(times) if upto is None else upto
+    x = z * schedule.sigma(times[0]).to(z.dtype)
+    x0 = None
+    for i in range(k):
+        t = times[i].expand(z.shape[0]).to(z.device)
+        x0 = gen_x0(x, t, labels)
+        if i + 1 < len(times):
+            eps = noise(x0.shape) if noise is not None else torch.randn_like(x0)
+            x = noised(schedule, x0, times[i + 1].expand(z.shape[0]).to(z.device), eps)[0]
+    return x, x0
+
+
+class DMDLoss:
+    """The DMD / DMD2 objective over networks ``generator`` and ``fake``.
+
+    teacher: the frozen net ``teacher(x, t, labels)`` of output type ``prediction``; the generator
+      and the fake denoiser are copies of it with the same output type.
+    real_w: classifier-free guidance weight of the real score (x_w = (1 + w) x_c - w x_u; 0 = none).
+    dm_t: the range of u in t = t_min + u (t_max - t_min) for the distribution-matching loss.
+    lambda_reg: weight of the regression loss (0 = none, as in DMD2); ``distance`` its metric.
+    fake_updates: fake-denoiser updates per generator update (DMD: 1, DMD2: 5).
+    gan_weight_g / gan_weight_d: GAN loss weights for the generator / the head (0 = no GAN).
+    gen_steps: generator steps (1 = one-step DMD; > 1 = DMD2's multi-step generator trained with
+      backward simulation, which then uses no regression loss).
+    Batches are dicts with ``z``, ``labels`` (the paired set's noise and classes), ``x_ref`` (the
+    teacher's ODE output from z) and, for the GAN, ``x_real`` / ``labels_real``.
+    """
+
+    def __init__(self, teacher, schedule: NoiseSchedule, prediction: str, *, real_w: float = 0.0,
+                 dm_t: tuple[float, float] = (0.02, 0.98), lambda_reg: float = 0.25, distance: str = "l2",
+                 fake_updates: int = 1, gan_weight_g: float = 0.0, gan_weight_d: float = 0.0, gen_steps: int = 1,
+                 null_class: int | None = None, lpips_net=None, use_fake: bool = True):
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown regression distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+        if not 0 <= dm_t[0] < dm_t[1] <= 1:
+            raise ValueError(f"dm_t must satisfy 0 <= lo < hi <= 1, got {dm_t}")
+        if not isinstance(fake_updates, int) or fake_updates < 1:
+            raise ValueError(f"fake_updates must be an integer >= 1, got {fake_updates!r}")
+        if min(lambda_reg, gan_weight_g, gan_weight_d, real_w) < 0:
+            raise ValueError("lambda_reg, gan weights and real_w must be >= 0")
+        if distance == "lpips" and lambda_reg > 0 and lpips_net is None:
+            raise ValueError("distance='lpips' needs lpips_net (fewstep.distill.dmd.load_lpips)")
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.schedule, self.prediction = schedule, prediction
+        null = null_class if null_class is not None else getattr(teacher, "null_class", None)
+        real = NetX0(self.teacher, schedule, prediction)
+        self.real_w = float(real_w)
+        self.real_x0 = GuidedX0(real, null) if self.real_w > 0 else real
+        self.dm_t, self.lambda_reg, self.distance, self.lpips_net = dm_t, float(lambda_reg), distance, lpips_net
+        self.fake_updates, self.gan_g, self.gan_d = fake_updates, float(gan_weight_g), float(gan_weight_d)
+        self.times = generator_times(schedule, gen_steps)
+        self.use_fake = use_fake  # False: the "real score only" ablation (DMD Fig. 3), fake score taken as 0
+        self.last_metrics: dict = {}
+
+    def phases(self, step: int) -> list[str]:
+        """A generator update every ``fake_updates`` steps, then one fake-denoiser update each step."""
+        if not self.use_fake:
+            return ["generator"]
+        return (["generator"] if step % self.fake_updates == 0 else []) + ["fake"]
+
+    def __call__(self, models: dict, batch: dict, name: str) -> torch.Tensor:
+        self.last_metrics = {}
+        if name == "generator":
+            return self.generator_loss(models["generator"], models["fake"], batch)
+        if name == "fake":
+            return self.fake_loss(models["generator"], models["fake"], batch)
+        raise ValueError(f"DMD trains 'generator' and 'fake', not {name!r}")
+
+    # -- pieces -------------------------------------------------------------------
+    def gen_x0(self, generator):
+        return NetX0(generator, self.schedule, self.prediction)
+
+    def generated(self, generator, z, labels) -> torch.Tensor:
+        """G's sample from z: one step, or (multi-step) the output at a random step of its rollout,
+        whose input comes from the generator's own backward simulation (no gradient)."""
+        if len(self.times) == 1:
+            return generator_sample(self.gen_x0(generator), z, labels, self.schedule, self.times)[1]
+        j = int(torch.randint(0, len(self.times), ()))
+        with torch.no_grad():
+            x_in, _ = generator_sample(self.gen_x0(generator), z, labels, self.schedule, self.times, upto=j)
+        t = self.times[j].expand(z.shape[0]).to(z.device)
+        return self.gen_x0(generator)(x_in, t, labels)
+
+    def dm_times(self, b: int, device) -> torch.Tensor:
+        lo, hi = self.dm_t
+        u = lo + (hi - lo) * torch.rand(b, dtype=torch.float64, device=device)
+        return self.schedule.t_min + u * (self.schedule.t_max - self.schedule.t_min)
+
+    def generator_loss(self, generator, fake, batch) -> torch.Tensor:
+        z, labels = batch["z"], batch["labels"]
+        x = self.generated(generator, torch.randn_like(z), labels)
+        t = self.dm_times(x.shape[0], x.device)
+        x_t = noised(self.schedule, x.detach(), t, torch.randn_like(x))[0]
+        with torch.no_grad():
+            x0_real = self.real_x0(x_t, t, labels, self.real_w) if self.real_w > 0 else self.real_x0(x_t, t, labels)
+            if self.use_fake:
+                x0_fake = NetX0(fake, self.schedule, self.prediction)(x_t, t, labels)
+            else:  # a zero fake score: x0 = x_t / alpha
+                x0_fake = x_t / self.schedule.alpha(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+            grad = dm_gradient(x, x0_real, x0_fake)
+        loss = dm_loss(x, grad)
+        metrics = {"dm": loss.mean().item()}
+        if self.lambda_reg > 0 and len(self.times) == 1:
+            x_reg = self.generated(generator, batch["z"], labels)
+            reg = regression_distance(self.distance, x_reg, batch["x_ref"], self.lpips_net)
+            loss = loss + self.lambda_reg * reg
+            metrics["reg"] = reg.mean().item()
+        if self.gan_g > 0:
+            t_g = sample_times(self.schedule, x.shape[0], x.device, self.schedule.t_min, self.schedule.t_max)
+            logits = _module(fake).logits(noised(self.schedule, x, t_g, torch.randn_like(x))[0], t_g, labels)
+            loss = loss + self.gan_g * F.softplus(-logits)
+        self.last_metrics = metrics
+        return loss
+
+    def fake_loss(self, generator, fake, batch) -> torch.Tensor:
+        """The fake denoiser's ordinary denoising loss on (stop-gradient) generator samples, t over the
+        whole range; plus the head's GAN loss on noisy real vs generated images (DMD2)."""
+        labels = batch["labels"]
+        with torch.no_grad():
+            x = self.generated(generator, torch.randn_like(batch["z"]), labels)
+        t = sample_times(self.schedule, x.shape[0], x.device, self.schedule.t_min, self.schedule.t_max)
+        eps = torch.randn_like(x)
+        x_t, alpha, sigma = noised(self.schedule, x, t, eps)
+        out = fake(x_t, t, labels)
+        loss = (out.float() - prediction_target(self.prediction, x, eps, alpha, sigma).float()).pow(2).flatten(1).mean(1)
+        if self.gan_d > 0:
+            if "x_real" not in batch:
+                raise ValueError("the GAN loss needs real images: build the data with real=(x, labels)")
+            head = _module(fake)
+            x_r, y_r = batch["x_real"], batch["labels_real"]
+            t_r = sample_times(self.schedule, x_r.shape[0], x_r.device, self.schedule.t_min, self.schedule.t_max)
+            real_logits = head.logits(noised(self.schedule, x_r, t_r, torch.randn_like(x_r))[0], t_r, y_r)
+            fake_logits = head.logits(x_t, t, labels)
+            loss = loss + self.gan_d * (F.softplus(-real_logits) + F.softplus(fake_logits))
+        return loss
+
+
+def _module(net):
+    """The module under a DDP wrapper."""
+    return getattr(net, "module", net)
