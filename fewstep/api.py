@@ -14,16 +14,24 @@ import torch
 
 from .denoisers import ClassifierFreeGuidance, ModelDenoiser
 from .nets import load_net, read_config
-from .sampling import sample
+from .sampling import expected_nfe, sample, solver_grid
 from .schedules import schedule_from_config
 from .solvers import SamplerOutput
 
-__all__ = ["SHIPPED", "ASSETS", "load", "generate", "DiffusionModel", "sample_generators"]
+__all__ = ["SHIPPED", "ASSETS", "load", "generate", "DiffusionModel", "StudentModel", "GeneratorModel",
+           "sample_generators"]
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED = {
     "mnist-teacher": "class-conditional MNIST diffusion model (v-prediction, cosine schedule, CFG)",
     "mnist-classifier": "MNIST classifier whose features define FID/KID/IS here",
+    "mnist-guided-stage1": "guided-distillation stage 1: the teacher with w as an input (one call per step)",
+    "mnist-guided-8": "guided + progressive distilled student, 8 steps",
+    "mnist-guided-4": "guided + progressive distilled student, 4 steps",
+    "mnist-guided-2": "guided + progressive distilled student, 2 steps",
+    "mnist-guided-1": "guided + progressive distilled student, 1 step",
+    "mnist-dmd-1": "DMD one-step generator (guidance w = 1 baked in)",
+    "mnist-dmd2-4": "DMD2 four-step generator (backward simulation, GAN, guidance w = 1 baked in)",
 }
 
 
@@ -55,10 +63,18 @@ class DiffusionModel:
         self.net.to(device)
         return self
 
+    @property
+    def w_input(self) -> bool:
+        """Whether guidance is an input of the net (a guided-distilled student) rather than CFG."""
+        return bool(self.config.get("w_input"))
+
     def _net_call(self, x, t, labels=None):
         return self.net(x, t, labels)
 
     def denoiser(self, w: float = 0.0) -> Callable:
+        if self.w_input:  # one call per step: the student was trained to output the guided x0 at w
+            call = lambda x, t, labels=None: self.net(x, t, labels, w)  # noqa: E731
+            return ModelDenoiser(call, self.schedule, self.prediction, time_input="continuous")
         den = ModelDenoiser(self._net_call, self.schedule, self.prediction, time_input="continuous")
         if w == 0:
             return den
@@ -67,12 +83,100 @@ class DiffusionModel:
         null = self.null_class
         return ClassifierFreeGuidance(den, w, lambda cond: {"labels": torch.full_like(cond["labels"], null)})
 
+    default_steps = 20
+
+    def nfe(self, solver: str, steps: int, spacing: str = "logsnr") -> int | None:
+        """Model calls per image (a guided call counts once: it is one batched cond + uncond call)."""
+        solver, steps = solver or "dpmpp_2m", steps or self.default_steps
+        grid, extra = solver_grid(self.schedule, solver, steps, spacing or "logsnr")
+        return expected_nfe(solver, grid, extra)
+
+    def check_sampling(self, solver: str | None, steps: int | None, w: float) -> tuple[str, int]:
+        """The (solver, steps) to use; distilled models refuse settings they were not trained for."""
+        return solver or "dpmpp_2m", steps or self.default_steps
+
     @torch.no_grad()
     def sample_batch(self, x_T: torch.Tensor, labels: torch.Tensor | None, *, w: float, solver: str, steps: int,
                      spacing: str, generator, progress: bool, **options) -> SamplerOutput:
         cond = None if labels is None else {"labels": labels}
         return sample(self.denoiser(w), x_T, self.schedule, solver=solver, steps=steps, spacing=spacing,
                       cond=cond, generator=generator, progress=progress, **options)
+
+
+class StudentModel(DiffusionModel):
+    """A guided/progressive distilled N-step student: DDIM on its own grid (deterministic) or the
+    paper's stochastic sampler (``stochastic=True``); w is an input of the net."""
+
+    @property
+    def student_steps(self) -> int:
+        return int(self.config["student_steps"])
+
+    @property
+    def default_steps(self) -> int:
+        return self.student_steps
+
+    def nfe(self, solver=None, steps=None, spacing=None) -> int:
+        return self.student_steps
+
+    def check_sampling(self, solver, steps, w):
+        if steps is not None and steps != self.student_steps:
+            raise ValueError(f"{self.source or 'this model'} is a {self.student_steps}-step student; sample it "
+                             f"with steps={self.student_steps} (or leave steps out)")
+        if solver not in (None, "ddim"):
+            raise ValueError(f"a distilled student samples with its own DDIM grid, not solver {solver!r}; leave "
+                             "solver out (stochastic=True for the stochastic sampler)")
+        return "ddim", self.student_steps
+
+    @torch.no_grad()
+    def sample_batch(self, x_T, labels, *, w: float, solver=None, steps=None, spacing=None, generator=None,
+                     progress: bool = False, stochastic: bool | float = False, **options) -> SamplerOutput:
+        from .distill.samplers import sample_student
+        if options:
+            raise ValueError(f"a distilled student takes no solver options ({', '.join(options)})")
+        cond = None if labels is None else {"labels": labels}
+        return sample_student(self.denoiser(w), x_T, self.schedule, self.student_steps, stochastic=stochastic,
+                              cond=cond, generator=generator, progress=progress)
+
+
+class GeneratorModel(DiffusionModel):
+    """A DMD / DMD2 generator: x0 = G(sigma(t_0) z, t_0) in one step, or DMD2's multi-step
+    rollout over its fixed times (re-noising with fresh per-sample noise between steps).
+    The guidance weight it was distilled with (``real_w``) is baked in."""
+
+    @property
+    def times(self) -> torch.Tensor:
+        return torch.tensor(self.config["generator_times"], dtype=torch.float64)
+
+    @property
+    def default_steps(self) -> int:
+        return len(self.config["generator_times"])
+
+    def nfe(self, solver=None, steps=None, spacing=None) -> int:
+        return self.default_steps
+
+    def check_sampling(self, solver, steps, w):
+        if steps is not None and steps != self.default_steps:
+            raise ValueError(f"{self.source or 'this generator'} samples in {self.default_steps} step(s) at fixed "
+                             f"times; leave steps out")
+        if solver is not None:
+            raise ValueError("a DMD generator has its own sampler; leave solver out")
+        if w not in (0.0, float(self.config.get("real_w", 0.0))):
+            raise ValueError(f"{self.source or 'this generator'} has guidance w={self.config.get('real_w')} baked "
+                             f"in; leave w out")
+        return None, self.default_steps
+
+    @torch.no_grad()
+    def sample_batch(self, x_T, labels, *, w=0.0, solver=None, steps=None, spacing=None, generator=None,
+                     progress: bool = False, **options) -> SamplerOutput:
+        from .distill.dmd import generator_sample
+        from .solvers._common import randn_like
+        if options:
+            raise ValueError(f"a DMD generator takes no sampler options ({', '.join(options)})")
+        x0_fn = ModelDenoiser(self._net_call, self.schedule, self.prediction, time_input="continuous")
+        gen = lambda x, t, labels: x0_fn(x, t, labels=labels)  # noqa: E731
+        x0 = generator_sample(gen, x_T, labels, self.schedule, self.times.to(x_T.device),
+                              noise=lambda like: randn_like(like, generator))[1]
+        return SamplerOutput(x0, self.default_steps, self.times)
 
 
 def _resolve(name_or_path) -> Path:
@@ -97,8 +201,9 @@ def load(name_or_path, device: str | torch.device = "cpu"):
     folder = _resolve(name_or_path)
     cfg = read_config(folder)
     net = load_net(folder).to(device)
-    if cfg.get("kind") == "diffusion":
-        return DiffusionModel(net, cfg, str(name_or_path))
+    kinds = {"diffusion": DiffusionModel, "student": StudentModel, "generator": GeneratorModel}
+    if cfg.get("kind") in kinds:
+        return kinds[cfg["kind"]](net, cfg, str(name_or_path))
     return net.eval()
 
 
@@ -112,15 +217,17 @@ def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[t
 
 
 @torch.no_grad()
-def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver: str = "dpmpp_2m",
-             steps: int = 20, spacing: str = "logsnr", seed: int = 0, batch_size: int = 256,
+def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver: str | None = None,
+             steps: int | None = None, spacing: str = "logsnr", seed: int = 0, batch_size: int = 256,
              progress: bool = False, **options) -> torch.Tensor:
     """Generate images in [-1, 1], shape (N, C, H, W).
 
     labels: class ids (N,) for a conditional model, or None with ``n`` for unconditional
       samples. Image i depends only on (seed, i): not on the batch size.
     w: classifier-free guidance weight (x_w = (1 + w) x_cond - w x_uncond).
-    solver / steps / spacing: any fewstep solver and its budget of model calls.
+    solver / steps / spacing: any fewstep solver and its budget of model calls (default
+      dpmpp_2m, 20); distilled students and DMD generators use their own sampler and step count.
+    options: solver options; ``stochastic=True`` for a distilled student's stochastic sampler.
     """
     if isinstance(model, (str, Path)):
         model = load(model)
@@ -142,6 +249,7 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
         raise ValueError("give labels, or n >= 1 for unconditional samples")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    solver, steps = model.check_sampling(solver, steps, w)
     device = model.device
     sigma_max = float(model.schedule.sigma(torch.tensor(model.schedule.t_max, dtype=torch.float64)))
     outs = []

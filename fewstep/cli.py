@@ -107,7 +107,7 @@ def _finite(ctx, param, value):
 
 def _solver_name(ctx, param, value):
     from .solvers import SOLVERS
-    if value not in SOLVERS:
+    if value is not None and value not in SOLVERS:
         import difflib
         close = difflib.get_close_matches(value, SOLVERS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -136,9 +136,12 @@ def _sampling_options(f):
     f = click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")(f)
     f = click.option("--spacing", type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras"]),
                      default="logsnr", show_default=True)(f)
-    f = click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
-                     help="Budget of model calls (see the README).")(f)
-    f = click.option("--solver", default="dpmpp_2m", show_default=True, callback=_solver_name)(f)
+    f = click.option("--stochastic", is_flag=True,
+                     help="Distilled students: the stochastic N-step sampler (Meng et al. 2022).")(f)
+    f = click.option("--steps", type=click.IntRange(min=1), default=None,
+                     help="Budget of model calls (see the README); default 20, or a distilled model's own.")(f)
+    f = click.option("--solver", default=None, callback=_solver_name,
+                     help="Solver (default dpmpp_2m); distilled models use their own sampler.")(f)
     f = click.option("--w", type=float, default=0.0, show_default=True, callback=_finite,
                      help="Guidance weight: x_w = (1 + w) x_cond - w x_uncond.")(f)
     return click.option("--model", default="mnist-teacher", show_default=True,
@@ -163,7 +166,8 @@ def list_solvers():
               help="PNG grid to write.")
 @click.option("--singles", type=click.Path(file_okay=False), default=None, help="Also write single PNGs here.")
 @click.option("--progress/--no-progress", default=True)
-def sample_cmd(model, w, solver, steps, spacing, seed, labels, n, batch_size, device, out, singles, progress):
+def sample_cmd(model, w, solver, steps, spacing, seed, stochastic, labels, n, batch_size, device, out, singles,
+               progress):
     """Generate images with a model and a solver; write a PNG grid."""
     import time
 
@@ -171,7 +175,6 @@ def sample_cmd(model, w, solver, steps, spacing, seed, labels, n, batch_size, de
 
     from .api import generate
     from .images import save_image_grid, save_images
-    from .sampling import expected_nfe, solver_grid
     m = _load_model(model)
     if not hasattr(m, "sample_batch"):
         raise click.UsageError(f"{model!r} is not a generative model")
@@ -183,8 +186,10 @@ def sample_cmd(model, w, solver, steps, spacing, seed, labels, n, batch_size, de
         labels = [i % m.num_classes for i in range(n)]
     try:
         t0 = time.perf_counter()
+        extra = {"stochastic": True} if stochastic else {}
+        solver, steps = m.check_sampling(solver, steps, w)
         images = generate(m, None if labels is None else torch.tensor(labels), n=n, w=w, solver=solver,
-                          steps=steps, spacing=spacing, seed=seed, batch_size=batch_size, progress=progress)
+                          steps=steps, spacing=spacing, seed=seed, batch_size=batch_size, progress=progress, **extra)
         seconds = time.perf_counter() - t0
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -192,10 +197,10 @@ def sample_cmd(model, w, solver, steps, spacing, seed, labels, n, batch_size, de
     path = save_image_grid(images, out, nrow=nrow)
     if singles:
         save_images(images, singles)
-    grid, extra = solver_grid(m.schedule, solver, steps, spacing)
-    nfe = expected_nfe(solver, grid, extra)
+    nfe = m.nfe(solver, steps, spacing)
+    cfg_call = w and not m.w_input and m.config.get("kind") == "diffusion"
     click.echo(f"wrote {path} ({len(images)} images); NFE {nfe if nfe is not None else 'adaptive'}"
-               f"{' (each a batched cond+uncond call)' if w else ''}; {seconds / len(images):.4f} s/image")
+               f"{' (each a batched cond+uncond call)' if cfg_call else ''}; {seconds / len(images):.4f} s/image")
 
 
 @main.command("eval")
@@ -204,7 +209,7 @@ def sample_cmd(model, w, solver, steps, spacing, seed, labels, n, batch_size, de
               help="Samples (class-balanced); at most 2000 (two disjoint real sets of n are needed).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON here.")
-def eval_cmd(model, w, solver, steps, spacing, seed, n, batch_size, json_path):
+def eval_cmd(model, w, solver, steps, spacing, seed, stochastic, n, batch_size, json_path):
     """FID, KID, IS, class accuracy, NFE and seconds per image, beside the real-vs-real baseline."""
     import json
     from pathlib import Path
@@ -212,8 +217,9 @@ def eval_cmd(model, w, solver, steps, spacing, seed, n, batch_size, json_path):
     from .evaluate import evaluate
     m = _load_model(model)
     try:
+        extra = {"stochastic": True} if stochastic else {}
         res = evaluate(m, solver=solver, steps=steps, w=w, n=n, seed=seed, batch_size=batch_size, spacing=spacing,
-                       progress=True)
+                       progress=True, **extra)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     text = json.dumps(res, indent=2)

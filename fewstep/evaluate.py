@@ -9,7 +9,6 @@ import torch
 from .api import generate, load
 from .data.mnist import NUM_CLASSES, load_mnist
 from .metrics import image_metrics, real_vs_real
-from .sampling import expected_nfe, solver_grid
 
 __all__ = ["evaluate", "reference_sets", "balanced_labels"]
 
@@ -39,7 +38,7 @@ def _balanced_take(y: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat(take)
 
 
-def evaluate(model, *, solver: str = "dpmpp_2m", steps: int = 20, w: float = 0.0, n: int = 2000, seed: int = 0,
+def evaluate(model, *, solver: str | None = None, steps: int | None = None, w: float = 0.0, n: int = 2000, seed: int = 0,
              batch_size: int = 250, classifier=None, spacing: str = "logsnr", progress: bool = False,
              **options) -> dict:
     """Generate ``n`` class-balanced samples and score them.
@@ -50,6 +49,7 @@ def evaluate(model, *, solver: str = "dpmpp_2m", steps: int = 20, w: float = 0.0
     of n images).
     """
     model = load(model) if isinstance(model, str) else model
+    solver, steps = model.check_sampling(solver, steps, w)
     classifier = classifier or load("mnist-classifier")
     real, real_b = reference_sets(n)
     labels = balanced_labels(n, model.num_classes or NUM_CLASSES) if model.num_classes else None
@@ -59,8 +59,7 @@ def evaluate(model, *, solver: str = "dpmpp_2m", steps: int = 20, w: float = 0.0
     seconds = time.perf_counter() - t0
     scores = image_metrics(fake, real, classifier, labels=labels)
     base = real_vs_real(real_b, real, classifier)
-    grid, extra = solver_grid(model.schedule, solver, steps, spacing) if hasattr(model, "schedule") else (None, {})
-    nfe = expected_nfe(solver, grid, extra) if grid is not None else None
+    nfe = model.nfe(solver, steps, spacing)
     return {"model": getattr(model, "source", str(model)), "solver": solver, "steps": steps, "spacing": spacing,
             "w": w, "n": n, "seed": seed, **scores, "nfe": nfe, "seconds_per_image": seconds / n,
             "baseline": {k: base[k] for k in ("fid", "kid", "kid_std", "is", "is_std")}}

@@ -116,24 +116,23 @@ class FakeScore(nn.Module):
         return self.head(self.net(x, t, labels, return_features=True)[1])
 
 
-def generator_sample(gen_x0, z: torch.Tensor, labels, schedule: NoiseSchedule, times: torch.Tensor,
+def generator_sample(gen_x0, x_T: torch.Tensor, labels, schedule: NoiseSchedule, times: torch.Tensor,
                      upto: int | None = None, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a generator over its times (DMD2's multi-step sampler, also its backward simulation).
 
-    Start from x = sigma(t_0) z; at each time t_i predict x0 = G(x, t_i), then re-noise it to
-    t_{i+1} with fresh noise. Stops at input time ``upto`` (default: after the last time) and
-    returns (the input x at that time, the last x0; for upto=0 x0 is None).
-    ``noise(shape)`` draws the re-noising noise (default torch.randn).
+    Start from x_T (noise at times[0], i.e. sigma(t_0) z); at each time t_i predict x0 = G(x, t_i),
+    then re-noise it to t_{i+1} with fresh noise. Stops at input time ``upto`` (default: after the
+    last time) and returns (the input x at that time, the last x0; for upto=0 x0 is None).
+    ``noise(like)`` draws the re-noising noise shaped like ``like`` (default torch.randn_like).
     """
     k = len(times) if upto is None else upto
-    x = z * schedule.sigma(times[0]).to(z.dtype)
-    x0 = None
+    x, x0 = x_T, None
     for i in range(k):
-        t = times[i].expand(z.shape[0]).to(z.device)
+        t = times[i].expand(x_T.shape[0]).to(x_T.device)
         x0 = gen_x0(x, t, labels)
         if i + 1 < len(times):
-            eps = noise(x0.shape) if noise is not None else torch.randn_like(x0)
-            x = noised(schedule, x0, times[i + 1].expand(z.shape[0]).to(z.device), eps)[0]
+            eps = noise(x0) if noise is not None else torch.randn_like(x0)
+            x = noised(schedule, x0, times[i + 1].expand(x_T.shape[0]).to(x_T.device), eps)[0]
     return x, x0
 
 
@@ -200,6 +199,7 @@ class DMDLoss:
     def generated(self, generator, z, labels) -> torch.Tensor:
         """G's sample from z: one step, or (multi-step) the output at a random step of its rollout,
         whose input comes from the generator's own backward simulation (no gradient)."""
+        z = z * self.schedule.sigma(self.times[0]).to(z.dtype)
         if len(self.times) == 1:
             return generator_sample(self.gen_x0(generator), z, labels, self.schedule, self.times)[1]
         j = int(torch.randint(0, len(self.times), ()))

@@ -192,9 +192,9 @@ def generator_preview_fn(loss, per_class: int = 4):
     def sample(ema, step):
         from .dmd import generator_sample
         g = torch.Generator().manual_seed(0)
-        z = torch.randn(len(labels), 1, 28, 28, generator=g)
-        x0 = generator_sample(loss.gen_x0(ema), z, labels, loss.schedule, loss.times,
-                              noise=lambda shape: torch.randn(shape, generator=g))[1]
+        x_T = torch.randn(len(labels), 1, 28, 28, generator=g) * loss.schedule.sigma(loss.times[0]).float()
+        x0 = generator_sample(loss.gen_x0(ema), x_T, labels, loss.schedule, loss.times,
+                              noise=lambda like: torch.randn(like.shape, generator=g))[1]
         return x0.clamp(-1, 1), per_class
     return sample
 
