@@ -398,6 +398,8 @@ class TrainResult:
     last_loss: float
     models: dict = None        # every trained network by name (one-network runs: {"model": model})
     emas: dict = None          # their EMA copies
+    resumed_from: int | None = None  # the checkpoint step this call continued from (None: a fresh run)
+    steps_run: int = 0         # optimizer steps (loop steps) executed by this call
 
 
 @torch.no_grad()
@@ -553,9 +555,9 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     _seed_all(seed + accelerator.process_index)
     source = make_batch_source(data, batch_size, seed + accelerator.process_index)
     nets = _build(models, accelerator, lrs, wds, warmup, emas)
-    step = 0
+    step, resumed_from = 0, None
     if ckpt is not None:
-        step = _restore(ckpt, nets, source)["step"]
+        step = resumed_from = _restore(ckpt, nets, source)["step"]
         if main:
             _truncate_log(out_dir / LOG, step)
             print(f"resumed from {ckpt} at step {step}", file=sys.stderr)
@@ -575,6 +577,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     bar = tqdm(total=steps, initial=step, disable=not (main and progress), dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     window, last_ckpt_step, loss_val, grad_norm = {}, step, float("nan"), float("nan")
+    first_step = step
     for n in nets.values():
         n.model.train()
     while step < steps:
@@ -617,7 +620,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     if sample_fn is not None and main:
         _run_sample_fn(sample_fn, first.ema, step, out_dir)
     return TrainResult(model=first.raw, ema=first.ema, step=step, out_dir=out_dir, last_loss=loss_val,
-                       models={k: v.raw for k, v in nets.items()}, emas={k: v.ema for k, v in nets.items()})
+                       models={k: v.raw for k, v in nets.items()}, emas={k: v.ema for k, v in nets.items()},
+                       resumed_from=resumed_from, steps_run=step - first_step)
 
 
 def _make_accelerator(mixed_precision: str, cpu: bool | None):

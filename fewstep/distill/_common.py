@@ -87,8 +87,4 @@ def with_w_input(net):
     missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
     if unexpected or any(not k.startswith("w_embed.") for k in missing):
         raise ValueError(f"cannot copy weights into a w-conditioned net: {unexpected or missing}")
-    return student.to(memory_format=torch.channels_last) if _is_image_net(student) else student
-
-
-def _is_image_net(net) -> bool:
-    return hasattr(getattr(net, "config", None), "image_size")
+    return student
