@@ -1,0 +1,240 @@
+"""Distribution Matching Distillation: the gradient against exact scores, a 2-D run that keeps
+every mode, the regression-set cache, and exact resume of a two-network run."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.data.gmm import GaussianMixture
+from fewstep.data.toys import ring8, toy_sampler
+from fewstep.distill.dmd import DMDLoss, FakeScore, dm_gradient, dm_loss, generator_sample, regression_distance
+from fewstep.distill.pairs import DMDData, regression_pairs
+from fewstep.losses import DenoisingLoss
+from fewstep.nets import MLP
+from fewstep.sampling import sample
+from fewstep.schedules import CosineVP
+from fewstep.train import latest_checkpoint, train
+
+SCHEDULE = CosineVP()
+SPEC = ring8()
+GMM = GaussianMixture(**SPEC)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Exact(nn.Module):
+    """A mixture's exact (unconditional) denoiser as an x0-prediction net."""
+    null_class = 0
+
+    def __init__(self, gmm=GMM):
+        super().__init__()
+        self.d = gmm.denoiser(SCHEDULE)
+
+    def forward(self, x, t, labels=None):
+        return self.d(x, t, None)
+
+
+def _score(gmm, x, t):
+    """grad_x log p_t(x) of the mixture's marginal at time t, by autograd (independent of the denoiser)."""
+    x = x.detach().double().requires_grad_(True)
+    gmm.marginal(SCHEDULE, t).log_prob(x).sum().backward()
+    return x.grad
+
+
+def test_dm_gradient_is_the_score_difference_on_exact_mixtures():
+    fake_gmm = GaussianMixture(SPEC["means"] * 0.7 + 0.3, SPEC["stds"] * 2)  # a wrong "generator" distribution
+    g = torch.Generator().manual_seed(0)
+    x = GMM.sample(256, g)[0].double() * 1.1
+    for t in (0.2, 0.5, 0.8):
+        tt = torch.full((256,), t, dtype=torch.float64)
+        a, s = SCHEDULE.alpha(tt)[:, None], SCHEDULE.sigma(tt)[:, None]
+        x_t = a * x + s * torch.randn(256, 2, generator=g, dtype=torch.float64)
+        x0_real, x0_fake = Exact(GMM)(x_t, tt), Exact(fake_gmm)(x_t, tt)
+        grad = dm_gradient(x, x0_real, x0_fake)
+        # DMD eq. 7: s_fake - s_real, here through Tweedie x0 = (x_t + sigma^2 s) / alpha
+        score_diff = _score(fake_gmm, x_t, t) - _score(GMM, x_t, t)
+        norm = (x - x0_real).abs().mean(1, keepdim=True)
+        expected = (s ** 2 / a) * score_diff / norm
+        assert torch.allclose(grad.double(), expected, rtol=1e-4, atol=1e-5), t
+        assert grad.abs().max() > 1e-2
+        assert dm_gradient(x, x0_real, x0_real).abs().max() == 0  # same scores: no gradient
+    # the surrogate loss's gradient w.r.t. x is grad / (C H W) (here D = 2)
+    xg = x.float().clone().requires_grad_(True)
+    dm_loss(xg, grad).sum().backward()
+    assert torch.allclose(xg.grad, grad / 2, atol=1e-6)
+    # the normaliser is guarded: x equal to the real prediction gives a finite gradient
+    assert torch.isfinite(dm_gradient(x, x, x0_fake)).all()
+
+
+def test_regression_distances():
+    a, b = torch.zeros(3, 1, 4, 4), torch.ones(3, 1, 4, 4)
+    assert torch.allclose(regression_distance("l2", a, b), torch.ones(3))
+    assert torch.allclose(regression_distance("pseudo_huber", a, b), torch.full((3,), (1 + 0.03 ** 2) ** 0.5 - 0.03))
+    with pytest.raises(ValueError, match="LPIPS"):
+        regression_distance("lpips", a, b)
+    with pytest.raises(ValueError, match="unknown regression distance"):
+        regression_distance("l1", a, b)
+
+
+def _toy_teacher(tmp_path):
+    torch.manual_seed(0)
+    net = MLP(dim=2, hidden=128, depth=3, num_classes=0)
+    return train(DenoisingLoss(SCHEDULE, "x0", label_dropout=0), net, toy_sampler(SPEC, labelled=False), steps=1200,
+                 out_dir=tmp_path / "teacher", lr=2e-3, batch_size=256, warmup=50, ema_decay=0.99,
+                 ckpt_every_minutes=None, progress=False).ema
+
+
+def _toy_pairs(n=2000):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, 2, generator=g)
+    sigma_max = float(SCHEDULE.sigma(torch.tensor(SCHEDULE.t_max)))
+    x_ref = sample(Exact(), z * sigma_max, SCHEDULE, solver="dpmpp_2m", steps=40).x
+    return {"z": z, "labels": torch.zeros(n, dtype=torch.long), "x_ref": x_ref}
+
+
+def _modes(x):
+    d = torch.cdist(x.double(), SPEC["means"])
+    near = d.min(1).values < 0.5
+    return torch.bincount(d.argmin(1)[near], minlength=8), near.float().mean().item()
+
+
+def _dmd_run(teacher, pairs, out, steps, **kw):
+    torch.manual_seed(0)
+    gen = copy.deepcopy(teacher).requires_grad_(True).train()
+    fake = FakeScore(copy.deepcopy(teacher).requires_grad_(True).train())
+    loss = DMDLoss(Exact(), SCHEDULE, "x0", **kw)
+    res = train(loss, {"generator": gen, "fake": fake}, DMDData(pairs), steps=steps, out_dir=out,
+                lr={"generator": 1e-4, "fake": 1e-3}, batch_size=256, grad_clip=10.0,
+                ema_decay={"generator": 0.0, "fake": 0.0}, ckpt_every_minutes=None, progress=False, log_every=20)
+    return loss, res
+
+
+def test_a_short_2d_run_with_regression_recovers_every_mode(tmp_path):
+    teacher = _toy_teacher(tmp_path)
+    loss, res = _dmd_run(teacher, _toy_pairs(), tmp_path / "dmd", 600, lambda_reg=0.25)
+    z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = generator_sample(loss.gen_x0(res.models["generator"]), z * SCHEDULE.sigma(loss.times[0]).float(), None,
+                             SCHEDULE, loss.times)[1]
+    counts, near = _modes(x)
+    share = counts.float() / 4000
+    assert (share > 0.06).all(), share  # every mode of 8 (1/8 = 0.125) is really there
+    assert near > 0.5, near
+    log = [json.loads(line) for line in (tmp_path / "dmd" / "log.jsonl").read_text().splitlines()]
+    assert {"loss/generator", "loss/fake", "generator/dm", "generator/reg"} <= set(log[-1])
+
+
+def test_the_fake_denoiser_learns_the_generator_distribution(tmp_path):
+    """With the generator held fixed (a net far from the data), fake updates alone drive the fake
+    denoiser's loss on the generator's samples well below the teacher's (its starting point)."""
+    torch.manual_seed(0)
+    teacher = _toy_teacher(tmp_path)
+    gen = MLP(dim=2, hidden=32, depth=2, num_classes=0)
+    for p in gen.parameters():
+        nn.init.normal_(p, std=0.3)
+    fake = FakeScore(copy.deepcopy(teacher).requires_grad_(True).train())
+    loss = DMDLoss(Exact(), SCHEDULE, "x0")
+    loss.phases = lambda step: ["fake"]
+    res = train(loss, {"generator": gen, "fake": fake}, DMDData(_toy_pairs(256)), steps=300,
+                out_dir=tmp_path / "fake", lr=1e-3, batch_size=256, ema_decay=0.0, ckpt_every_minutes=None,
+                progress=False, log_every=20)
+    assert torch.equal(res.models["generator"].state_dict()["inp.weight"], gen.state_dict()["inp.weight"])
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(4000, 2, generator=g)
+    with torch.no_grad():
+        x = loss.generated(gen, z, None)
+        t = torch.rand(4000, dtype=torch.float64, generator=g) * SCHEDULE.t_max
+        x_t = SCHEDULE.alpha(t)[:, None].float() * x + SCHEDULE.sigma(t)[:, None].float() * torch.randn(4000, 2, generator=g)
+        trained = (res.models["fake"](x_t, t) - x).pow(2).sum(1).mean().item()
+        start = (teacher(x_t, t) - x).pow(2).sum(1).mean().item()
+    assert trained < 0.5 * start, (trained, start)
+    log = [json.loads(line)["loss/fake"] for line in (tmp_path / "fake" / "log.jsonl").read_text().splitlines()]
+    assert log[-1] < 0.5 * log[0], log
+
+
+def test_two_network_run_resumes_exactly(tmp_path):
+    teacher = MLP(dim=2, hidden=32, depth=2, num_classes=0)
+    pairs = {"z": torch.randn(64, 2), "labels": torch.zeros(64, dtype=torch.long), "x_ref": torch.randn(64, 2)}
+    kw = dict(lambda_reg=0.25, fake_updates=2)
+    _, full = _dmd_run(teacher, pairs, tmp_path / "full", 30, **kw)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_25(loss_obj):
+        orig = loss_obj.phases
+
+        def phases(step):
+            if step == 25:
+                raise Crash()
+            return orig(step)
+        loss_obj.phases = phases
+
+    torch.manual_seed(0)
+    gen = copy.deepcopy(teacher).requires_grad_(True).train()
+    fake = FakeScore(copy.deepcopy(teacher).requires_grad_(True).train())
+    loss = DMDLoss(Exact(), SCHEDULE, "x0", **kw)
+    crash_at_25(loss)
+    with pytest.raises(Crash):
+        train(loss, {"generator": gen, "fake": fake}, DMDData(pairs), steps=30, out_dir=tmp_path / "killed",
+              lr={"generator": 1e-4, "fake": 1e-3}, batch_size=256, grad_clip=10.0,
+              ema_decay={"generator": 0.0, "fake": 0.0}, ckpt_every_steps=10, progress=False, log_every=20)
+    assert latest_checkpoint(tmp_path / "killed").name == "ckpt-00000020"
+    _, resumed = _dmd_run(teacher, pairs, tmp_path / "killed", 30, **kw)
+    assert resumed.resumed_from == 20 and resumed.steps_run == 10
+    for name in ("generator", "fake"):
+        for a, b in zip(full.models[name].state_dict().values(), resumed.models[name].state_dict().values()):
+            assert torch.equal(a, b), name
+    names = {p.name for p in latest_checkpoint(tmp_path / "killed").iterdir()}
+    assert {"generator.safetensors", "generator.ema.safetensors", "generator.optimizer.safetensors",
+            "fake.safetensors", "fake.optimizer.safetensors"} <= names
+
+
+def test_update_ratio_and_guards():
+    loss = DMDLoss(Exact(), SCHEDULE, "x0", fake_updates=5)
+    assert [p for s in range(10) for p in loss.phases(s)].count("generator") == 2
+    assert [p for s in range(10) for p in loss.phases(s)].count("fake") == 10
+    with pytest.raises(ValueError, match="fake_updates"):
+        DMDLoss(Exact(), SCHEDULE, "x0", fake_updates=0)
+    with pytest.raises(ValueError, match="lpips"):
+        DMDLoss(Exact(), SCHEDULE, "x0", distance="lpips")
+    with pytest.raises(ValueError, match="GAN head"):
+        FakeScore(MLP(dim=2), gan_head=True)
+
+
+def _tiny_model():
+    from fewstep.api import DiffusionModel
+    from fewstep.nets import UNet
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), image_size=8, num_classes=3)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.05)
+    cfg = {"schedule": SCHEDULE.config(), "prediction": "v", "num_classes": 3, "null_class": 3,
+           "image_shape": [1, 8, 8]}
+    return DiffusionModel(net.eval(), cfg)
+
+
+def test_regression_set_is_deterministic_cached_and_rebuilt_when_bad(tmp_path, capsys):
+    model = _tiny_model()
+    kw = dict(n=6, steps=3, w=1.0, seed=7, batch_size=4)
+    a = regression_pairs(model, tmp_path / "a.safetensors", **kw)
+    b = regression_pairs(model, tmp_path / "b.safetensors", **kw)
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.isfinite(a["x_ref"]).all() and a["x_ref"].std() > 0
+    capsys.readouterr()
+    again = regression_pairs(model, tmp_path / "a.safetensors", **kw)  # reused: nothing is built
+    assert "building" not in capsys.readouterr().err and torch.equal(again["x_ref"], a["x_ref"])
+    other = regression_pairs(model, tmp_path / "a.safetensors", **{**kw, "steps": 4})
+    assert "other settings (steps)" in capsys.readouterr().err and not torch.equal(other["x_ref"], a["x_ref"])
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    rebuilt = regression_pairs(model, path, **{**kw, "steps": 4})
+    assert "unreadable" in capsys.readouterr().err and torch.equal(rebuilt["x_ref"], other["x_ref"])
