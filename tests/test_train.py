@@ -77,6 +77,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     assert latest_checkpoint(tmp_path / "killed").name == "ckpt-00000080"
     resumed = _toy_run(tmp_path / "killed", 120, ckpt_every_steps=40, resume=True)
     assert resumed.step == 120
+    assert resumed.resumed_from == 80 and resumed.steps_run == 40  # it really resumed (not a rerun from 0)
+    assert full.resumed_from is None and full.steps_run == 120
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
