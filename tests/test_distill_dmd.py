@@ -238,3 +238,33 @@ def test_regression_set_is_deterministic_cached_and_rebuilt_when_bad(tmp_path, c
     path.write_bytes(path.read_bytes()[:100])  # truncated
     rebuilt = regression_pairs(model, path, **{**kw, "steps": 4})
     assert "unreadable" in capsys.readouterr().err and torch.equal(rebuilt["x_ref"], other["x_ref"])
+
+
+def test_diffusers_unet_runs_generator_and_fake_steps(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.diffusers import DiffusersNet
+    from fewstep.schedules import DiscreteVP
+    schedule = DiscreteVP.from_name("linear", 1000)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                    block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                    attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    context = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(0))
+    teacher = DiffusersNet(unet, schedule, label_context=context)
+    gen = copy.deepcopy(teacher).requires_grad_(True)
+    fake = FakeScore(copy.deepcopy(teacher).requires_grad_(True))
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    fake_before = {k: v.clone() for k, v in fake.state_dict().items()}
+    pairs = {"z": torch.randn(8, 1, 8, 8), "labels": torch.randint(0, 2, (8,)), "x_ref": torch.randn(8, 1, 8, 8)}
+    loss = DMDLoss(teacher, schedule, "eps", real_w=1.0)
+    res = train(loss, {"generator": gen, "fake": fake}, DMDData(pairs), steps=1, out_dir=tmp_path, batch_size=4,
+                lr=1e-3, ckpt_every_minutes=None, progress=False, ema_decay=0.0)
+    assert res.step == 1
+    moved = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert moved(before, res.models["generator"].state_dict())
+    assert moved(fake_before, res.models["fake"].state_dict())
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert all(torch.isfinite(torch.tensor(log[k])) for k in ("loss/generator", "loss/fake", "generator/dm"))

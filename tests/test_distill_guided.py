@@ -177,3 +177,48 @@ def test_stochastic_sampler_keeps_the_right_marginal_on_a_gaussian():
         assert abs(var / expected - 1) < 0.05, (t, var, expected)  # MC error of a variance: ~1% at n = 20k
     assert abs(out.x.var().item() / std ** 2 - 1) < 0.05
     assert len(seen) == steps
+
+
+def _tiny_cond_unet():
+    from diffusers import UNet2DConditionModel
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return UNet2DConditionModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                    block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                    attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+def test_diffusers_unet_runs_stage1_and_a_resumable_progressive_round(tmp_path):
+    """A tiny random UNet2DConditionModel: its guidance-embedding student (time_cond_proj_dim) starts
+    equal to it, runs stage-1 and progressive steps, and a resumed round equals an uninterrupted one."""
+    from fewstep.diffusers import DiffusersNet
+    from fewstep.schedules import DiscreteVP
+    schedule = DiscreteVP.from_name("linear", 1000)
+    context = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))  # 3 classes + the null context
+    teacher = DiffusersNet(_tiny_cond_unet(), schedule, label_context=context)
+    for p in teacher.parameters():
+        nn.init.normal_(p, std=0.05)
+    student = with_w_input(teacher)
+    assert student.use_w and not teacher.use_w and student.null_class == 3
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0.1, 0.4, 0.7, 1.0]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        ref = teacher(x, t, y)
+        assert torch.allclose(student(x, t, y, torch.tensor([0.0, 1.0, 2.0, 4.0])), ref, atol=1e-6)
+    data = (torch.randn(16, 1, 8, 8).clamp(-1, 1), torch.randint(0, 3, (16,)))
+    opts = dict(batch_size=4, lr=1e-3, ckpt_every_minutes=None, progress=False, ema_decay=0.9)
+    r1 = train(GuidedDistillLoss(teacher, schedule, "eps"), student, data, steps=2, out_dir=tmp_path / "s1", **opts)
+    assert r1.step == 2 and r1.model.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # w is being learnt
+
+    def round_run(out, steps, **kw):
+        torch.manual_seed(0)
+        import copy
+        loss = ProgressiveLoss(r1.ema, schedule, 2, "eps")
+        return train(loss, copy.deepcopy(r1.ema).requires_grad_(True), data, steps=steps, out_dir=out,
+                     ckpt_every_steps=2, **{**opts, **kw})
+    full = round_run(tmp_path / "full", 4)
+    round_run(tmp_path / "part", 2)
+    resumed = round_run(tmp_path / "part", 4)
+    assert resumed.resumed_from == 2 and resumed.steps_run == 2
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

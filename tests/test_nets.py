@@ -53,7 +53,8 @@ def test_unet_rejects_out_of_range_labels_and_bad_t():
 
 def test_w_input_starts_as_teacher_and_is_required():
     teacher = _randomise(UNet(**TINY_UNET))
-    student = teacher.with_w_input()
+    from fewstep.distill import with_w_input
+    student = with_w_input(teacher)
     x, t = _inputs()
     labels = torch.tensor([0, 1, 3])
     ref = teacher(x, t, labels)

@@ -22,6 +22,8 @@ __all__ = ["NetX0", "GuidedX0", "ddim_jump", "with_w_input", "sample_w", "uses_w
 def uses_w(net) -> bool:
     """Whether ``net`` takes a guidance-weight input ``w`` (fewstep nets: config.use_w)."""
     inner = getattr(net, "module", net)
+    if hasattr(inner, "use_w"):  # adapters (fewstep.diffusers.DiffusersNet)
+        return bool(inner.use_w)
     return bool(getattr(getattr(inner, "config", None), "use_w", False))
 
 
@@ -77,10 +79,12 @@ def with_w_input(net):
     """A copy of a fewstep net (UNet, MLP) with a guidance-weight input whose output equals the
     original's for every w: the w embedding (sinusoidal features of w_scale * w through a
     2-layer MLP, added to the time embedding) has a zero-initialised last layer."""
+    if hasattr(net, "with_w_input"):  # adapters bring their own (fewstep.diffusers.DiffusersNet)
+        return net.with_w_input()
     cfg = getattr(net, "config", None)
     if cfg is None or not hasattr(cfg, "use_w"):
-        raise TypeError(f"{type(net).__name__} is not a fewstep network with a w input option; "
-                        "for a diffusers UNet use fewstep.distill.diffusers_w_student")
+        raise TypeError(f"{type(net).__name__} is not a fewstep network with a w input option; wrap a diffusers "
+                        "UNet in fewstep.diffusers.DiffusersNet")
     if cfg.use_w:
         return copy.deepcopy(net)
     student = type(net)(replace(cfg, use_w=True)).to(next(net.parameters()).device)

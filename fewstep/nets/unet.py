@@ -200,12 +200,3 @@ class UNet(Savable, nn.Module):
     def feature_channels(self) -> int:
         """Channels of the bottleneck features (``return_features=True``)."""
         return self.config.base_channels * self.config.channel_mults[-1]
-
-    def with_w_input(self) -> "UNet":
-        """A copy with ``use_w=True`` whose output equals this net's for every w (zero-init w branch)."""
-        cfg = UNetConfig(**{**self.config.to_dict(), "use_w": True})
-        student = UNet(cfg)
-        missing, unexpected = student.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("w_embed.") for k in missing):
-            raise ValueError(f"cannot copy weights into a w-conditioned UNet: {unexpected or missing}")
-        return student
