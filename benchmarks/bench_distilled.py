@@ -1,0 +1,204 @@
+"""Distilled students against their teacher on MNIST, all in one run: FID / KID / IS / class
+accuracy and seconds per image, counted in network evaluations (a guided teacher step costs two).
+
+    python benchmarks/bench_distilled.py guided [--n 2000] [--ws 0,0.5,1,2,4] [--models DIR]
+    python benchmarks/bench_distilled.py dmd    [--n 2000] [--models DIR]
+
+guided: the students mnist-guided-{8,4,2,1} (deterministic and stochastic samplers) for each w,
+  beside the teacher with DDIM and DPM-Solver++(2M) at the same network evaluations and the
+  teacher's converged reference (DPM-Solver++(2M), 50 steps).
+dmd: mnist-dmd-1 (and mnist-dmd2-4 when present) beside the teacher at w = 1 with DPM-Solver++
+  at 1, 2, 4 and 8 network evaluations, its converged reference, and mnist-guided-1 at w = 1;
+  per-class shares of the generated digits (shipped classifier); images per second at batch 1
+  and at batch 256.
+Students load by shipped name, or from --models DIR/<name> (a distillation run's folder).
+Results: benchmarks/results/distilled_<which>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import fewstep
+from fewstep.evaluate import evaluate
+
+OUT = Path(__file__).parent / "results"
+REFERENCE = ("dpmpp_2m", 50)
+
+
+def find(name: str, models: Path | None):
+    """A student by name: from the models folder when given and present, else shipped; None if absent."""
+    if models is not None and (models / name / "config.json").is_file():
+        return fewstep.load(models / name)
+    try:
+        return fewstep.load(name)
+    except FileNotFoundError:
+        return None
+
+
+def row(model, label: str, n: int, w: float, network_evals: int, **kw) -> dict:
+    res = evaluate(model, w=w, n=n, seed=0, **kw)
+    out = {"model": label, "w": w, "network_evals": network_evals,
+           **{k: res[k] for k in ("fid", "kid", "kid_std", "is", "class_accuracy", "seconds_per_image")},
+           "baseline_fid": res["baseline"]["fid"]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def teacher_rows(teacher, n: int, w: float, evals: list[int]) -> list[dict]:
+    """The teacher at each budget of network evaluations (guided: steps = evals / 2) and its reference."""
+    rows = []
+    per_step = 2 if w != 0 else 1
+    for e in evals:
+        steps = e // per_step
+        if steps < 1:
+            continue
+        for solver in ("ddim", "dpmpp_2m"):
+            rows.append(row(teacher, f"teacher {solver} {steps} steps", n, w, steps * per_step, solver=solver,
+                            steps=steps))
+    solver, steps = REFERENCE
+    rows.append(row(teacher, f"teacher reference ({solver}, {steps} steps)", n, w, steps * per_step, solver=solver,
+                    steps=steps))
+    return rows
+
+
+def bench_guided(args) -> dict:
+    teacher = fewstep.load("mnist-teacher")
+    students = {k: find(f"mnist-guided-{k}", args.models) for k in (8, 4, 2, 1)}
+    rows = []
+    for w in args.ws:
+        for k, student in students.items():
+            if student is None:
+                continue
+            rows.append(row(student, f"mnist-guided-{k} deterministic", args.n, w, k))
+            rows.append(row(student, f"mnist-guided-{k} stochastic", args.n, w, k, stochastic=True))
+        rows += teacher_rows(teacher, args.n, w, [1, 2, 4, 8, 16])
+    return {"rows": rows, "missing": [f"mnist-guided-{k}" for k, s in students.items() if s is None]}
+
+
+@torch.no_grad()
+def images_per_second(model, batch: int, repeats: int = 3, **kw) -> float:
+    labels = torch.arange(batch) % 10
+    fewstep.generate(model, labels, seed=0, batch_size=batch, **kw)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fewstep.generate(model, labels, seed=0, batch_size=batch, **kw)
+        best = min(best, time.perf_counter() - t0)
+    return batch / best
+
+
+def class_shares(model, n: int, **kw) -> list[float]:
+    """Shares of each class among n generated digits with balanced labels, by the shipped classifier."""
+    clf = fewstep.load("mnist-classifier")
+    x = fewstep.generate(model, torch.arange(n) % 10, seed=1, **kw)
+    pred = torch.cat([clf(x[i:i + 500]).argmax(1) for i in range(0, n, 500)])
+    return (torch.bincount(pred, minlength=10).float() / n).tolist()
+
+
+def bench_dmd(args) -> dict:
+    teacher = fewstep.load("mnist-teacher")
+    rows, speed, shares = [], [], {}
+    for name in ("mnist-dmd-1", "mnist-dmd2-4"):
+        gen = find(name, args.models)
+        if gen is None:
+            continue
+        rows.append(row(gen, name, args.n, 0.0, gen.default_steps))
+        shares[name] = class_shares(gen, args.n)
+        speed += [{"model": name, "batch": b, "images_per_second": images_per_second(gen, b)} for b in (1, 256)]
+    g1 = find("mnist-guided-1", args.models)
+    if g1 is not None:
+        rows.append(row(g1, "mnist-guided-1", args.n, 1.0, 1))
+        speed += [{"model": "mnist-guided-1", "batch": b, "images_per_second": images_per_second(g1, b, w=1.0)}
+                  for b in (1, 256)]
+    rows += teacher_rows(teacher, args.n, 1.0, [2, 4, 8])
+    shares["teacher reference"] = class_shares(teacher, args.n, w=1.0, solver=REFERENCE[0], steps=REFERENCE[1])
+    speed += [{"model": f"teacher dpmpp_2m {s} steps (w = 1)", "batch": b,
+               "images_per_second": images_per_second(teacher, b, w=1.0, solver="dpmpp_2m", steps=s)}
+              for s in (4, 25) for b in (1, 256)]
+    return {"rows": rows, "speed": speed, "class_shares": shares}
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# {doc['which']} (n = {doc['n']}, {doc['meta']['date']})", "",
+             "| model | w | network evals | FID | KID | IS | class acc. | s / image |", "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['model']} | {r['w']:g} | {r['network_evals']} | {r['fid']:.2f} | {r['kid']:.4f} | "
+                     f"{r['is']:.2f} | {100 * r['class_accuracy']:.1f}% | {r['seconds_per_image']:.4f} |")
+    if doc["rows"]:
+        lines.append(f"\nReal-vs-real FID at this n: {doc['rows'][0]['baseline_fid']:.2f}.")
+    for s in doc.get("speed", []):
+        lines.append(f"- {s['model']}, batch {s['batch']}: {s['images_per_second']:.1f} images/s")
+    for name, sh in doc.get("class_shares", {}).items():
+        lines.append(f"- class shares, {name}: " + ", ".join(f"{v:.3f}" for v in sh))
+    if doc.get("missing"):
+        lines.append(f"\nNot measured (not trained yet): {', '.join(doc['missing'])}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ws = sorted({r["w"] for r in doc["rows"]})
+    fig, axes = plt.subplots(1, len(ws), figsize=(4.2 * len(ws), 3.6), squeeze=False)
+    for ax, w in zip(axes[0], ws):
+        series: dict = {}
+        for r in doc["rows"]:
+            if r["w"] != w or "reference" in r["model"]:
+                continue
+            kind = r["model"].split(" ")[0] + (" " + r["model"].split(" ")[1] if r["model"].startswith("teacher") else
+                                               (" stoch." if "stochastic" in r["model"] else " det."))
+            kind = "student det." if kind.endswith("det.") and "guided" in kind else kind
+            kind = "student stoch." if kind.endswith("stoch.") and "guided" in kind else kind
+            series.setdefault(kind, []).append((r["network_evals"], r["fid"]))
+        for kind, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=kind)
+        ref = [r for r in doc["rows"] if r["w"] == w and "reference" in r["model"]]
+        if ref:
+            ax.axhline(ref[0]["fid"], color="k", ls="--", lw=1, label="teacher converged")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("network evaluations per image")
+        ax.set_ylabel("FID (classifier features)")
+        ax.set_title(f"w = {w:g}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("which", choices=["guided", "dmd"])
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--ws", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--models", type=Path, default=None, help="folder holding distilled students by name")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    doc = bench_guided(args) if args.which == "guided" else bench_dmd(args)
+    doc.update(which=args.which, n=args.n, meta={
+        "command": "python benchmarks/bench_distilled.py " + " ".join(argv or []),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - t0, 1)})
+    OUT.mkdir(parents=True, exist_ok=True)
+    stem = OUT / f"distilled_{args.which}"
+    stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(doc))
+    if doc["rows"]:
+        plot(doc, stem.with_suffix(".png"))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
