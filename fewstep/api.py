@@ -30,6 +30,7 @@ SHIPPED = {
     "mnist-guided-4": "guided + progressive distilled student, 4 steps",
     "mnist-guided-2": "guided + progressive distilled student, 2 steps",
     "mnist-guided-1": "guided + progressive distilled student, 1 step",
+    "mnist-guided-encoder-4": "distilled 4-step encoder (guided DDIM inversion) for class-to-class translation",
     "mnist-dmd-1": "DMD one-step generator (guidance w = 1 baked in)",
     "mnist-dmd2-4": "DMD2 four-step generator (backward simulation, GAN, guidance w = 1 baked in)",
 }
@@ -138,6 +139,20 @@ class StudentModel(DiffusionModel):
                               cond=cond, generator=generator, progress=progress)
 
 
+class EncoderModel(StudentModel):
+    """A distilled N-step encoder (guided DDIM inversion): ``encode(x0, labels, w)`` -> latent at t_max.
+    It does not generate; pair it with a decoder student (``fewstep.distill.translate``)."""
+
+    @torch.no_grad()
+    def encode(self, x0: torch.Tensor, labels: torch.Tensor, w: float = 0.0) -> torch.Tensor:
+        from .distill.samplers import encode_student
+        return encode_student(self.denoiser(w), x0, self.schedule, self.student_steps, cond={"labels": labels}).x
+
+    def sample_batch(self, *args, **kwargs):
+        raise TypeError(f"{self.source or 'this model'} is an encoder (data -> noise); generate with a decoder "
+                        "student, or translate with `fewstep translate`")
+
+
 class GeneratorModel(DiffusionModel):
     """A DMD / DMD2 generator: x0 = G(sigma(t_0) z, t_0) in one step, or DMD2's multi-step
     rollout over its fixed times (re-noising with fresh per-sample noise between steps).
@@ -201,7 +216,8 @@ def load(name_or_path, device: str | torch.device = "cpu"):
     folder = _resolve(name_or_path)
     cfg = read_config(folder)
     net = load_net(folder).to(device)
-    kinds = {"diffusion": DiffusionModel, "student": StudentModel, "generator": GeneratorModel}
+    kinds = {"diffusion": DiffusionModel, "student": StudentModel, "generator": GeneratorModel,
+             "encoder": EncoderModel}
     if cfg.get("kind") in kinds:
         return kinds[cfg["kind"]](net, cfg, str(name_or_path))
     return net.eval()

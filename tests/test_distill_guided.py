@@ -222,3 +222,24 @@ def test_diffusers_unet_runs_stage1_and_a_resumable_progressive_round(tmp_path):
     assert resumed.resumed_from == 2 and resumed.steps_run == 2
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_encoder_round_makes_a_one_step_encoder_match_two_teacher_inversion_steps(tmp_path):
+    from fewstep.distill import encode_student
+    torch.manual_seed(0)
+    teacher = ExactTeacher()
+    student = MLP(dim=2, hidden=128, depth=3, num_classes=2)
+    # eps or v output: the model's error reaches x0 scaled by sigma_t, so the inversion step stays
+    # well-conditioned near t_min (an x0 output would be amplified by sigma_next / sigma_t ~ 600 there)
+    loss = ProgressiveLoss(teacher, SCHEDULE, 1, "x0", student_prediction="v", w_range=None, direction="encode")
+    result = train(loss, student, toy_sampler(SPEC), steps=800, out_dir=tmp_path, lr=2e-3, batch_size=256,
+                   warmup=20, ema_decay=0.98, ckpt_every_minutes=None, progress=False)
+    x0, y = GMM.sample(2000, torch.Generator().manual_seed(5))
+    cond = {"labels": y}
+    den_teacher = lambda x, t, labels: teacher(x, as_batch_times(t, x), labels)  # noqa: E731
+    den_student = lambda x, t, labels: NetX0(result.ema, SCHEDULE, "v")(x, as_batch_times(t, x), labels)  # noqa: E731
+    two = encode_student(den_teacher, x0, SCHEDULE, 2, cond=cond).x
+    one = encode_student(den_student, x0, SCHEDULE, 1, cond=cond).x
+    teacher_one = encode_student(den_teacher, x0, SCHEDULE, 1, cond=cond).x
+    err = _rms(one - two)
+    assert err < 0.3 * _rms(teacher_one - two), (err, _rms(teacher_one - two))

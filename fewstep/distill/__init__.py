@@ -6,8 +6,8 @@ training loop, :func:`fewstep.train.train`.
 """
 from ._common import GuidedX0, NetX0, ddim_jump, with_w_input
 from .guided import GuidedDistillLoss
-from .progressive import ProgressiveLoss, progressive_target, student_grid
-from .samplers import sample_student, stochastic_step
+from .progressive import ProgressiveLoss, encoder_grid, progressive_target, student_grid
+from .samplers import encode_student, sample_student, stochastic_step, translate
 
-__all__ = ["GuidedDistillLoss", "ProgressiveLoss", "progressive_target", "student_grid", "sample_student",
+__all__ = ["GuidedDistillLoss", "ProgressiveLoss", "progressive_target", "student_grid", "sample_student", "encode_student", "translate", "encoder_grid",
            "stochastic_step", "with_w_input", "NetX0", "GuidedX0", "ddim_jump"]

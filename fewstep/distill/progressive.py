@@ -13,7 +13,7 @@ from ..losses import _bcast, noised, truncated_snr_weight, unpack_batch
 from ..schedules import NoiseSchedule
 from ._common import NetX0, ddim_jump, sample_w
 
-__all__ = ["ProgressiveLoss", "progressive_target", "student_grid"]
+__all__ = ["ProgressiveLoss", "progressive_target", "student_grid", "encoder_grid"]
 
 
 def student_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
@@ -21,6 +21,13 @@ def student_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     return torch.linspace(schedule.t_max, 0.0, steps + 1, dtype=torch.float64)
+
+
+def encoder_grid(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """The N-step distilled encoder's grid t_min -> t_max, uniform in t (float64, N + 1 points); it starts
+    at t_min, not 0, because a DDIM inversion step needs sigma > 0 where it starts."""
+    student_grid(schedule, steps)  # validates steps
+    return torch.linspace(schedule.t_min, schedule.t_max, steps + 1, dtype=torch.float64)
 
 
 def progressive_target(x_t: torch.Tensor, x_next: torch.Tensor, schedule: NoiseSchedule, t: torch.Tensor,
@@ -42,11 +49,23 @@ class ProgressiveLoss:
     w_range: (w_min, w_max) for w-conditioned students; None for plain progressive
       distillation of an unguided model.
     Times t = t_max * i / N' with i ~ U{1..N'}; loss max(SNR, 1) * mean_CHW (x0_student - x~)^2.
+
+    direction="encode" distills the deterministic encoder (DDIM inversion, the reversed ODE)
+    instead: on :func:`encoder_grid`, the student's one inversion step from t to the next point
+    must land where two of the teacher's land; its loss is measured on that landing point,
+    mean_CHW (x_next_student - x_next_teacher)^2 (an x0 error near t_min is amplified by
+    sigma_next / sigma_t, so an x0-space weight would be ill-scaled there).
     """
 
     def __init__(self, teacher, schedule: NoiseSchedule, student_steps: int, teacher_prediction: str,
-                 student_prediction: str | None = None, w_range: tuple[float, float] | None = (0.0, 4.0)):
-        self.grid = student_grid(schedule, student_steps)
+                 student_prediction: str | None = None, w_range: tuple[float, float] | None = (0.0, 4.0),
+                 direction: str = "decode"):
+        if direction not in ("decode", "encode"):
+            raise ValueError(f"direction must be 'decode' or 'encode', got {direction!r}")
+        self.direction = direction
+        # the grid in the order the student's steps run: t_max -> 0 (decode), t_min -> t_max (encode)
+        self.grid = student_grid(schedule, student_steps) if direction == "decode" else \
+            encoder_grid(schedule, student_steps)
         if w_range is not None and not 0 <= w_range[0] <= w_range[1]:
             raise ValueError(f"w_range must satisfy 0 <= w_min <= w_max, got {w_range}")
         self.teacher = teacher.requires_grad_(False).eval()
@@ -65,11 +84,15 @@ class ProgressiveLoss:
         x0, labels = unpack_batch(batch)
         b = x0.shape[0]
         i = torch.randint(1, self.steps + 1, (b,), device=x0.device)
-        ascending = self.grid.to(x0.device).flip(0)
-        t, t_next = ascending[i], ascending[i - 1]
+        path = self.grid.to(x0.device).flip(0)  # the order the steps run in, reversed
+        t, t_next = path[i], path[i - 1]
         w = None if self.w_range is None else sample_w(b, *self.w_range, x0.device)
         x_t, alpha, sigma = noised(self.schedule, x0, t, torch.randn_like(x0))
-        target = progressive_target(x_t, self.two_teacher_steps(x_t, t, t_next, labels, w), self.schedule, t, t_next)
+        x_two = self.two_teacher_steps(x_t, t, t_next, labels, w)
         x0_student = NetX0(student, self.schedule, self.student_prediction)(x_t, t, labels, w)
+        if self.direction == "encode":
+            x_one = ddim_jump(x_t, x0_student, self.schedule, t, t_next)
+            return (x_one.float() - x_two.float()).pow(2).flatten(1).mean(1)
+        target = progressive_target(x_t, x_two, self.schedule, t, t_next)
         mse = (x0_student.float() - target.float()).pow(2).flatten(1).mean(1)
         return truncated_snr_weight(alpha, sigma) * mse

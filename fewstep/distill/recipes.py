@@ -38,6 +38,8 @@ MNIST_GUIDED = {
     "rounds": {"16": 600, "8": 600, "4": 1000, "2": 1000, "1": 1000},
     "round_lr": 1e-4, "round_warmup": 50, "round_ema_decay": 0.995,
     "ship": [8, 4, 2, 1],
+    # the distilled encoder (DDIM inversion under guidance): 32 -> 16 -> 8 -> 4 steps from stage 1
+    "encoder_rounds": {"16": 600, "8": 600, "4": 800},
     "grad_clip": 1.0,
     "ckpt_every_minutes": 4.0,
     "sample_every_minutes": 10.0,
@@ -45,7 +47,8 @@ MNIST_GUIDED = {
 }
 
 
-def student_config(teacher_cfg: dict, preset: dict, steps: int | None, train_steps: int, seconds: float) -> dict:
+def student_config(teacher_cfg: dict, preset: dict, steps: int | None, train_steps: int, seconds: float,
+                   encoder: bool = False) -> dict:
     """config.json of a distilled student; steps None = the stage-1 student (any sampler)."""
     cfg = {k: teacher_cfg[k] for k in ("schedule", "prediction", "num_classes", "null_class", "image_shape",
                                         "data_range", "time_input") if k in teacher_cfg}
@@ -54,7 +57,10 @@ def student_config(teacher_cfg: dict, preset: dict, steps: int | None, train_ste
                 "guidance": "w is an input of the net: one call per step gives the teacher's "
                             "x_w = (1 + w) x_cond - w x_uncond",
                 "train_steps": train_steps, "train_seconds": round(seconds, 1)})
-    if steps is not None:
+    if steps is not None and encoder:
+        cfg.update({"kind": "encoder", "student_steps": steps,
+                    "sampler": "DDIM inversion on t_min + (t_max - t_min) * i / N, i = 0..N (data -> noise)"})
+    elif steps is not None:
         cfg.update({"student_steps": steps, "sampler": "DDIM on t_i = t_max * i / N (uniform in t) down to 0; "
                                                          "stochastic=True for the paper's stochastic sampler"})
     return cfg
@@ -115,7 +121,7 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
                                 {"recipe": "mnist-guided", "stage": "stage1", "preset": preset})
     exports["mnist-guided-stage1"] = result.ema.save(
         out / "mnist-guided-stage1", extra=student_config(teacher.config, preset, None, result.step, secs))
-    previous = result.ema
+    previous = stage1 = result.ema
     for n_str, steps in preset["rounds"].items():
         n = int(n_str)
         if until is not None and n < until:
@@ -130,6 +136,29 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
         name = f"mnist-guided-{n}"
         exports[name] = result.ema.save(out / name, extra=student_config(teacher.config, preset, n, result.step, secs))
         print(f"round {2 * n} -> {n} steps done ({result.step} steps, {secs / 60:.1f} min) -> {exports[name]}")
+        previous = result.ema
+    if until is None:
+        exports.update(_encoder_rounds(stage1, x, y, sch, pred, out, preset, resume, progress, teacher.config))
+    return exports
+
+
+def _encoder_rounds(stage1, x, y, sch, pred, out: Path, preset: dict, resume: bool, progress: bool,
+                    teacher_cfg: dict) -> dict:
+    """Progressive distillation of the guided DDIM inversion (the encoder), starting from stage 1."""
+    exports, previous = {}, stage1
+    for n_str, steps in preset.get("encoder_rounds", {}).items():
+        n = int(n_str)
+        loss = ProgressiveLoss(previous, sch, n, pred, w_range=tuple(preset["w_range"]), direction="encode")
+        hp = {"steps": steps, "lr": preset["round_lr"], "warmup": preset["round_warmup"],
+              "ema_decay": preset["round_ema_decay"]}
+        student = copy.deepcopy(previous).requires_grad_(True).train()
+        result, secs = _train_stage(loss, student, (x, y), out / f"encoder-round-{n}", hp, preset, None, resume,
+                                    progress, {"recipe": "mnist-guided", "stage": f"encoder-round-{n}",
+                                               "teacher_steps": 2 * n, "preset": preset})
+        name = f"mnist-guided-encoder-{n}"
+        exports[name] = result.ema.save(out / name, extra=student_config(teacher_cfg, preset, n, result.step, secs,
+                                                                         encoder=True))
+        print(f"encoder round {2 * n} -> {n} steps done ({result.step} steps, {secs / 60:.1f} min)")
         previous = result.ema
     return exports
 

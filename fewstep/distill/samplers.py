@@ -21,9 +21,9 @@ import torch
 from ..schedules import NoiseSchedule
 from ..solvers._common import SamplerOutput, grid_points, randn_like, run_steps
 from ..solvers.baseline import ddim_step
-from .progressive import student_grid
+from .progressive import encoder_grid, student_grid
 
-__all__ = ["sample_student", "stochastic_step"]
+__all__ = ["sample_student", "stochastic_step", "encode_student", "translate"]
 
 
 def _renoise(x_u: torch.Tensor, u, t, generator) -> torch.Tensor:
@@ -58,3 +58,23 @@ def sample_student(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedul
     step = partial(stochastic_step, schedule=schedule, churn=churn) if churn > 0 else ddim_step
     return run_steps(step, None, denoiser, x_T, grid, schedule, cond=cond, generator=generator,
                      callback=callback, progress=progress, desc=f"{steps}-step student")
+
+
+def encode_student(denoiser: Callable, x0: torch.Tensor, schedule: NoiseSchedule, steps: int, *,
+                   cond: dict | None = None, callback=None, progress: bool = False) -> SamplerOutput:
+    """Encode data with a distilled ``steps``-step encoder (or any denoiser): DDIM inversion on
+    :func:`encoder_grid` from t_min up to t_max; decode with :func:`sample_student`."""
+    grid = encoder_grid(schedule, steps)
+    return run_steps(ddim_step, None, denoiser, x0, grid, schedule, cond=cond, generator=None, callback=callback,
+                     progress=progress, desc=f"{steps}-step encoder", allow_increasing=True)
+
+
+@torch.no_grad()
+def translate(encoder: Callable, decoder: Callable, x0: torch.Tensor, schedule: NoiseSchedule, *,
+              source_labels: torch.Tensor, target_labels: torch.Tensor, encoder_steps: int,
+              decoder_steps: int) -> torch.Tensor:
+    """Class-to-class translation (Meng et al. 2022, Sec. 4.4 / SDEdit-free): encode x0 under its
+    class with the deterministic encoder, then decode the latent under the target class.
+    ``encoder`` / ``decoder`` are denoisers D(x, t, labels=...) (guidance already bound)."""
+    z = encode_student(encoder, x0, schedule, encoder_steps, cond={"labels": source_labels}).x
+    return sample_student(decoder, z, schedule, decoder_steps, cond={"labels": target_labels}).x
