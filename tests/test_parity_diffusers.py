@@ -183,3 +183,31 @@ def test_legacy_third_order_weight_is_only_second_order(solver):
     # +-0.3: the issue's band around a theoretical order
     assert abs(orders["legacy"] - 2.0) <= 0.3, orders
     assert orders["exact"] >= 2.7, orders
+
+
+# -- Euler and Heun (EDM variables) against diffusers' Euler / Heun discrete schedulers ----------
+
+@pytest.mark.parametrize("steps", [5, 10, 25])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_euler_and_heun_match_diffusers(solver, prediction, steps):
+    """Integer ("trailing") timesteps, so both sides see the same sigmas; diffusers works in
+    x / alpha (VE) variables, whose value at sigma = 0 is the same clean sample. Heun's diffusers
+    timesteps repeat each interior point (2 steps - 1 model calls); fewstep's grid is every other one."""
+    from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
+    make = EulerDiscreteScheduler if solver == "euler" else HeunDiscreteScheduler
+    sch = make(timestep_spacing="trailing", prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+    schedule = DiscreteVP(alphas_cumprod=sch.alphas_cumprod)
+    model = exact_model(mixture(), schedule, prediction)
+    sch.set_timesteps(steps)
+    x = x_T() * sch.init_noise_sigma
+    for t in sch.timesteps:
+        x = sch.step(model(sch.scale_model_input(x, t), t), t, x).prev_sample
+    timesteps = sch.timesteps if solver == "euler" else sch.timesteps[::2]
+    den = fewstep.ModelDenoiser(model, schedule, prediction, time_input="discrete")
+    # the same start in VP variables: x_vp = alpha * x_ve (Euler's init_noise_sigma is sqrt(sigma^2 + 1),
+    # Heun's is sigma: their starts differ by sigma_vp = 0.9992 here)
+    start = x_T() * float(sch.init_noise_sigma) * float(schedule.alpha(torch.tensor(1.0, dtype=F64)))
+    out = fewstep.sample(den, start, schedule, solver=solver, grid=diffusers_grid(torch.as_tensor(timesteps), "zero"))
+    assert out.nfe == len(sch.timesteps)
+    assert relative(out.x, x) <= REL_TOL  # measured 1e-7 .. 2.4e-7
