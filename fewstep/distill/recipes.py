@@ -81,14 +81,24 @@ def preview_fn(schedule, prediction: str, steps: int | None, per_class: int = 4,
 
 
 def _train_stage(objective, net, data, out: Path, hp: dict, preset: dict, sample_fn, resume: bool,
-                 progress: bool, info: dict):
+                 progress: bool, info: dict, export: Path, config_fn):
+    """Train one stage (its own run folder ``out``) and export its EMA to ``export`` with
+    ``config_fn(train_steps, seconds)``; a stage already exported with the same number of steps
+    is loaded instead of retrained (so the exports alone let a pipeline continue)."""
+    from ..nets import load_net, read_config
+    if (export / "config.json").is_file() and read_config(export).get("train_steps") == hp["steps"]:
+        print(f"{export.name}: already trained ({hp['steps']} steps), reusing {export}")
+        return load_net(export), export
     t0 = time.time()
     result = train(objective, net, data, steps=hp["steps"], out_dir=out, lr=hp["lr"],
                    batch_size=preset["batch_size"], warmup=hp["warmup"], grad_clip=preset["grad_clip"],
                    ema_decay=hp["ema_decay"], ckpt_every_minutes=preset["ckpt_every_minutes"], sample_fn=sample_fn,
                    sample_every_minutes=preset["sample_every_minutes"], resume=resume, seed=preset["seed"],
                    progress=progress, run_info=info)
-    return result, _stage_seconds(out, t0)
+    secs = _stage_seconds(out, t0)
+    folder = result.ema.save(export, extra=config_fn(result.step, secs))
+    print(f"{export.name}: {result.step} steps, {secs / 60:.1f} min -> {folder}")
+    return result.ema, folder
 
 
 def _stage_seconds(out: Path, t0: float) -> float:
@@ -116,12 +126,11 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
     exports = {}
     hp = preset["stage1"]
     loss = GuidedDistillLoss(teacher.net, sch, pred, w_min=preset["w_range"][0], w_max=preset["w_range"][1])
-    result, secs = _train_stage(loss, with_w_input(teacher.net), (x, y), out / "stage1", hp, preset,
-                                preview_fn(sch, pred, preset["start_steps"]), resume, progress,
-                                {"recipe": "mnist-guided", "stage": "stage1", "preset": preset})
-    exports["mnist-guided-stage1"] = result.ema.save(
-        out / "mnist-guided-stage1", extra=student_config(teacher.config, preset, None, result.step, secs))
-    previous = stage1 = result.ema
+    previous, exports["mnist-guided-stage1"] = _train_stage(
+        loss, with_w_input(teacher.net), (x, y), out / "stage1", hp, preset, preview_fn(sch, pred, preset["start_steps"]),
+        resume, progress, {"recipe": "mnist-guided", "stage": "stage1", "preset": preset},
+        out / "mnist-guided-stage1", lambda step, secs: student_config(teacher.config, preset, None, step, secs))
+    stage1 = previous
     for n_str, steps in preset["rounds"].items():
         n = int(n_str)
         if until is not None and n < until:
@@ -130,13 +139,11 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
         hp = {"steps": steps, "lr": preset["round_lr"], "warmup": preset["round_warmup"],
               "ema_decay": preset["round_ema_decay"]}
         student = copy.deepcopy(previous).requires_grad_(True).train()  # initialised from the previous round
-        result, secs = _train_stage(loss, student, (x, y), out / f"round-{n}", hp, preset, preview_fn(sch, pred, n),
-                                    resume, progress, {"recipe": "mnist-guided", "stage": f"round-{n}",
-                                                       "teacher_steps": 2 * n, "preset": preset})
         name = f"mnist-guided-{n}"
-        exports[name] = result.ema.save(out / name, extra=student_config(teacher.config, preset, n, result.step, secs))
-        print(f"round {2 * n} -> {n} steps done ({result.step} steps, {secs / 60:.1f} min) -> {exports[name]}")
-        previous = result.ema
+        previous, exports[name] = _train_stage(
+            loss, student, (x, y), out / f"round-{n}", hp, preset, preview_fn(sch, pred, n), resume, progress,
+            {"recipe": "mnist-guided", "stage": f"round-{n}", "teacher_steps": 2 * n, "preset": preset}, out / name,
+            lambda step, secs, n=n: student_config(teacher.config, preset, n, step, secs))
     if until is None:
         exports.update(_encoder_rounds(stage1, x, y, sch, pred, out, preset, resume, progress, teacher.config))
     return exports
@@ -152,14 +159,11 @@ def _encoder_rounds(stage1, x, y, sch, pred, out: Path, preset: dict, resume: bo
         hp = {"steps": steps, "lr": preset["round_lr"], "warmup": preset["round_warmup"],
               "ema_decay": preset["round_ema_decay"]}
         student = copy.deepcopy(previous).requires_grad_(True).train()
-        result, secs = _train_stage(loss, student, (x, y), out / f"encoder-round-{n}", hp, preset, None, resume,
-                                    progress, {"recipe": "mnist-guided", "stage": f"encoder-round-{n}",
-                                               "teacher_steps": 2 * n, "preset": preset})
         name = f"mnist-guided-encoder-{n}"
-        exports[name] = result.ema.save(out / name, extra=student_config(teacher_cfg, preset, n, result.step, secs,
-                                                                         encoder=True))
-        print(f"encoder round {2 * n} -> {n} steps done ({result.step} steps, {secs / 60:.1f} min)")
-        previous = result.ema
+        previous, exports[name] = _train_stage(
+            loss, student, (x, y), out / f"encoder-round-{n}", hp, preset, None, resume, progress,
+            {"recipe": "mnist-guided", "stage": f"encoder-round-{n}", "teacher_steps": 2 * n, "preset": preset},
+            out / name, lambda step, secs, n=n: student_config(teacher_cfg, preset, n, step, secs, encoder=True))
     return exports
 
 
