@@ -107,7 +107,19 @@ class DiffusionModel:
                       cond=cond, generator=generator, progress=progress, **options)
 
 
-class StudentModel(DiffusionModel):
+class _FixedSteps:
+    """Models that sample with their own number of network calls (students, generators)."""
+
+    def nfe(self, solver=None, steps=None, spacing=None) -> int:
+        return self.default_steps
+
+    def _check_steps(self, steps, what: str) -> None:
+        if steps is not None and steps != self.default_steps:
+            raise ValueError(f"{self.source or 'this model'} is {what}; sample it with steps={self.default_steps} "
+                             "(or leave steps out)")
+
+
+class StudentModel(_FixedSteps, DiffusionModel):
     """A guided/progressive distilled N-step student: DDIM on its own grid (deterministic) or the
     paper's stochastic sampler (``stochastic=True``); w is an input of the net."""
 
@@ -119,13 +131,8 @@ class StudentModel(DiffusionModel):
     def default_steps(self) -> int:
         return self.student_steps
 
-    def nfe(self, solver=None, steps=None, spacing=None) -> int:
-        return self.student_steps
-
     def check_sampling(self, solver, steps, w):
-        if steps is not None and steps != self.student_steps:
-            raise ValueError(f"{self.source or 'this model'} is a {self.student_steps}-step student; sample it "
-                             f"with steps={self.student_steps} (or leave steps out)")
+        self._check_steps(steps, f"a {self.student_steps}-step student")
         if solver not in (None, "ddim"):
             raise ValueError(f"a distilled student samples with its own DDIM grid, not solver {solver!r}; leave "
                              "solver out (stochastic=True for the stochastic sampler)")
@@ -156,7 +163,7 @@ class EncoderModel(StudentModel):
                         "student, or translate with `fewstep translate`")
 
 
-class GeneratorModel(DiffusionModel):
+class GeneratorModel(_FixedSteps, DiffusionModel):
     """A DMD / DMD2 generator: x0 = G(sigma(t_0) z, t_0) in one step, or DMD2's multi-step
     rollout over its fixed times (re-noising with fresh per-sample noise between steps).
     The guidance weight it was distilled with (``real_w``) is baked in."""
@@ -169,13 +176,8 @@ class GeneratorModel(DiffusionModel):
     def default_steps(self) -> int:
         return len(self.config["generator_times"])
 
-    def nfe(self, solver=None, steps=None, spacing=None) -> int:
-        return self.default_steps
-
     def check_sampling(self, solver, steps, w):
-        if steps is not None and steps != self.default_steps:
-            raise ValueError(f"{self.source or 'this generator'} samples in {self.default_steps} step(s) at fixed "
-                             f"times; leave steps out")
+        self._check_steps(steps, f"a {self.default_steps}-step generator at fixed times")
         if solver is not None:
             raise ValueError("a DMD generator has its own sampler; leave solver out")
         if w not in (0.0, float(self.config.get("real_w", 0.0))):

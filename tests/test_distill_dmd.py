@@ -2,6 +2,8 @@
 every mode, the regression-set cache, and exact resume of a two-network run."""
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,29 +19,19 @@ from fewstep.sampling import sample
 from fewstep.schedules import CosineVP
 from fewstep.train import latest_checkpoint, train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _exact import ExactNet  # noqa: E402
+
 SCHEDULE = CosineVP()
 SPEC = ring8()
 GMM = GaussianMixture(**SPEC)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Exact(nn.Module):
-    """A mixture's exact (unconditional) denoiser as an x0-prediction net."""
-    null_class = 0
-
-    def __init__(self, gmm=GMM):
-        super().__init__()
-        self.d = gmm.denoiser(SCHEDULE)
-
-    def forward(self, x, t, labels=None):
-        return self.d(x, t, None)
+def Exact(gmm=GMM):  # noqa: N802 - a mixture's exact (unconditional) denoiser as an x0-prediction net
+    return ExactNet(gmm, SCHEDULE, conditional=False)
 
 
 def _score(gmm, x, t):

@@ -1,5 +1,8 @@
 """Guided distillation (stage 1), progressive distillation and the students' samplers, checked
 against exact answers on 2-D Gaussian mixtures."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,37 +16,19 @@ from fewstep.nets import MLP, UNet
 from fewstep.schedules import CosineVP
 from fewstep.train import train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _exact import ExactNet  # noqa: E402
+
 SCHEDULE = CosineVP()
 SPEC = ring8(labelling="coarse")  # 2 classes of 4 modes: guidance has a real effect
 GMM = GaussianMixture(**SPEC)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class ExactTeacher(nn.Module):
-    """The mixture's exact class-conditional denoiser as an x0-prediction 'net'; class 2 = null."""
-    null_class = 2
-
-    def __init__(self, gmm=GMM):
-        super().__init__()
-        self.d = gmm.denoiser(SCHEDULE)
-
-    def forward(self, x, t, labels=None):
-        if labels is None:
-            return self.d(x, t, None)
-        out = torch.empty_like(x)
-        unc = labels == self.null_class
-        if unc.any():
-            out[unc] = self.d(x[unc], t[unc], None)
-        if (~unc).any():
-            out[~unc] = self.d(x[~unc], t[~unc], labels[~unc])
-        return out
+def ExactTeacher(gmm=GMM):  # noqa: N802 - the mixture's exact class-conditional denoiser; class 2 = null
+    return ExactNet(gmm, SCHEDULE, null_class=2)
 
 
 def _noisy_batch(n, seed, t_lo=0.05):

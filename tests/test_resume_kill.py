@@ -18,12 +18,7 @@ import _train_child as child  # noqa: E402
 STEPS = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _kill_when(out_dir, kind, marker, hang_at=None):

@@ -14,12 +14,7 @@ from fewstep.train import latest_checkpoint, make_batch_source, save_image_grid,
 SCHEDULE = CosineVP()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy_run(out_dir, steps, **kw):
