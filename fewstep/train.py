@@ -546,6 +546,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     _check_args(steps, lrs, batch_size, grad_accum, emas, grad_clip)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir)
     ckpt = latest_checkpoint(out_dir)
     if ckpt is not None and not resume:
         raise ValueError(f"{out_dir} already holds checkpoint {ckpt.name}; pass resume=True to continue it "
@@ -585,9 +586,14 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
             n = nets[name]
             for other in nets.values():  # a phase's loss may reach other networks (e.g. DMD's GAN head)
                 other.optimizer.zero_grad(set_to_none=True)
-            loss_val, grad_norm = _train_step(lambda m, b: objective({**{k: v.model for k, v in nets.items()}, name: m},
-                                                                     b, name),
-                                              n.model, source, n.optimizer, accelerator, grad_accum, grad_clip)
+            try:
+                loss_val, grad_norm = _train_step(
+                    lambda m, b: objective({**{k: v.model for k, v in nets.items()}, name: m}, b, name),
+                    n.model, source, n.optimizer, accelerator, grad_accum, grad_clip)
+            except FloatingPointError as e:  # nothing of this step was applied; no checkpoint is written
+                good = latest_checkpoint(out_dir)
+                raise FloatingPointError(f"step {step + 1} ({name}): {e}. Training stopped; the last good checkpoint "
+                                         f"is {good or 'none (no checkpoint yet)'}") from None
             n.scheduler.step()  # warm-up counts this network's own updates
             window.setdefault("loss" if len(nets) == 1 else f"loss/{name}", []).append(loss_val)
             for key, value in (getattr(objective, "last_metrics", None) or {}).items():
@@ -624,6 +630,21 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
                        resumed_from=resumed_from, steps_run=step - first_step)
 
 
+def _check_writable(out_dir: Path, need_bytes: int = 1 << 20) -> None:
+    """Fail before training when the run folder cannot be written (permissions, full disk)."""
+    probe = out_dir / ".write-test"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * need_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ValueError(f"cannot write to the run folder {out_dir} ({e.strerror}); free disk space or choose "
+                         "another --out") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def _make_accelerator(mixed_precision: str, cpu: bool | None):
     """An Accelerator; a previous train() call in this process may have pinned another precision."""
     from accelerate import Accelerator
@@ -656,7 +677,7 @@ def _train_step(objective, model, source, optimizer, accelerator, grad_accum, gr
             accelerator.backward(loss / grad_accum)
         total += loss.item() / grad_accum
     if not math.isfinite(total):
-        raise FloatingPointError(f"the loss became {total}; lower lr or enable grad_clip")
+        raise FloatingPointError(f"the loss became {total}; lower lr or enable grad_clip")  # step added by train()
     params = [p for p in model.parameters() if p.grad is not None]
     norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
     optimizer.step()

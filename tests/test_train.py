@@ -199,3 +199,32 @@ def test_bf16_autocast_and_grad_accum_train(tmp_path):
     assert math.isfinite(result.last_loss)
     assert next(result.model.parameters()).dtype == torch.float32  # weights stay fp32
     assert any(not torch.equal(a, b) for a, b in zip(before, result.model.parameters()))
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def poisoned(net, batch):
+        calls["n"] += 1
+        loss = DenoisingLoss(SCHEDULE, prediction="eps")(net, batch)
+        return loss * float("nan") if calls["n"] == 25 else loss
+
+    torch.manual_seed(0)
+    net = MLP(dim=2, hidden=16, depth=1, num_classes=8)
+    with pytest.raises(FloatingPointError, match=r"step 25 \(model\).*last good checkpoint is .*ckpt-00000020"):
+        train(poisoned, net, toy_sampler(ring8()), steps=40, out_dir=tmp_path, ckpt_every_steps=10,
+              ckpt_every_minutes=None, progress=False, batch_size=32)
+    assert latest_checkpoint(tmp_path).name == "ckpt-00000020"  # no poisoned checkpoint was written
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+    import errno
+
+    import fewstep.train as loop
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(loop, "open", full, raising=False)  # the loop's own file writes see a full disk
+    with pytest.raises(ValueError, match="cannot write to the run folder .*No space left"):
+        _toy_run(tmp_path, 5)
+    assert not list(tmp_path.glob("ckpt-*"))
