@@ -175,6 +175,49 @@ def plot(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_tradeoff(doc: dict, path: Path) -> None:
+    """Quality/diversity along w: FID (diversity + fidelity) against IS for the 4-step student and
+    the teacher's converged reference, one point per w."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, pick in (("mnist-guided-4 (4 evals)", lambda m: m == "mnist-guided-4 deterministic"),
+                        ("teacher converged", lambda m: "reference" in m)):
+        pts = sorted((r["w"], r["is"], r["fid"]) for r in doc["rows"] if pick(r["model"]))
+        if pts:
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], "o-", label=label)
+            for w, i, f in pts:
+                ax.annotate(f"w={w:g}", (i, f), fontsize=7)
+    ax.set_xlabel("IS (classifier logits)")
+    ax.set_ylabel("FID (classifier features)")
+    ax.legend(fontsize=8)
+    ax.set_title("guidance trades diversity for fidelity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_shares(shares: dict, path: Path) -> None:
+    """Per-class histogram of generated digits (classified by the shipped classifier)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / max(1, len(shares))
+    for j, (name, sh) in enumerate(shares.items()):
+        ax.bar([c + j * width for c in range(10)], sh, width=width, label=name)
+    ax.axhline(0.1, color="k", lw=1, ls="--")
+    ax.axhspan(0.08, 0.12, color="k", alpha=0.08, label="expected share ± 20%")
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(10)], [str(c) for c in range(10)])
+    ax.set_xlabel("class (as classified)")
+    ax.set_ylabel("share of samples")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("which", choices=["guided", "dmd"])
@@ -196,6 +239,10 @@ def main(argv=None) -> int:
     stem.with_suffix(".md").write_text(markdown(doc))
     if doc["rows"]:
         plot(doc, stem.with_suffix(".png"))
+    if args.which == "guided" and doc["rows"]:
+        plot_tradeoff(doc, OUT / "distilled_guided_tradeoff.png")
+    if doc.get("class_shares"):
+        plot_shares(doc["class_shares"], OUT / "distilled_dmd_classes.png")
     print(markdown(doc))
     return 0
 
