@@ -66,17 +66,46 @@ def student_config(teacher_cfg: dict, preset: dict, steps: int | None, train_ste
     return cfg
 
 
-def preview_fn(schedule, prediction: str, steps: int | None, per_class: int = 4, w: float = 1.0):
-    """sample_fn for the loop: one row per class at guidance w, with the student's own sampler."""
+FID_PROBE_N = 500  # samples per point of the FID-against-training-steps curve (biased at this n: a trend, not a score)
+
+
+def fid_probe(make_images, log_path: Path, n: int = FID_PROBE_N):
+    """Append {step, fid, class_accuracy} of ``make_images(labels) -> images`` (n class-balanced
+    samples against n real training digits, classifier features) to ``log_path`` (JSON lines)."""
+    from ..metrics import image_metrics
+    labels = torch.arange(n) % NUM_CLASSES
+    state = {}
+
+    def probe(step: int) -> None:
+        if "real" not in state:
+            x, y = load_mnist("train")
+            state["real"], state["clf"] = x[:n], load("mnist-classifier")
+        fake = make_images(labels).clamp(-1, 1)
+        m = image_metrics(fake, state["real"], state["clf"], labels=labels, kid_subset=min(n, 500))
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, "n": n, "fid": m["fid"], "class_accuracy": m["class_accuracy"]}) + "\n")
+    return probe
+
+
+def _student_images(ema, schedule, prediction, steps, labels, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(len(labels), 1, 28, 28, generator=g) * float(schedule.sigma(torch.tensor(schedule.t_max)))
+    x0_fn = NetX0(ema, schedule, prediction)
+    den = lambda x, t, labels: x0_fn(x, t, labels, torch.full((x.shape[0],), w))  # noqa: E731
+    return sample_student(den, x_T, schedule, steps, cond={"labels": labels}).x
+
+
+def preview_fn(schedule, prediction: str, steps: int | None, per_class: int = 4, w: float = 1.0,
+               fid_log: Path | None = None):
+    """sample_fn for the loop: one row per class at guidance w, with the student's own sampler; with
+    ``fid_log``, also a point of the FID-against-training-steps curve at that w."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
 
     def sample(ema, step):
-        g = torch.Generator().manual_seed(0)
-        x_T = torch.randn(len(labels), 1, 28, 28, generator=g) * float(schedule.sigma(torch.tensor(schedule.t_max)))
-        x0_fn = NetX0(ema, schedule, prediction)
-        den = lambda x, t, labels: x0_fn(x, t, labels, torch.full((x.shape[0],), w))  # noqa: E731
-        out = sample_student(den, x_T, schedule, steps or 32, cond={"labels": labels})
-        return out.x.clamp(-1, 1), per_class
+        if fid_log is not None:
+            fid_probe(lambda lab: _student_images(ema, schedule, prediction, steps or 32, lab, w, seed=1),
+                      fid_log)(step)
+        return _student_images(ema, schedule, prediction, steps or 32, labels, w).clamp(-1, 1), per_class
     return sample
 
 
@@ -127,7 +156,8 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
     hp = preset["stage1"]
     loss = GuidedDistillLoss(teacher.net, sch, pred, w_min=preset["w_range"][0], w_max=preset["w_range"][1])
     previous, exports["mnist-guided-stage1"] = _train_stage(
-        loss, with_w_input(teacher.net), (x, y), out / "stage1", hp, preset, preview_fn(sch, pred, preset["start_steps"]),
+        loss, with_w_input(teacher.net), (x, y), out / "stage1", hp, preset,
+        preview_fn(sch, pred, preset["start_steps"], fid_log=out / "stage1" / "fid.jsonl"),
         resume, progress, {"recipe": "mnist-guided", "stage": "stage1", "preset": preset},
         out / "mnist-guided-stage1", lambda step, secs: student_config(teacher.config, preset, None, step, secs))
     stage1 = previous
@@ -141,7 +171,8 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
         student = copy.deepcopy(previous).requires_grad_(True).train()  # initialised from the previous round
         name = f"mnist-guided-{n}"
         previous, exports[name] = _train_stage(
-            loss, student, (x, y), out / f"round-{n}", hp, preset, preview_fn(sch, pred, n), resume, progress,
+            loss, student, (x, y), out / f"round-{n}", hp, preset,
+            preview_fn(sch, pred, n, fid_log=out / f"round-{n}" / "fid.jsonl"), resume, progress,
             {"recipe": "mnist-guided", "stage": f"round-{n}", "teacher_steps": 2 * n, "preset": preset}, out / name,
             lambda step, secs, n=n: student_config(teacher.config, preset, n, step, secs))
     if until is None:
@@ -219,16 +250,22 @@ def generator_config(teacher_cfg: dict, preset: dict, name: str, train_steps: in
     return cfg
 
 
-def generator_preview_fn(loss, per_class: int = 4):
+def _generator_images(loss, ema, labels, seed=0):
+    from .dmd import generator_sample
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(len(labels), 1, 28, 28, generator=g) * loss.schedule.sigma(loss.times[0]).float()
+    return generator_sample(loss.gen_x0(ema), x_T, labels, loss.schedule, loss.times,
+                            noise=lambda like: torch.randn(like.shape, generator=g))[1]
+
+
+def generator_preview_fn(loss, per_class: int = 4, fid_log: Path | None = None):
+    """sample_fn for the loop: one row per class; with ``fid_log`` a point of the FID curve."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
 
     def sample(ema, step):
-        from .dmd import generator_sample
-        g = torch.Generator().manual_seed(0)
-        x_T = torch.randn(len(labels), 1, 28, 28, generator=g) * loss.schedule.sigma(loss.times[0]).float()
-        x0 = generator_sample(loss.gen_x0(ema), x_T, labels, loss.schedule, loss.times,
-                              noise=lambda like: torch.randn(like.shape, generator=g))[1]
-        return x0.clamp(-1, 1), per_class
+        if fid_log is not None:
+            fid_probe(lambda lab: _generator_images(loss, ema, lab, seed=1), fid_log)(step)
+        return _generator_images(loss, ema, labels).clamp(-1, 1), per_class
     return sample
 
 
@@ -259,7 +296,8 @@ def run_mnist_dmd(out: Path, resume: bool, preset: dict = MNIST_DMD, name: str =
     result = train(loss, {"generator": generator, "fake": fake}, DMDData(pairs, real), steps=steps or preset["steps"],
                    out_dir=out / "run", lr=preset["lr"], batch_size=preset["batch_size"], warmup=preset["warmup"],
                    grad_clip=preset["grad_clip"], ema_decay=preset["ema_decay"], weight_decay=preset["weight_decay"],
-                   ckpt_every_minutes=preset["ckpt_every_minutes"], sample_fn=generator_preview_fn(loss),
+                   ckpt_every_minutes=preset["ckpt_every_minutes"],
+                   sample_fn=generator_preview_fn(loss, fid_log=out / "run" / "fid.jsonl"),
                    sample_every_minutes=preset["sample_every_minutes"], resume=resume, seed=preset["seed"],
                    progress=progress, run_info={"recipe": name, "preset": preset})
     secs = _stage_seconds(out / "run", t0)
