@@ -198,6 +198,8 @@ def test_update_ratio_and_guards():
         DMDLoss(Exact(), SCHEDULE, "x0", fake_updates=0)
     with pytest.raises(ValueError, match="lpips"):
         DMDLoss(Exact(), SCHEDULE, "x0", distance="lpips")
+    with pytest.raises(ValueError, match="lambda_reg=0"):
+        DMDLoss(Exact(), SCHEDULE, "x0", gen_steps=4)
     with pytest.raises(ValueError, match="GAN head"):
         FakeScore(MLP(dim=2), gan_head=True)
 
@@ -230,6 +232,39 @@ def test_regression_set_is_deterministic_cached_and_rebuilt_when_bad(tmp_path, c
     path.write_bytes(path.read_bytes()[:100])  # truncated
     rebuilt = regression_pairs(model, path, **{**kw, "steps": 4})
     assert "unreadable" in capsys.readouterr().err and torch.equal(rebuilt["x_ref"], other["x_ref"])
+
+
+def test_multi_step_generator_with_backward_simulation(tmp_path):
+    """DMD2's 4-step generator: its training input at step j > 0 comes from its own rollout
+    (re-noised x0 of the previous step), and the sampler spends one call per step."""
+    teacher = MLP(dim=2, hidden=32, depth=2, num_classes=0)
+    loss = DMDLoss(Exact(), SCHEDULE, "x0", gen_steps=4, lambda_reg=0.0, fake_updates=5)
+    assert torch.allclose(loss.times, SCHEDULE.t_max * torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64))
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, labels=None):
+            seen.append(float(t[0]))
+            return self.net(x, t, labels)
+    gen = Spy(teacher)
+    torch.manual_seed(3)
+    for _ in range(8):
+        seen.clear()
+        loss.generated(gen, torch.randn(4, 2), None)
+        j = len(seen) - 1  # rollout calls (no gradient) then the trained call at times[j]
+        assert seen == [pytest.approx(float(t)) for t in loss.times[: j + 1]]
+    pairs = {"z": torch.randn(16, 2), "labels": torch.zeros(16, dtype=torch.long), "x_ref": torch.zeros(16, 2)}
+    res = train(loss, {"generator": copy.deepcopy(teacher), "fake": FakeScore(copy.deepcopy(teacher))},
+                DMDData(pairs), steps=10, out_dir=tmp_path, batch_size=8, lr=1e-3, ckpt_every_minutes=None,
+                progress=False, ema_decay=0.0, log_every=5)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert res.step == 10 and "loss/generator" in log[-1] and "generator/reg" not in log[-1]
+    x0 = generator_sample(loss.gen_x0(res.models["generator"]), torch.randn(5, 2), None, SCHEDULE, loss.times)[1]
+    assert x0.shape == (5, 2) and torch.isfinite(x0).all()
 
 
 def test_diffusers_unet_runs_generator_and_fake_steps(tmp_path):

@@ -164,6 +164,9 @@ class DMDLoss:
             raise ValueError(f"fake_updates must be an integer >= 1, got {fake_updates!r}")
         if min(lambda_reg, gan_weight_g, gan_weight_d, real_w) < 0:
             raise ValueError("lambda_reg, gan weights and real_w must be >= 0")
+        if gen_steps > 1 and lambda_reg > 0:
+            raise ValueError("the regression pairs map noise to an image in one step; a multi-step generator "
+                             f"(gen_steps={gen_steps}) is trained without them (DMD2): set lambda_reg=0")
         if distance == "lpips" and lambda_reg > 0 and lpips_net is None:
             raise ValueError("distance='lpips' needs lpips_net (fewstep.distill.dmd.load_lpips)")
         self.teacher = teacher.requires_grad_(False).eval()
@@ -227,7 +230,7 @@ class DMDLoss:
             grad = dm_gradient(x, x0_real, x0_fake)
         loss = dm_loss(x, grad)
         metrics = {"dm": loss.mean().item()}
-        if self.lambda_reg > 0 and len(self.times) == 1:
+        if self.lambda_reg > 0:
             x_reg = self.generated(generator, batch["z"], labels)
             reg = regression_distance(self.distance, x_reg, batch["x_ref"], self.lpips_net)
             loss = loss + self.lambda_reg * reg
