@@ -77,9 +77,9 @@ def fid_probe(make_images, log_path: Path, n: int = FID_PROBE_N):
     state = {}
 
     def probe(step: int) -> None:
-        if "real" not in state:
-            x, y = load_mnist("train")
-            state["real"], state["clf"] = x[:n], load("mnist-classifier")
+        if "real" not in state:  # class-balanced real digits, as fewstep eval uses
+            from ..evaluate import reference_sets
+            state["real"], state["clf"] = reference_sets(n)[0], load("mnist-classifier")
         fake = make_images(labels).clamp(-1, 1)
         m = image_metrics(fake, state["real"], state["clf"], labels=labels, kid_subset=min(n, 500))
         with open(log_path, "a") as f:
