@@ -52,7 +52,8 @@ def student_config(teacher_cfg: dict, preset: dict, steps: int | None, train_ste
     """config.json of a distilled student; steps None = the stage-1 student (any sampler)."""
     cfg = {k: teacher_cfg[k] for k in ("schedule", "prediction", "num_classes", "null_class", "image_shape",
                                         "data_range", "time_input") if k in teacher_cfg}
-    cfg.update({"kind": "diffusion" if steps is None else "student", "recipe": "mnist-guided",
+    name = "mnist-guided-stage1" if steps is None else f"mnist-guided-{'encoder-' if encoder else ''}{steps}"
+    cfg.update({"kind": "diffusion" if steps is None else "student", "recipe": name, "pipeline": "mnist-guided",
                 "teacher": preset["teacher"], "w_input": True, "w_range": preset["w_range"],
                 "guidance": "w is an input of the net: one call per step gives the teacher's "
                             "x_w = (1 + w) x_cond - w x_uncond",
