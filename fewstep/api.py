@@ -192,7 +192,7 @@ class GeneratorModel(_FixedSteps, DiffusionModel):
         from .solvers._common import randn_like
         if options:
             raise ValueError(f"a DMD generator takes no sampler options ({', '.join(options)})")
-        x0_fn = ModelDenoiser(self._net_call, self.schedule, self.prediction, time_input="continuous")
+        x0_fn = self.denoiser(0.0)  # guidance is baked into the generator's weights
         gen = lambda x, t, labels: x0_fn(x, t, labels=labels)  # noqa: E731
         x0 = generator_sample(gen, x_T, labels, self.schedule, self.times.to(x_T.device),
                               noise=lambda like: randn_like(like, generator))[1]

@@ -424,7 +424,7 @@ def _warmup_lambda(warmup: int):
 def _per_net(value, names, what: str) -> dict:
     """A hyper-parameter given once for all networks or as {name: value}."""
     if isinstance(value, dict):
-        if sorted(value) != sorted(names):  # noqa: SIM102
+        if sorted(value) != sorted(names):
             raise ValueError(f"{what} is given for networks {sorted(value)} but the run trains {sorted(names)}")
         return dict(value)
     return {n: value for n in names}

@@ -222,7 +222,7 @@ class DMDLoss:
         t = self.dm_times(x.shape[0], x.device)
         x_t = noised(self.schedule, x.detach(), t, torch.randn_like(x))[0]
         with torch.no_grad():
-            x0_real = self.real_x0(x_t, t, labels, self.real_w) if self.real_w > 0 else self.real_x0(x_t, t, labels)
+            x0_real = self.real_x0(x_t, t, labels, self.real_w)  # NetX0 ignores w for a net without a w input
             if self.use_fake:
                 x0_fake = NetX0(fake, self.schedule, self.prediction)(x_t, t, labels)
             else:  # a zero fake score: x0 = x_t / alpha
