@@ -254,6 +254,8 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     solver / steps / spacing: any fewstep solver and its budget of model calls (default
       dpmpp_2m, 20); distilled students and DMD generators use their own sampler and step count.
     options: solver options; ``stochastic=True`` for a distilled student's stochastic sampler.
+    Under several processes (an initialised torch.distributed group) each process makes every
+    world-th batch and all of them return the whole set, the same images as one process makes.
     """
     if isinstance(model, (str, Path)):
         model = load(model)
@@ -278,8 +280,11 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     solver, steps = model.check_sampling(solver, steps, w)
     device = model.device
     sigma_max = float(model.schedule.sigma(torch.tensor(model.schedule.t_max, dtype=torch.float64)))
+    world, rank = _process_group()
     outs = []
-    for start in range(0, n, batch_size):
+    for b, start in enumerate(range(0, n, batch_size)):
+        if b % world != rank:  # several processes: each makes every world-th batch, then all gather
+            continue
         count = min(batch_size, n - start)
         gens = sample_generators(seed, start, count)
         x_T = torch.cat([torch.randn((1, *model.image_shape), generator=g) for g in gens]).to(device)
@@ -288,4 +293,16 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
                                  w=w, solver=solver, steps=steps, spacing=spacing, generator=gens,
                                  progress=progress, **options)
         outs.append(out.x.float().clamp(-1, 1).cpu())
-    return torch.cat(outs)
+    if world == 1:
+        return torch.cat(outs)
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, outs)
+    return torch.cat([gathered[b % world][b // world] for b in range(len(range(0, n, batch_size)))])
+
+
+def _process_group() -> tuple[int, int]:
+    """(world size, rank) of an initialised torch.distributed group (accelerate launch, torchrun), else (1, 0)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0

@@ -21,6 +21,13 @@ With ``resume=True`` the loop continues from it exactly: on CPU with
 deterministic data, a killed-and-resumed run ends with the same parameters as an
 uninterrupted one.
 
+Several processes (``accelerate launch`` or ``torchrun``, any number of GPUs or machines, or
+CPU processes over gloo) need no code change: every process draws the same global batch of
+``processes x grad_accum x batch_size`` rows and trains on its own slices, each slice under
+torch's RNG seeded from (seed, step, phase, slice), so the update equals a one-process run with
+``grad_accum`` = processes x grad_accum. Only the main process logs, checkpoints and samples.
+A plain iterable is not split: each process then needs its own shard of it.
+
 The metrics log ``log.jsonl`` has one JSON object per line (``step``, ``loss``,
 ``lr``, ``grad_norm``, ``sec_per_step``, ``elapsed`` = seconds since this
 (re)start); lines past the resumed step are dropped on resume. ``sample_fn(ema_model, step)`` returning images in
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -65,6 +73,7 @@ class _IndexedBatches:
     """Shuffled epochs over an indexable dataset; order is a function of (seed, epoch)."""
 
     exact_resume = True
+    global_batches = True  # one batch for all processes and micro-batches, split by _Shards
 
     def __init__(self, n: int, gather: Callable, batch_size: int, seed: int):
         if n < batch_size:
@@ -96,6 +105,7 @@ class _SampledBatches:
     """Batches drawn by ``sample(generator, batch_size)`` from a loop-owned generator."""
 
     exact_resume = True
+    global_batches = True  # one batch for all processes and micro-batches, split by _Shards
 
     def __init__(self, sample: Callable, batch_size: int, seed: int):
         self.sample, self.batch_size = sample, batch_size
@@ -115,6 +125,7 @@ class _IterBatches:
     """Cycles any iterable; its order cannot be restored on resume."""
 
     exact_resume = False
+    global_batches = False  # each next() is one micro-batch of this process
 
     def __init__(self, iterable):
         self.iterable, self.it, self.count = iterable, iter(iterable), 0
@@ -553,8 +564,9 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
                          "or choose a new out_dir")
     accelerator = _make_accelerator(mixed_precision, cpu)
     main = accelerator.is_main_process
-    _seed_all(seed + accelerator.process_index)
-    source = make_batch_source(data, batch_size, seed + accelerator.process_index)
+    _seed_all(seed)
+    shards = _Shards(accelerator.num_processes, accelerator.process_index, grad_accum, batch_size, seed)
+    source = make_batch_source(data, batch_size * shards.count, seed)  # every process draws the same global batch
     nets = _build(models, accelerator, lrs, wds, warmup, emas)
     step, resumed_from = 0, None
     if ckpt is not None:
@@ -582,14 +594,15 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     for n in nets.values():
         n.model.train()
     while step < steps:
-        for name in objective.phases(step):
+        for phase, name in enumerate(objective.phases(step)):
             n = nets[name]
             for other in nets.values():  # a phase's loss may reach other networks (e.g. DMD's GAN head)
                 other.optimizer.zero_grad(set_to_none=True)
             try:
+                # the other networks enter unwrapped: only the updated one synchronises its gradients
                 loss_val, grad_norm = _train_step(
-                    lambda m, b: objective({**{k: v.model for k, v in nets.items()}, name: m}, b, name),
-                    n.model, source, n.optimizer, accelerator, grad_accum, grad_clip)
+                    lambda m, b: objective({**{k: v.raw for k, v in nets.items()}, name: m}, b, name),
+                    n.model, source, n.optimizer, accelerator, shards, (step, phase), grad_clip)
             except FloatingPointError as e:  # nothing of this step was applied; no checkpoint is written
                 good = latest_checkpoint(out_dir)
                 raise FloatingPointError(f"step {step + 1} ({name}): {e}. Training stopped; the last good checkpoint "
@@ -632,7 +645,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
 
 def _check_writable(out_dir: Path, need_bytes: int = 1 << 20) -> None:
     """Fail before training when the run folder cannot be written (permissions, full disk)."""
-    probe = out_dir / ".write-test"
+    probe = out_dir / f".write-test-{os.getpid()}"  # processes of one run probe side by side
     try:
         with open(probe, "wb") as f:
             f.write(b"\0" * need_bytes)
@@ -660,22 +673,61 @@ def _make_accelerator(mixed_precision: str, cpu: bool | None):
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
-def _train_step(objective, model, source, optimizer, accelerator, grad_accum, grad_clip):
-    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, grad norm)."""
-    total = 0.0
-    for micro in range(grad_accum):
-        batch = _to_device(source.next(), accelerator.device)
-        sync = micro == grad_accum - 1
+class _Shards:
+    """How one optimizer step splits into shards: ``world`` processes x ``grad_accum`` micro-batches.
+
+    Every process draws the same global batch (``count`` shards of ``batch_size``) and takes its
+    own shards; shard k = micro * world + rank runs under torch's RNG seeded from (seed, step,
+    phase, k). So the noise and times an objective draws belong to the shard, not to the process:
+    two processes give the same update as one process with ``grad_accum=2`` (same global batch).
+    """
+
+    def __init__(self, world: int, rank: int, grad_accum: int, batch_size: int, seed: int):
+        self.world, self.rank, self.grad_accum, self.batch_size, self.seed = world, rank, grad_accum, batch_size, seed
+        self.count = world * grad_accum
+
+    def at(self, step: int, phase: int) -> list[tuple[int, int]]:
+        """[(shard index, RNG seed)] of this process's micro-batches at ``step`` / ``phase``."""
+        out = []
+        for micro in range(self.grad_accum):
+            k = micro * self.world + self.rank
+            key = f"{self.seed}/{step}/{phase}/{k}".encode()
+            out.append((k, int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1))
+        return out
+
+    def take(self, batch, k: int):
+        """Shard ``k`` of a global batch (tensors sliced along the first dimension)."""
+        if isinstance(batch, torch.Tensor):
+            return batch[k * self.batch_size:(k + 1) * self.batch_size]
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self.take(b, k) for b in batch)
+        if isinstance(batch, dict):
+            return {key: self.take(v, k) for key, v in batch.items()}
+        return batch
+
+
+def _train_step(objective, model, source, optimizer, accelerator, shards, where, grad_clip):
+    """One optimizer step over this process's shards of (step, phase) = ``where``;
+    returns (mean loss over all processes, grad norm)."""
+    total, mine = 0.0, shards.at(*where)
+    batch = source.next() if source.global_batches else None
+    for micro, (k, shard_seed) in enumerate(mine):
+        part = shards.take(batch, k) if batch is not None else source.next()
+        part = _to_device(part, accelerator.device)
+        sync = micro == len(mine) - 1
         ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else contextlib.nullcontext()
+        torch.manual_seed(shard_seed)
         with ctx:
             with accelerator.autocast():
-                per_sample = objective(model, batch)
+                per_sample = objective(model, part)
             if per_sample.ndim != 1:
                 raise ValueError(f"the objective must return a per-sample loss of shape (B,), "
                                  f"got {tuple(per_sample.shape)}")
             loss = per_sample.float().mean()
-            accelerator.backward(loss / grad_accum)
-        total += loss.item() / grad_accum
+            accelerator.backward(loss / len(mine))
+        total += loss.item() / len(mine)
+    if accelerator.num_processes > 1:  # every process sees the same loss (logging, the NaN stop)
+        total = float(accelerator.reduce(torch.tensor([total], device=accelerator.device), "mean")[0])
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss became {total}; lower lr or enable grad_clip")  # step added by train()
     params = [p for p in model.parameters() if p.grad is not None]
