@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .distributed import gather_batches, my_batches, process_group
 from .denoisers import ClassifierFreeGuidance, ModelDenoiser
 from .nets import load_net, read_config
 from .sampling import expected_nfe, sample, solver_grid
@@ -280,11 +281,9 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     solver, steps = model.check_sampling(solver, steps, w)
     device = model.device
     sigma_max = float(model.schedule.sigma(torch.tensor(model.schedule.t_max, dtype=torch.float64)))
-    world, rank = _process_group()
+    world, rank = process_group()  # several processes: each makes every world-th batch, then all gather
     outs = []
-    for b, start in enumerate(range(0, n, batch_size)):
-        if b % world != rank:  # several processes: each makes every world-th batch, then all gather
-            continue
+    for start in my_batches(range(0, n, batch_size), world, rank):
         count = min(batch_size, n - start)
         gens = sample_generators(seed, start, count)
         x_T = torch.cat([torch.randn((1, *model.image_shape), generator=g) for g in gens]).to(device)
@@ -293,16 +292,4 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
                                  w=w, solver=solver, steps=steps, spacing=spacing, generator=gens,
                                  progress=progress, **options)
         outs.append(out.x.float().clamp(-1, 1).cpu())
-    if world == 1:
-        return torch.cat(outs)
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, outs)
-    return torch.cat([gathered[b % world][b // world] for b in range(len(range(0, n, batch_size)))])
-
-
-def _process_group() -> tuple[int, int]:
-    """(world size, rank) of an initialised torch.distributed group (accelerate launch, torchrun), else (1, 0)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    return torch.cat(gather_batches(outs, world))

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.mnist import NUM_CLASSES, load_mnist
+from .distributed import on_main
 from .losses import DenoisingLoss, unpack_batch
 from .nets import CNNClassifier, ClassifierConfig, UNet, UNetConfig
 from .schedules import CosineVP, schedule_from_config
@@ -132,7 +133,7 @@ def run_mnist_teacher(out: Path, resume: bool, preset: dict = MNIST_TEACHER, pro
                    sample_fn=teacher_preview_fn(schedule), sample_every_minutes=preset["sample_every_minutes"],
                    resume=resume, seed=preset["seed"], progress=progress,
                    run_info={"recipe": "mnist-teacher", "preset": preset})
-    folder = result.ema.save(out / "model", extra=teacher_export_config(preset, result.step))
+    folder = on_main(result.ema.save, out / "model", extra=teacher_export_config(preset, result.step)) or out / "model"
     print(f"exported EMA teacher after {result.step} steps -> {folder}")
     return folder
 
@@ -184,7 +185,7 @@ def run_mnist_classifier(out: Path, resume: bool, preset: dict = MNIST_CLASSIFIE
              "train_accuracy": train_acc, "heldout_split": "mnist heldout (1000, 100 per class)",
              "train_steps": result.step, "train_seconds": round(time.time() - t0, 1),
              "input": "images in [-1, 1], shape (B, 1, 28, 28)", "features": "penultimate, features(x)"}
-    folder = result.ema.save(out / "model", extra=extra)
+    folder = on_main(result.ema.save, out / "model", extra=extra) or out / "model"
     print(json.dumps({"heldout_accuracy": acc, "train_accuracy": train_acc, "model": str(folder)}))
     return acc
 

@@ -62,6 +62,7 @@ def regression_pairs(model, path, *, n: int = 2000, solver: str = "dpmpp_2m", st
     from safetensors.torch import save_file
 
     from ..api import sample_generators
+    from ..distributed import gather_batches, my_batches, process_group
     if n < 1 or steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1, got n={n}, steps={steps}")
     path = Path(path)
@@ -74,9 +75,10 @@ def regression_pairs(model, path, *, n: int = 2000, solver: str = "dpmpp_2m", st
           file=sys.stderr)
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
     sigma_max = float(model.schedule.sigma(torch.tensor(model.schedule.t_max, dtype=torch.float64)))
+    world, rank = process_group()  # several processes: each makes every world-th batch; the main one writes
     zs, xs = [], []
-    starts = range(0, n, batch_size)
-    if progress:
+    starts = my_batches(range(0, n, batch_size), world, rank)
+    if progress and rank == 0:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="regression set")
     for start in starts:
@@ -87,13 +89,18 @@ def regression_pairs(model, path, *, n: int = 2000, solver: str = "dpmpp_2m", st
                                  w=w, solver=solver, steps=steps, spacing="logsnr", generator=None, progress=False)
         zs.append(z)
         xs.append(out.x.float().cpu())
+    zs, xs = gather_batches(zs, world), gather_batches(xs, world)
     tensors = {"z": torch.cat(zs).contiguous(), "x_ref": torch.cat(xs).contiguous(),
                "labels": (labels if labels is not None else torch.zeros(n, dtype=torch.long)).contiguous()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"settings": json.dumps(settings)})
-    os.replace(tmp, path)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"settings": json.dumps(settings)})
+        os.replace(tmp, path)
+    if world > 1:
+        torch.distributed.barrier()
     return tensors
+
 
 
 class DMDData:

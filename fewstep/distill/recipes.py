@@ -20,6 +20,7 @@ import torch
 
 from ..api import load
 from ..data.mnist import NUM_CLASSES, load_mnist
+from ..distributed import on_main
 from ..train import train
 from ._common import NetX0, with_w_input
 from .guided import GuidedDistillLoss
@@ -126,7 +127,7 @@ def _train_stage(objective, net, data, out: Path, hp: dict, preset: dict, sample
                    sample_every_minutes=preset["sample_every_minutes"], resume=resume, seed=preset["seed"],
                    progress=progress, run_info=info)
     secs = _stage_seconds(out, t0)
-    folder = result.ema.save(export, extra=config_fn(result.step, secs))
+    folder = on_main(result.ema.save, export, extra=config_fn(result.step, secs)) or export
     print(f"{export.name}: {result.step} steps, {secs / 60:.1f} min -> {folder}")
     return result.ema, folder
 
@@ -302,6 +303,7 @@ def run_mnist_dmd(out: Path, resume: bool, preset: dict = MNIST_DMD, name: str =
                    sample_every_minutes=preset["sample_every_minutes"], resume=resume, seed=preset["seed"],
                    progress=progress, run_info={"recipe": name, "preset": preset})
     secs = _stage_seconds(out / "run", t0)
-    folder = result.ema.save(out / name, extra=generator_config(teacher.config, preset, name, result.step, secs))
+    folder = on_main(result.ema.save, out / name,
+                     extra=generator_config(teacher.config, preset, name, result.step, secs)) or out / name
     print(f"{name}: {result.step} steps, {secs / 60:.1f} min -> {folder}")
     return folder
