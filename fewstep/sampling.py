@@ -8,22 +8,27 @@ import torch
 from .denoisers import Thresholded
 from .schedules import NoiseSchedule, custom_grid, time_grid
 from .solvers import SOLVERS, SamplerOutput, fast_orders, get_solver
+from .solvers.dpm_solver import PLACEMENTS, default_placement, singlestep_outer_grid
 
 __all__ = ["sample", "invert", "solver_grid", "expected_nfe"]
 
 
 def solver_grid(schedule: NoiseSchedule, solver: str, steps: int, spacing: str = "logsnr",
-                final: str = "zero", **grid_kw) -> tuple[torch.Tensor, dict]:
+                final: str = "zero", placement: str | None = None, **grid_kw) -> tuple[torch.Tensor, dict]:
     """The grid (and extra solver options) that spends ``steps`` model calls with ``solver``.
 
     ``steps`` is the budget of model calls. Multistep solvers: one call per interval;
     singlestep: split into per-step orders (DPM-Solver-fast); a final denoising step
     costs one call and is part of the budget for both. Heun: ``steps`` intervals
     (2 calls each). Adaptive: the grid only fixes the ends, [t_max, t_min(, 0)].
+    ``placement`` (singlestep solvers only): where the steps' ends and inner points go,
+    ``"official"`` or ``"logsnr_fractions"``; default: official for DPM-Solver++ (data prediction),
+    fractions for the noise-prediction ones (measured; see ``fewstep.solvers.dpm_solver.PLACEMENTS``).
     """
     spec = get_solver(solver)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_placement(spec, placement)
     if spec.kind == "adaptive":  # only the ends matter: t_max -> t_min (then denoise unless final="tmin")
         return time_grid(schedule, 1, spacing, final="tmin" if final == "tmin" else "denoise", **grid_kw), {}
     if spec.kind == "multistep" and final == "denoise":  # the extra denoising call is part of the budget
@@ -38,12 +43,22 @@ def solver_grid(schedule: NoiseSchedule, solver: str, steps: int, spacing: str =
             raise ValueError("with final='denoise' a singlestep solver needs steps >= 2 (the denoising call "
                              "is part of the budget)")
         return time_grid(schedule, 1, spacing, final="zero", **grid_kw), {"order": [1]}
+    if final not in ("zero", "tmin", "denoise"):
+        raise ValueError(f"final must be 'zero', 'tmin' or 'denoise', got {final!r}")
     orders = fast_orders(budget, spec.options["order"])
-    if final == "zero":
-        grid = time_grid(schedule, len(orders) + 1, spacing, final="zero", **grid_kw)
-        return grid, {"order": orders + [1]}
-    grid = time_grid(schedule, len(orders), spacing, final=final, **grid_kw)
-    return grid, {"order": orders + ([1] if final == "denoise" else [])}
+    grid, inner = singlestep_outer_grid(schedule, orders, spacing, placement or default_placement(solver), **grid_kw)
+    if final != "tmin":  # the step to clean data: one denoising call
+        grid, orders = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]), orders + [1]
+    return grid, {"order": orders, "inner": inner}
+
+
+def _check_placement(spec, placement) -> None:
+    if placement is None:
+        return
+    if spec.kind != "singlestep":
+        raise ValueError(f"placement applies to singlestep solvers only, not {spec.name!r} ({spec.kind})")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}, got {placement!r}")
 
 
 def expected_nfe(solver: str, grid: torch.Tensor, options: dict | None = None) -> int | None:
@@ -64,21 +79,26 @@ def expected_nfe(solver: str, grid: torch.Tensor, options: dict | None = None) -
 def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m",
            steps: int = 10, spacing: str = "logsnr", final: str = "zero", grid=None, cond: dict | None = None,
            thresholding: bool | dict = False, generator=None, callback=None, progress: bool = False,
-           **options) -> SamplerOutput:
+           placement: str | None = None, **options) -> SamplerOutput:
     """Sample from ``denoiser`` starting at ``x_T`` (noise at the grid's first time).
 
     solver: a name from ``fewstep.solvers.SOLVERS`` (e.g. ``dpmpp_2m``, ``unipc_bh2_3``).
     steps: the budget of model calls (see ``solver_grid``); ignored if ``grid`` is given.
     grid: an explicit decreasing time grid (ending in 0 for a final denoising step).
     thresholding: True (or a dict of ``dynamic_threshold`` arguments) to clip x0_hat.
+    placement: singlestep solvers only, ``"official"`` or ``"logsnr_fractions"`` (default: by solver): where
+    the steps' ends and inner model calls go (``fewstep.solvers.dpm_solver.PLACEMENTS``).
     options: solver options (``lower_order_final``, ``eta`` for ddim, ``rtol`` ...).
     """
     spec = get_solver(solver)
     if grid is None:
-        grid, extra = solver_grid(schedule, solver, steps, spacing, final)
+        grid, extra = solver_grid(schedule, solver, steps, spacing, final, placement)
         options = {**extra, **options}
     else:
         grid = custom_grid(schedule, grid)
+        if placement is not None:  # a given grid fixes the step ends; placement still places inner points
+            _check_placement(spec, placement)
+            options.setdefault("inner", None if placement == "logsnr_fractions" else spacing)
     if thresholding:
         denoiser = Thresholded(denoiser, **(thresholding if isinstance(thresholding, dict) else {}))
     return spec(denoiser, x_T, grid, schedule, cond=cond, generator=generator, callback=callback,
