@@ -203,6 +203,48 @@ def sample_cmd(model, w, solver, steps, spacing, seed, stochastic, labels, n, ba
                f"{' (each a batched cond+uncond call)' if cfg_call else ''}; {seconds / len(images):.4f} s/image")
 
 
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="fewstep-demo", show_default=True,
+              help="Folder for comparison.png, table.md and table.json.")
+@click.option("--force", is_flag=True, help="Write into --out even if it already holds a demo.")
+@click.option("--w", type=float, default=1.0, show_default=True, help="Guidance weight of every row.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fid-n", type=click.IntRange(min=0, max=2000), default=200, show_default=True,
+              help="Samples per FID/KID (0: none).")
+@click.option("--budget", type=click.FloatRange(min=0), default=100.0, show_default=True,
+              help="Seconds for FID/KID; rows that do not fit are reported without them.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+def demo_cmd(out, force, w, seed, fid_n, budget, threads):
+    """The shipped teacher, its fast solvers and its distilled students side by side on the same
+    classes and seeds: a comparison image and a table of network evaluations, seconds per image,
+    speed-up over the teacher's 50-step DDIM, and FID/KID."""
+    from pathlib import Path
+
+    import torch
+
+    from .demo import run_demo
+    folder = Path(out)
+    if (folder / "table.json").exists() and not force:
+        raise click.UsageError(f"{folder} already holds a demo; pass --force to overwrite it or choose another --out")
+    _check_writable_dir(folder)
+    if threads:
+        torch.set_num_threads(threads)
+    doc = run_demo(folder, w=w, seed=seed, fid_n=fid_n, budget_seconds=budget)
+    click.echo(f"wrote {doc['files']['image']}, {doc['files']['markdown']} and {doc['files']['json']}")
+
+
+def _check_writable_dir(folder) -> None:
+    """Refuse an output folder that cannot be created or written, before any work starts."""
+    import os
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise click.UsageError(f"cannot write to {folder} ({e.strerror or e}); choose another --out") from None
+
+
 @main.command("eval")
 @_sampling_options
 @click.option("-n", "--num", "n", type=click.IntRange(min=20), default=2000, show_default=True,
@@ -269,7 +311,10 @@ def _distill_options(f):
 @_distill_options
 @click.option("--until", type=click.IntRange(min=1), default=None,
               help="Stop after the round that reaches this many steps (default: down to 1).")
-def distill_guided_cmd(out, resume, threads, progress, until):
+@click.option("--part", type=click.Choice(["all", "decoder", "encoder"]), default="all", show_default=True,
+              help="decoder: stage 1 and the sampling rounds; encoder: stage 1 and the distilled encoder's rounds "
+                   "(the two can run at once in two processes on the same --out).")
+def distill_guided_cmd(out, resume, threads, progress, until, part):
     """Guided distillation of the shipped mnist-teacher: stage 1 (w-conditioned student), then progressive
     rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps. Reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1."""
     from pathlib import Path
@@ -279,7 +324,7 @@ def distill_guided_cmd(out, resume, threads, progress, until):
     from .distill.recipes import run_mnist_guided
     torch.set_num_threads(threads)
     try:
-        exports = run_mnist_guided(Path(out), resume=resume, progress=progress, until=until)
+        exports = run_mnist_guided(Path(out), resume=resume, progress=progress, until=until, part=part)
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e)) from None
     for name, folder in exports.items():

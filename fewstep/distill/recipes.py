@@ -148,8 +148,12 @@ def _stage_seconds(out: Path, t0: float) -> float:
 
 
 def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progress: bool = True,
-                     until: int | None = None) -> dict[str, Path]:
-    """Stage 1, then the progressive rounds down to 1 step (or to ``until`` steps); returns the exports."""
+                     until: int | None = None, part: str = "all") -> dict[str, Path]:
+    """Stage 1, then the progressive rounds down to 1 step (or to ``until`` steps), then the encoder's
+    rounds; ``part="decoder"`` or ``"encoder"`` runs stage 1 and only the one kind of rounds (two
+    processes can then share the work); returns the exports."""
+    if part not in ("all", "decoder", "encoder"):
+        raise ValueError(f"part must be 'all', 'decoder' or 'encoder', got {part!r}")
     out = Path(out)
     teacher = load(preset["teacher"])
     x, y = load_mnist("train")
@@ -163,7 +167,7 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
         resume, progress, {"recipe": "mnist-guided", "stage": "stage1", "preset": preset},
         out / "mnist-guided-stage1", lambda step, secs: student_config(teacher.config, preset, None, step, secs))
     stage1 = previous
-    for n_str, steps in preset["rounds"].items():
+    for n_str, steps in (preset["rounds"] if part != "encoder" else {}).items():
         n = int(n_str)
         if until is not None and n < until:
             break
@@ -177,7 +181,7 @@ def run_mnist_guided(out: Path, resume: bool, preset: dict = MNIST_GUIDED, progr
             preview_fn(sch, pred, n, fid_log=out / f"round-{n}" / "fid.jsonl"), resume, progress,
             {"recipe": "mnist-guided", "stage": f"round-{n}", "teacher_steps": 2 * n, "preset": preset}, out / name,
             lambda step, secs, n=n: student_config(teacher.config, preset, n, step, secs))
-    if until is None:
+    if until is None and part != "decoder":
         exports.update(_encoder_rounds(stage1, x, y, sch, pred, out, preset, resume, progress, teacher.config))
     return exports
 
