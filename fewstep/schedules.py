@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 
 __all__ = [
-    "NoiseSchedule", "DiscreteVP", "LinearVP", "CosineVP", "EDM", "RectifiedFlow",
-    "betas_by_name", "time_grid", "custom_grid", "SPACINGS",
+    "NoiseSchedule", "DiscreteVP", "ZeroSNRDiscreteVP", "LinearVP", "CosineVP", "EDM", "RectifiedFlow",
+    "FlowMatching", "betas_by_name", "rescale_zero_terminal_snr", "time_grid", "custom_grid", "SPACINGS",
 ]
 
 
@@ -170,6 +170,68 @@ class DiscreteVP(NoiseSchedule):
         return f"DiscreteVP(N={self.N})"
 
 
+def rescale_zero_terminal_snr(betas) -> torch.Tensor:
+    """Betas rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", Alg. 1): sqrt(abar) is shifted so its last value is 0 and scaled so its
+    first value is unchanged. The last beta becomes 1 (alpha_T = 0: pure noise)."""
+    ab = torch.cumprod(1.0 - _f64(betas).flatten(), 0).sqrt()
+    first, last = ab[0].clone(), ab[-1].clone()
+    ab = (ab - last) * (first / (first - last))
+    abar = ab ** 2
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
+class ZeroSNRDiscreteVP(DiscreteVP):
+    """A discrete VP schedule whose last training step is pure noise (alphas_cumprod[-1] = 0).
+
+    Steps 0 .. N-2 behave as in ``DiscreteVP``. On the last interval, where log alpha falls to
+    -inf, alpha (not log alpha) is interpolated linearly down to 0 at t = 1. ``t_max`` is the
+    last step with finite log-SNR, (N-1)/N, the default top of log-SNR and Karras grids; t = 1
+    (``t_upper``) is allowed as a grid's first point, the pure-noise start of zero-SNR models.
+    """
+
+    kind = "discrete_zero_snr"
+
+    def __init__(self, betas=None, alphas_cumprod=None):
+        if (betas is None) == (alphas_cumprod is None):
+            raise ValueError("ZeroSNRDiscreteVP needs exactly one of betas= or alphas_cumprod=")
+        ac = torch.cumprod(1.0 - _f64(betas).flatten(), 0) if betas is not None else _f64(alphas_cumprod).flatten()
+        ac = ac.clone()
+        if ac.numel() < 3 or abs(float(ac[-1])) > 1e-12:
+            raise ValueError("ZeroSNRDiscreteVP needs at least 3 steps and alphas_cumprod[-1] = 0")
+        ac[-1] = 0.0
+        head = ac[:-1]
+        if (head <= 0).any() or (head >= 1).any() or (head[1:] >= head[:-1]).any():
+            raise ValueError("alphas_cumprod[:-1] must be strictly decreasing values in (0, 1)")
+        self.alphas_cumprod = ac
+        self.N = ac.numel()
+        self._t = torch.cat([torch.zeros(1, dtype=torch.float64),
+                             torch.arange(1, self.N, dtype=torch.float64) / self.N])  # knots up to t_{N-2}
+        self._log_alpha = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(head)])
+        self._a_last = float(head[-1].sqrt())  # alpha at the last finite knot t = (N-1)/N
+        self.t_min = 1.0 / self.N
+        self.t_max = (self.N - 1.0) / self.N
+
+    t_upper = 1.0
+
+    def log_alpha(self, t) -> torch.Tensor:
+        t = _f64(t)
+        inner = _interp(t.clamp(max=self.t_max), self._t, self._log_alpha)
+        # last interval: alpha linear from a_last at t_max to 0 at t = 1
+        frac = ((1.0 - t) / (1.0 - self.t_max)).clamp(min=0.0)
+        outer = math.log(self._a_last) + torch.log(frac)
+        return torch.where(t > self.t_max, outer, inner)
+
+    def t_of_lambda(self, lam) -> torch.Tensor:
+        la = _log_alpha_from_lambda(_f64(lam))
+        inner = _interp(la, self._log_alpha.flip(0), self._t.flip(0))
+        outer = 1.0 - torch.exp(la - math.log(self._a_last)) * (1.0 - self.t_max)
+        return torch.where(la < math.log(self._a_last), outer, inner)
+
+    def __repr__(self) -> str:
+        return f"ZeroSNRDiscreteVP(N={self.N})"
+
+
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation with linear extrapolation at both ends (xp increasing)."""
     xp, fp = xp.to(x.device), fp.to(x.device)
@@ -282,7 +344,25 @@ class RectifiedFlow(NoiseSchedule):
         return {"kind": self.kind, "t_min": self.t_min, "t_max": self.t_max}
 
 
-_KINDS = {c.kind: c for c in (DiscreteVP, LinearVP, CosineVP, EDM, RectifiedFlow)}
+class FlowMatching(RectifiedFlow):
+    """Rectified flow as diffusers' flow-matching pipelines (SD3, Flux, ...) sample it: t = sigma,
+    x_t = (1 - sigma) x0 + sigma noise, and t = 1 (alpha = 0, pure noise) is allowed as a
+    grid's first point (``t_upper`` = 1).
+
+    ``t_min`` / ``t_max`` are the default ends of fewstep's spacings, which need a finite
+    log-SNR at both ends; the diffusers scheduler adapter sets them from the source's
+    training sigmas and shift.
+    """
+
+    kind = "flow_matching"
+    t_upper = 1.0
+
+    def __init__(self, t_min: float = 1e-3, t_max: float = 0.999):
+        super().__init__(t_min, t_max)
+
+
+_KINDS = {c.kind: c for c in (DiscreteVP, LinearVP, CosineVP, EDM, RectifiedFlow, FlowMatching,
+                                     ZeroSNRDiscreteVP)}
 
 
 def schedule_from_config(cfg: dict) -> NoiseSchedule:
@@ -293,6 +373,8 @@ def schedule_from_config(cfg: dict) -> NoiseSchedule:
         raise ValueError(f"unknown schedule kind {kind!r}; known: {sorted(_KINDS)}")
     if kind == "edm":
         return EDM(cfg["sigma_min"], cfg["sigma_max"])
+    if kind == "discrete_zero_snr":
+        return ZeroSNRDiscreteVP(alphas_cumprod=cfg["alphas_cumprod"])
     return _KINDS[kind](**cfg)
 
 

@@ -460,11 +460,12 @@ def test_from_config_keeps_the_pipelines_schedule(name):
 
 
 def test_from_config_does_not_silently_drop_zero_snr_rescaling():
-    """rescale_betas_zero_snr changes the betas: today it is refused with an error naming the key
-    (supporting it is issue 9; when it lands, this test changes to compare the betas)."""
-    src = DDIMScheduler(rescale_betas_zero_snr=True)
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
-        FewstepScheduler.from_config(src.config)
+    """rescale_betas_zero_snr changes the betas: they are honoured (issue 9; tests/test_diffusers_flow.py
+    checks sampling), with the terminal alpha exactly 0."""
+    src = DDIMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    fs = FewstepScheduler.from_config(src.config)
+    assert fs.config.rescale_betas_zero_snr and float(fs.schedule.alphas_cumprod[-1]) == 0.0
+    assert (fs.schedule.alphas_cumprod - src.alphas_cumprod.double()).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("ratio,max_value", [(0.995, 1.0), (0.9, 1.5)])

@@ -1,27 +1,34 @@
 """``FewstepScheduler``: fewstep's one-call-per-step solvers behind diffusers' scheduler interface.
 
 A thin stateful adapter: it keeps the grid, the step index and the solver's state,
-and every update is the solver's own step function from ``fewstep.solvers``.
+and every update is the solver's own step function from ``fewstep.solvers``. What the
+source config describes (flow matching, discrete VP, EDM) is read in ``families``.
 """
 from __future__ import annotations
 
 import inspect
+import math
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from ..denoisers import dynamic_threshold, to_x0
 from ..sampling import solver_grid
-from ..schedules import DiscreteVP, SPACINGS, betas_by_name
+from ..schedules import SPACINGS
 from ..solvers import SOLVERS, get_solver
 from ..solvers._common import grid_points
+from ..solvers.baseline import ddim_step
+from .families import (FAMILIES, PREDICTION_OF, build_schedule, edm_source_sigmas, flow_shift_sigmas,
+                       flow_source_sigmas, log_unused, source_class, translate_config, vp_source_timesteps)
 
 __all__ = ["FewstepScheduler", "PREDICTION_TYPES", "STEPPABLE"]
 
 # diffusers' prediction_type -> fewstep's
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 STEPPABLE = tuple(n for n, s in SOLVERS.items() if s.step is not None)
+SCHEDULER_SPACINGS = SPACINGS + ("linspace", "source", "shifted_uniform")
 
 
 class FewstepScheduler(SchedulerMixin, ConfigMixin):
@@ -31,11 +38,29 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     unipc_bh{1,2}_{1,2,3}. Singlestep, Heun and adaptive solvers need the whole loop:
     run them with ``fewstep.diffusers.sample(pipe, solver=...)``.
 
-    Keep a pipeline's schedule with
-    ``FewstepScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m", spacing="logsnr")``.
-    spacing: ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras`` or ``linspace``
-    (diffusers' default integer timesteps). final: ``zero`` (last step denoises to
-    clean data) or ``tmin``. Timesteps are the model's (possibly fractional) inputs.
+    Keep a pipeline's model with
+    ``FewstepScheduler.from_config(pipe.scheduler.config, solver="dpmpp_2m", spacing="logsnr")``:
+    the source config's family is honoured or refused (``fewstep.diffusers.families``):
+
+    * flow matching (``family="flow"``: FlowMatchEuler/Heun configs, DPM-Solver/UniPC/DEIS with
+      ``use_flow_sigmas``): x_t = (1 - sigma) x0 + sigma noise, v-prediction, timesteps
+      sigma * num_train_timesteps (floats); static ``shift`` or dynamic shifting with ``mu``.
+    * discrete VP (``family="vp"``): betas, prediction type, ``rescale_betas_zero_snr``,
+      ``snr_shift_scale``.
+    * EDM (``family="edm"``): sigma_min/max, sigma_data, rho; the model input is scaled by c_in.
+
+    spacing: ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras`` (fewstep's grids, between
+    the model's lowest and highest finite-SNR training noise levels; flow: after the shift), or
+    ``source``: the source scheduler's own timesteps (its ``timestep_spacing`` / shift / Karras
+    sigmas). ``linspace`` is diffusers' default integer VP timesteps (``source`` for flow and EDM).
+    ``shifted_uniform`` (flow only): uniform in the unshifted time, then shifted, as diffusers'
+    DPM-Solver / UniPC flow mode; the best grid for flow models in benchmarks/bench_flow.py.
+    fewstep's default is ``logsnr`` because its solvers are exponential integrators in log-SNR;
+    the source's spacing was chosen for its own sampler. A model whose top noise level is pure
+    noise (flow matching at sigma = 1, zero-terminal-SNR VP) starts every grid there; the step
+    from it is DDIM's (the exact limit of every solver's first step), and the solver's history
+    starts at the next point, which is an infinite log-SNR away. final: ``zero`` (last step
+    denoises to clean data) or ``tmin``. Timesteps are the model's (possibly fractional) inputs.
     """
 
     _compatibles: list = []
@@ -47,31 +72,50 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  solver: str = "dpmpp_2m", spacing: str = "logsnr", final: str = "zero",
                  lower_order_final: bool = True, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
-                 solver_options: dict | None = None):
+                 solver_options: dict | None = None, family: str = "vp", source_grid: str | None = None,
+                 rescale_betas_zero_snr: bool = False, snr_shift_scale: float = 1.0,
+                 timestep_spacing: str = "linspace", steps_offset: int = 0,
+                 shift: float = 1.0, use_dynamic_shifting: bool = False, base_shift: float = 0.5,
+                 max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                 time_shift_type: str = "exponential", shift_terminal: float | None = None,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0,
+                 sigma_schedule: str = "karras"):
         if solver not in STEPPABLE:
             spec = get_solver(solver)  # raises for unknown names, with suggestions
             raise ValueError(f"solver {solver!r} ({spec.kind}) cannot run one model call per step inside a "
                              f"diffusers pipeline; use fewstep.diffusers.sample(pipe, solver={solver!r}) or one of "
                              f"{', '.join(STEPPABLE)}")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported by FewstepScheduler; "
-                             f"supported: {', '.join(PREDICTION_TYPES)}")
-        if spacing not in SPACINGS + ("linspace",):
-            raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS + ('linspace',))}")
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        allowed = dict(PREDICTION_TYPES) if family == "vp" else {"flow_prediction": "flow"} if family == "flow" \
+            else {"epsilon": "eps", "v_prediction": "v"}
+        if prediction_type not in allowed:
+            raise ValueError(f"prediction_type {prediction_type!r} is not supported by FewstepScheduler for the "
+                             f"{family} family; supported: {', '.join(allowed)}")
+        if spacing not in SCHEDULER_SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SCHEDULER_SPACINGS)}")
         if final not in ("zero", "tmin"):
             raise ValueError(f"final must be 'zero' or 'tmin', got {final!r}")
-        betas = (torch.as_tensor(trained_betas, dtype=torch.float64) if trained_betas is not None
-                 else betas_by_name(beta_schedule, num_train_timesteps, beta_start, beta_end))
-        self.schedule = DiscreteVP(betas=betas)
-        self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+        if spacing == "shifted_uniform" and family != "flow":
+            raise ValueError("spacing='shifted_uniform' is the flow-matching grid; this config is "
+                             f"{family}: use logsnr, time_uniform, time_quadratic, karras, linspace or source")
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+        if spacing == "source" and source_grid and source_grid.startswith("unsupported:"):
+            raise ValueError(f"spacing='source' cannot follow the source's {source_grid.split(':', 1)[1]}=True "
+                             "grid; choose one of fewstep's spacings (e.g. 'karras')")
+        self.schedule = build_schedule(self.config)
+        if family == "vp":
+            self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         spec = get_solver(solver)
         options = dict(solver_options or {})
         if "lower_order_final" in inspect.signature(spec.step).parameters:  # first-order steps have none
             options.setdefault("lower_order_final", lower_order_final)
         self._step_fn = spec.stepper(**options)
-        self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = None
+        self.sigmas = None
+        self.grid = None
         self._points = None
         self._step_index = None
         self._begin_index = None
@@ -79,14 +123,30 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """As diffusers' ``from_config``, but keeps values the source left at its own defaults
-        (diffusers drops them, which would swap e.g. an LCM pipeline's betas for ours)."""
+        """As diffusers' ``from_config``, reading the source config's family (flow matching, VP,
+        EDM) key by key: keys about the model are honoured or refused with an error naming them,
+        keys about the source's own sampler are listed once in a debug message. Unlike diffusers,
+        values the source left at its own defaults are kept (diffusers drops them, which would swap
+        e.g. an LCM pipeline's betas for ours)."""
         if config is not None:
-            config = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
-            if config.get("rescale_betas_zero_snr"):
-                raise ValueError("rescale_betas_zero_snr=True is not supported by FewstepScheduler: its final "
-                                 "alpha is 0 (infinite noise), which has no finite log-SNR")
+            ours, unused = translate_config(config)
+            name = source_class(config)
+            log_unused(name, unused)
+            config = ours
+            if config.get("family") == "flow" and "spacing" not in kwargs and "spacing" not in dict(config):
+                # measured (benchmarks/results/flow_solvers.md): on shifted flow models the log-SNR grid
+                # gains nothing over FlowMatchEuler; the shifted uniform-in-sigma grid is what helps
+                kwargs["spacing"] = "shifted_uniform"
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Std of the pipeline's initial noise: 1 for VP and flow; EDM: sqrt(sigma_max^2 + 1), as
+        diffusers' EDM schedulers."""
+        if self.config.family != "edm":
+            return 1.0
+        top = self._points[0].sigma if self._points else self.config.sigma_max
+        return (top ** 2 + 1.0) ** 0.5
 
     # -- timesteps --------------------------------------------------------
     @property
@@ -101,41 +161,137 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """Start stepping at ``timesteps[begin_index]`` (image-to-image pipelines)."""
         self._begin_index = begin_index
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
-        """Build the grid from a step count, explicit model timesteps, or diffusers sigmas."""
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      mu: float | None = None):
+        """Build the grid from a step count, explicit model timesteps, or diffusers sigmas.
+
+        VP: ``timesteps`` are model timesteps, ``sigmas`` EDM sigmas sqrt((1 - abar) / abar).
+        Flow: ``timesteps`` are sigma * num_train_timesteps (used as given, not shifted);
+        ``sigmas`` are *unshifted* sigmas, shifted by the config's shift or by ``mu`` as
+        FlowMatchEulerDiscreteScheduler does. Flux-style pipelines always pass
+        ``sigmas=linspace(1, 1/n, n)``, that scheduler's own default: unless spacing is
+        ``source`` those are read as the step count n and fewstep's spacing is used. ``mu``:
+        dynamic shifting's log-shift (required when the config has ``use_dynamic_shifting``).
+        EDM: ``timesteps`` are c_noise = log(sigma) / 4, ``sigmas`` are sigmas.
+        """
+        fam = self.config.family
+        if fam == "flow" and sigmas is not None and self.config.spacing not in ("source", "linspace"):
+            base = np.asarray(torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu(), dtype=np.float64)
+            n = len(base)
+            if num_inference_steps in (None, n) and n > 0 and np.allclose(base, np.linspace(1.0, 1.0 / n, n),
+                                                                          atol=1e-6):
+                num_inference_steps, sigmas = n, None  # the pipeline's stock grid: use fewstep's spacing
+        if sigmas is not None and num_inference_steps is not None:
+            if len(torch.as_tensor(sigmas).flatten()) != num_inference_steps:
+                raise ValueError("sigmas must have num_inference_steps entries")
+            num_inference_steps = None
         given = [a is not None for a in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas")
-        sch, n_train = self.schedule, self.config.num_train_timesteps
-        if timesteps is not None:
-            t = (torch.as_tensor(timesteps, dtype=torch.float64).flatten() + 1.0) / n_train
-            grid = torch.cat([t, self._final_point(t)])
-        elif sigmas is not None:
-            sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-            if (sig < 0).any():
-                raise ValueError("sigmas must be >= 0")
-            pos = sch.t_of_edm_sigma(sig[sig > 0])
-            if (pos <= sch.t_max * (1 + 1e-6)).all():  # float32 sigmas overshoot t_max by round-off
-                pos = pos.clamp(max=sch.t_max)
-            grid = torch.cat([pos, torch.zeros(1, dtype=torch.float64)]) if (sig == 0).any() else \
-                torch.cat([pos, self._final_point(pos)])
-        elif self.config.spacing == "linspace":
-            n = self._check_steps(num_inference_steps)
-            ts = torch.linspace(0, n_train - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
-            if n >= n_train:  # rounding would repeat timesteps: use fractional ones instead
-                ts = torch.linspace(n_train - 1, 0, n, dtype=torch.float64)
-            t = (ts + 1.0) / n_train
-            grid = torch.cat([t, self._final_point(t)])
-        else:
-            n = self._check_steps(num_inference_steps)
-            grid, extra = solver_grid(sch, self.config.solver, n, self.config.spacing, self.config.final)
+        if mu is not None and fam != "flow":
+            raise ValueError("mu (dynamic shifting) is only meaningful for a flow-matching config")
+        if fam == "flow" and self.config.use_dynamic_shifting and mu is None:
+            raise ValueError("this flow-matching config has use_dynamic_shifting=True: pass mu to set_timesteps "
+                             "(the pipeline computes it from the image size)")
+        grid = {"vp": self._vp_grid, "flow": self._flow_grid, "edm": self._edm_grid}[fam](
+            num_inference_steps, timesteps, sigmas, mu)
+        sch = self.schedule
         self._points = grid_points(sch, sch.check_times(grid, "timesteps"))
         if len(self._points) < 2 or any(b.t >= a.t for a, b in zip(self._points, self._points[1:])):
             raise ValueError("timesteps must be strictly decreasing with no repeats")
         self.grid = grid
-        self.timesteps = sch.model_timestep(grid[:-1]).float().to(device)
+        self.timesteps = self._model_timestep(grid[:-1]).float().to(device)
+        # diffusers' sigmas (n + 1 of them): flow sigma, EDM sigma, or VP's sigma / alpha
+        self.sigmas = (grid if fam != "vp" else sch.edm_sigma(grid)).float()
         self.num_inference_steps = len(self.timesteps)
         self._step_index, self._state = None, None
+
+    def _model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        fam = self.config.family
+        if fam == "flow":
+            return t * self.config.num_train_timesteps  # diffusers' flow models take sigma * 1000
+        if fam == "edm":
+            return 0.25 * torch.log(t)  # EDM's c_noise (Karras et al. 2022, Table 1)
+        return self.schedule.model_timestep(t)
+
+    def _fewstep_grid(self, n: int, **ends) -> torch.Tensor:
+        """fewstep's spacing between the model's finite-SNR ends; a pure-noise top (alpha = 0) is
+        the grid's first point instead of the top finite one (the first step starts from it)."""
+        n = self._check_steps(n)
+        grid, _ = solver_grid(self.schedule, self.config.solver, n, self.config.spacing, self.config.final,
+                              rho=self.config.rho, **ends)
+        if self.schedule.t_upper > self.schedule.t_max:
+            grid = grid.clone()
+            grid[0] = self.schedule.t_upper
+        return grid
+
+    def _vp_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
+        sch, n_train = self.schedule, self.config.num_train_timesteps
+        if timesteps is not None:
+            t = (torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu() + 1.0) / n_train
+            return torch.cat([t, self._final_point(t)])
+        if sigmas is not None:
+            sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            if (sig < 0).any():
+                raise ValueError("sigmas must be >= 0")
+            pos = sch.t_of_edm_sigma(sig[sig > 0])
+            if (pos <= sch.t_upper * (1 + 1e-6)).all():  # float32 sigmas overshoot t_max by round-off
+                pos = pos.clamp(max=sch.t_upper)
+            return torch.cat([pos, torch.zeros(1, dtype=torch.float64)]) if (sig == 0).any() else \
+                torch.cat([pos, self._final_point(pos)])
+        if self.config.spacing in ("linspace", "source"):
+            n = self._check_steps(n)
+            if self.config.spacing == "source":
+                ts = torch.as_tensor(vp_source_timesteps(self.config, n, n_train), dtype=torch.float64)
+            else:
+                ts = torch.linspace(0, n_train - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
+                if n >= n_train:  # rounding would repeat timesteps: use fractional ones instead
+                    ts = torch.linspace(n_train - 1, 0, n, dtype=torch.float64)
+            t = (ts + 1.0) / n_train
+            return torch.cat([t, self._final_point(t)])
+        return self._fewstep_grid(n)
+
+    def _flow_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
+        cfg, n_train = self.config, self.config.num_train_timesteps
+        if timesteps is not None:
+            t = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu() / n_train
+        elif sigmas is not None:
+            base = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            if (base < 0).any() or (base > 1).any():
+                raise ValueError("flow-matching sigmas must lie in [0, 1]")
+            if base[-1] == 0:  # a trailing 0: the final denoising point
+                return torch.cat([torch.as_tensor(flow_shift_sigmas(base[:-1].numpy(), cfg, mu)),
+                                  torch.zeros(1, dtype=torch.float64)])
+            t = torch.as_tensor(flow_shift_sigmas(base.numpy(), cfg, mu))
+        elif cfg.spacing in ("source", "linspace"):
+            t = torch.as_tensor(flow_source_sigmas(cfg, self._check_steps(n), mu), dtype=torch.float64)
+        elif cfg.spacing == "shifted_uniform":  # uniform in the unshifted time, then shifted (DPM-Solver's flow grid)
+            t = torch.as_tensor(flow_source_sigmas({**dict(cfg), "source_grid": "dpmsolver"}, self._check_steps(n), mu),
+                                dtype=torch.float64)
+        else:
+            # the model's training sigmas are shift(k / N), k = 1..N: fewstep's spacing runs between the
+            # lowest and the highest one below 1 (the shift translates both in log-SNR)
+            lo, hi = flow_shift_sigmas([1.0 / n_train, (n_train - 1.0) / n_train], {**dict(cfg), "shift_terminal": None}, mu)
+            return self._fewstep_grid(n, t_max=float(hi), t_min=float(lo))
+        t = t.to(torch.float64)
+        return torch.cat([t, self._final_point(t)])
+
+    def _edm_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
+        if timesteps is not None:
+            t = torch.exp(4.0 * torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu())
+        elif sigmas is not None:
+            sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+            top = self.schedule.t_max
+            if float(sig.max()) <= top * (1 + 1e-6):  # float32 sigmas overshoot sigma_max by round-off
+                sig = sig.clamp(max=top)
+            if sig[-1] == 0:
+                return sig
+            t = sig
+        elif self.config.spacing in ("source", "linspace"):
+            t = torch.as_tensor(edm_source_sigmas(self.config, self._check_steps(n)), dtype=torch.float64)
+        else:
+            return self._fewstep_grid(n)
+        return torch.cat([t, self._final_point(t)])
 
     def _final_point(self, t: torch.Tensor) -> torch.Tensor:
         if self.config.final == "zero":
@@ -162,12 +318,21 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     # -- the diffusers contract ---------------------------------------------
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample  # VP: the model sees x_t as is
+        """VP and flow: the model sees x_t as is. EDM: x_t * c_in, c_in = 1 / sqrt(sigma^2 + sigma_data^2)
+        (Karras et al. 2022, Table 1), at the current step's sigma."""
+        if self.config.family != "edm":
+            return sample
+        if self._points is None:
+            raise ValueError("call set_timesteps before scale_model_input")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sig = self._points[self._step_index].sigma
+        return sample / math.sqrt(sig * sig + self.config.sigma_data ** 2)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, **kwargs):
         """One solver step. Extra keyword arguments of other schedulers' ``step`` (eta,
-        use_clipped_model_output, ...) are accepted and ignored."""
+        use_clipped_model_output, s_churn, ...) are accepted and ignored."""
         if self._points is None:
             raise ValueError("call set_timesteps before step")
         if self._step_index is None:
@@ -175,9 +340,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         i = self._step_index
         if i >= len(self._points) - 1:
             raise ValueError("all steps are done; call set_timesteps again to sample anew")
-        x0 = self._x0(model_output, sample, self._points[i])
-        b = self._start  # img2img: the solver sees the grid from its starting point on
-        prev, self._state = self._step_fn(sample, x0, i - b, self._points[b:], self._state, generator)
+        p = self._points[i]
+        x0 = self._x0(model_output, sample, p)
+        if p.alpha == 0.0:
+            # pure noise (lambda = -inf): DDIM's step is the limit of every solver's first step; a point an
+            # infinite log-SNR away adds nothing to a multistep history, so the solver starts at i + 1
+            prev, _ = ddim_step(sample.to(x0.dtype), x0, i, self._points)
+            self._start, self._state = i + 1, None
+        else:
+            b = self._start  # img2img: the solver sees the grid from its starting point on
+            prev, self._state = self._step_fn(sample, x0, i - b, self._points[b:], self._state, generator)
         self._step_index = i + 1
         prev = prev.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
@@ -189,20 +361,49 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             else:
                 raise ValueError(f"model output shape {tuple(out.shape)} does not fit the sample "
                                  f"{tuple(sample.shape)}")
-        a = torch.full((sample.shape[0],), p.alpha, dtype=torch.float64, device=sample.device)
-        s = torch.full((sample.shape[0],), p.sigma, dtype=torch.float64, device=sample.device)
-        x0 = to_x0(PREDICTION_TYPES[self.config.prediction_type], out, sample, a, s)
+        if self.config.family == "edm":
+            # D = c_skip x + c_out F (Karras et al. 2022, eq. 7 and Table 1; diffusers' sign for v_prediction)
+            sig, sd = p.sigma, self.config.sigma_data
+            c_skip = sd * sd / (sig * sig + sd * sd)
+            c_out = sig * sd / math.sqrt(sig * sig + sd * sd) * (-1.0 if self.config.prediction_type == "v_prediction"
+                                                                 else 1.0)
+            dtype = torch.promote_types(sample.dtype, torch.float32)
+            x0 = sample.to(dtype) * c_skip + out.to(dtype) * c_out
+        else:
+            a = torch.full((sample.shape[0],), p.alpha, dtype=torch.float64, device=sample.device)
+            s = torch.full((sample.shape[0],), p.sigma, dtype=torch.float64, device=sample.device)
+            x0 = to_x0(PREDICTION_OF[self.config.prediction_type], out, sample, a, s)
         if self.config.thresholding:
             x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         return x0
 
+    def _alpha_sigma_at(self, timesteps, like: torch.Tensor):
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
+        fam = self.config.family
+        if fam == "flow":
+            s = ts / self.config.num_train_timesteps
+            a = 1.0 - s
+        elif fam == "edm":
+            s = torch.exp(4.0 * ts)
+            a = torch.ones_like(s)
+        else:
+            t = (ts + 1.0) / self.config.num_train_timesteps
+            a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return a.reshape(shape).to(like.device), s.reshape(shape).to(like.device)
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """x_t = alpha_t x0 + sigma_t noise at the (integer or fractional) model timesteps."""
-        t = (torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu() + 1.0) / self.config.num_train_timesteps
-        shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        a = self.schedule.alpha(t).reshape(shape).to(original_samples.device)
-        s = self.schedule.sigma(t).reshape(shape).to(original_samples.device)
+        """x_t = alpha_t x0 + sigma_t noise at the (integer or fractional) model timesteps
+        (flow: sigma = timestep / num_train_timesteps; EDM: sigma = exp(4 timestep))."""
+        a, s = self._alpha_sigma_at(timesteps, original_samples)
         return (a * original_samples.double() + s * noise.double()).to(original_samples.dtype)
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow matching's img2img noising, as FlowMatchEulerDiscreteScheduler.scale_noise:
+        sigma noise + (1 - sigma) sample at the model timestep(s), sigma = timestep / num_train_timesteps."""
+        if self.config.family != "flow":
+            raise ValueError("scale_noise is the flow-matching noising; use add_noise for VP and EDM models")
+        return self.add_noise(sample, noise, timestep)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
