@@ -124,6 +124,45 @@ def _labels(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated class ids, got {value!r}", ctx=ctx, param=param) from None
 
 
+def _check_device(device: str):
+    """A torch.device that exists on this machine, or a usage error that says what to use instead."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise click.UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+        raise click.UsageError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise click.UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise click.UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+    return dev
+
+
+DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _check_output_file(path, force: bool):
+    """Refuse, before any work, an output file that exists (without --force) or cannot be written."""
+    import os
+    from pathlib import Path
+    path = Path(path)
+    if path.is_dir():
+        raise click.UsageError(f"{path} is a folder; give a file name for --out")
+    if path.exists() and not force:
+        raise click.UsageError(f"{path} exists; pass --force to overwrite it or choose another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise click.UsageError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
+    return path
+
+
 def _load_model(name):
     from .api import load
     try:
@@ -161,35 +200,45 @@ def list_solvers():
 @click.option("--labels", callback=_labels, help="Comma-separated class ids (default: 0..9 repeated).")
 @click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N (where a GPU is present).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+              help="Network precision (autocast); schedule and solver math stay in float32/64.")
 @click.option("--out", type=click.Path(dir_okay=False), default="samples.png", show_default=True,
               help="PNG grid to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--singles", type=click.Path(file_okay=False), default=None, help="Also write single PNGs here.")
 @click.option("--progress/--no-progress", default=True)
-def sample_cmd(model, w, solver, steps, spacing, seed, stochastic, labels, n, batch_size, device, out, singles,
-               progress):
+def sample_cmd(model, w, solver, steps, spacing, seed, stochastic, labels, n, batch_size, device, dtype, out, force,
+               singles, progress):
     """Generate images with a model and a solver; write a PNG grid."""
+    import contextlib
     import time
+    from pathlib import Path
 
     import torch
 
     from .api import generate
     from .images import save_image_grid, save_images
+    dev = _check_device(device)
     m = _load_model(model)
     if not hasattr(m, "sample_batch"):
         raise click.UsageError(f"{model!r} is not a generative model")
-    try:
-        m.to(device)
-    except (RuntimeError, ValueError) as e:
-        raise click.UsageError(f"cannot use device {device!r}: {e}") from None
+    _check_output_file(out, force)  # before any sampling
+    if singles:
+        _check_writable_dir(Path(singles))
+    m.to(dev)
     if labels is None and m.num_classes:
         labels = [i % m.num_classes for i in range(n)]
     try:
         t0 = time.perf_counter()
         extra = {"stochastic": True} if stochastic else {}
         solver, steps = m.check_sampling(solver, steps, w)
-        images = generate(m, None if labels is None else torch.tensor(labels), n=n, w=w, solver=solver,
-                          steps=steps, spacing=spacing, seed=seed, batch_size=batch_size, progress=progress, **extra)
+        precision = (torch.autocast(dev.type, dtype=getattr(torch, DTYPES[dtype])) if DTYPES[dtype]
+                     else contextlib.nullcontext())
+        with precision:
+            images = generate(m, None if labels is None else torch.tensor(labels), n=n, w=w, solver=solver,
+                              steps=steps, spacing=spacing, seed=seed, batch_size=batch_size, progress=progress,
+                              **extra)
         seconds = time.perf_counter() - t0
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -257,6 +306,8 @@ def eval_cmd(model, w, solver, steps, spacing, seed, stochastic, n, batch_size, 
     from pathlib import Path
 
     from .evaluate import evaluate
+    if json_path:
+        _check_output_file(json_path, force=True)  # eval results are meant to be refreshed
     m = _load_model(model)
     try:
         extra = {"stochastic": True} if stochastic else {}
@@ -285,6 +336,7 @@ def train_cmd(preset, out, resume, threads, progress):
     import torch
 
     from .recipes import RECIPES
+    _check_writable_dir(Path(out))
     torch.set_num_threads(threads)
     try:
         RECIPES["mnist-teacher" if preset == "mnist" else preset](Path(out), resume=resume, progress=progress)
@@ -322,6 +374,7 @@ def distill_guided_cmd(out, resume, threads, progress, until, part):
     import torch
 
     from .distill.recipes import run_mnist_guided
+    _check_writable_dir(Path(out))
     torch.set_num_threads(threads)
     try:
         exports = run_mnist_guided(Path(out), resume=resume, progress=progress, until=until, part=part)
@@ -345,6 +398,7 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, steps):
     import torch
 
     from .distill.recipes import DMD_PRESETS, run_mnist_dmd
+    _check_writable_dir(Path(out))
     torch.set_num_threads(threads)
     try:
         folder = run_mnist_dmd(Path(out), resume=resume, preset=DMD_PRESETS[preset], name=preset,
@@ -373,6 +427,7 @@ def translate_cmd(source, target, encoder, decoder, w, n, out):
     from .data.mnist import load_mnist
     from .distill.samplers import translate
     from .images import save_image_grid
+    _check_output_file(out, force=True)
     enc, dec = _load_model(encoder), _load_model(decoder)
     if not isinstance(enc, EncoderModel):
         raise click.UsageError(f"{encoder!r} is not a distilled encoder")

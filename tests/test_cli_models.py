@@ -50,6 +50,14 @@ def test_sample_writes_a_grid_and_reports_nfe(tiny, tmp_path):
     (["eval", "--model", "no-such-model"], "no model named"),
     (["train", "mnist"], "--out"),
     (["train", "cifar", "--out", "x"], "cifar"),
+    (["sample", "--device", "cuda:99", "--steps", "1"], "--device cuda:99"),  # no CUDA, or not that many GPUs
+    (["sample", "--device", "tpu-ish"], "unknown device"),
+    (["sample", "--dtype", "int8"], "--dtype"),
+    (["sample", "--steps", "1", "--out", "/proc/x.png"], "cannot write /proc/x.png"),
+    (["train", "mnist", "--out", "/proc/xx"], "cannot write to /proc/xx"),
+    (["distill", "guided", "--out", "/proc/xx"], "cannot write to /proc/xx"),
+    (["distill", "dmd", "--out", "/proc/xx"], "cannot write to /proc/xx"),
+    (["eval", "--json", "/proc/e.json", "-n", "20"], "cannot write /proc/e.json"),
 ])
 def test_misuse_exits_2_with_one_line(args, words):
     r = invoke(*args)
@@ -78,3 +86,30 @@ def test_eval_json(tiny, tmp_path):
         assert key in res
     assert res["nfe"] == 1 and res["n"] == 20
     assert res["fid"] > res["baseline"]["fid"]  # a random network is far from real digits
+
+
+def test_sample_refuses_to_overwrite_without_force_and_before_sampling(tiny, tmp_path):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"keep me")
+    r = invoke("sample", "--model", str(tiny), "--steps", "1", "-n", "2", "--out", str(out), "--no-progress")
+    assert r.exit_code == 2 and "--force" in r.output and out.read_bytes() == b"keep me"
+    r = invoke("sample", "--model", str(tiny), "--steps", "1", "-n", "2", "--out", str(out), "--no-progress", "--force")
+    assert r.exit_code == 0 and out.read_bytes() != b"keep me"
+
+
+def test_sample_under_bf16_autocast_is_close_to_float32(tiny, tmp_path):
+    """--dtype bf16: the network runs under autocast, the solver math stays float32/64. bf16 keeps 8
+    mantissa bits (relative round-off 2^-8 ~ 0.004 per network output); guidance (1 + 2w = 3x) and a few
+    steps amplify it, so the stated tolerance in [-1, 1] pixel units is RMS < 0.02 and max < 0.1."""
+    import fewstep
+    from fewstep.api import generate
+    m = fewstep.load(tiny)
+    ref = generate(m, torch.arange(4), w=1.0, solver="dpmpp_2m", steps=4, seed=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = generate(m, torch.arange(4), w=1.0, solver="dpmpp_2m", steps=4, seed=0)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    diff = low - ref
+    assert 0 < diff.pow(2).mean().sqrt() < 0.02 and diff.abs().max() < 0.1, (diff.pow(2).mean().sqrt(), diff.abs().max())
+    r = invoke("sample", "--model", str(tiny), "--steps", "2", "-n", "2", "--dtype", "bf16", "--out",
+               str(tmp_path / "b.png"), "--no-progress")
+    assert r.exit_code == 0, r.output
