@@ -93,7 +93,7 @@ class DiffusionModel:
     def nfe(self, solver: str, steps: int, spacing: str = "logsnr") -> int | None:
         """Model calls per image (a guided call counts once: it is one batched cond + uncond call)."""
         solver, steps = DiffusionModel.check_sampling(self, solver, steps, 0.0)
-        grid, extra = solver_grid(self.schedule, solver, steps, spacing or "logsnr")
+        grid, extra = solver_grid(self.schedule, solver, steps, "logsnr" if spacing in (None, "tuned") else spacing)
         return expected_nfe(solver, grid, extra)
 
     def check_sampling(self, solver: str | None, steps: int | None, w: float) -> tuple[str, int]:
@@ -220,11 +220,38 @@ def _resolve(name_or_path) -> Path:
     return folder
 
 
+# config.json keys: what each kind of model needs, what it may use, and what only records its history
+_REQUIRED = {"diffusion": {"arch", "net_config", "kind", "prediction", "schedule", "image_shape"},
+             "classifier": {"arch", "net_config", "kind"}}
+_REQUIRED.update(student=_REQUIRED["diffusion"] | {"student_steps"}, encoder=_REQUIRED["diffusion"] | {"student_steps"},
+                 generator=_REQUIRED["diffusion"] | {"generator_times"})
+_OPTIONAL = {"num_classes", "null_class", "w_input", "real_w", "time_input", "sampler", "data_range", "guidance",
+             "w_range", "label_dropout"}
+_RECORDS = {"recipe", "train_seconds", "train_steps", "train_split", "train_accuracy", "heldout_accuracy",
+            "heldout_split", "teacher", "pipeline", "preset", "snapshot", "time_input_note", "features", "input"}
+
+
+def check_config(cfg: dict, folder) -> None:
+    """Refuse a model config.json with a missing or an unknown key (a typo would otherwise be ignored)."""
+    kind = cfg.get("kind", "classifier" if cfg.get("arch") == "cnn_classifier" else None)
+    if kind not in _REQUIRED:
+        raise ValueError(f"{folder}/config.json: unknown model kind {cfg.get('kind')!r}; expected one of "
+                         f"{', '.join(sorted(_REQUIRED))}")
+    missing = sorted(_REQUIRED[kind] - set(cfg))
+    if missing:
+        raise ValueError(f"{folder}/config.json lacks {', '.join(map(repr, missing))} (a {kind} model needs them)")
+    unknown = sorted(set(cfg) - _REQUIRED[kind] - _OPTIONAL - _RECORDS)
+    if unknown:
+        raise ValueError(f"{folder}/config.json has unknown key(s) {', '.join(map(repr, unknown))}; "
+                         "fix the name or remove it")
+
+
 def load(name_or_path, device: str | torch.device = "cpu"):
     """Load a shipped model by name (``mnist-teacher``, ``mnist-classifier``) or a fewstep
     model folder. Diffusion models come back as ``DiffusionModel``; classifiers as the network."""
     folder = _resolve(name_or_path)
     cfg = read_config(folder)
+    check_config(cfg, folder)
     net = load_net(folder).to(device)
     kinds = {"diffusion": DiffusionModel, "student": StudentModel, "generator": GeneratorModel,
              "encoder": EncoderModel}
@@ -242,6 +269,21 @@ def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[t
     return out
 
 
+def _tuned_grid(model, grid, solver: str, steps: int, w: float):
+    """The grid times for ``spacing="tuned"`` (the model's shipped grid) or a given ``grid=``."""
+    from .grids import TunedGrid, find_grid
+    if isinstance(model, _FixedSteps):
+        raise ValueError(f"{model.source or 'this model'} samples with its own fixed steps; it takes no grid")
+    if grid is None:
+        folder = _resolve(model.source) if model.source else None
+        if folder is None:
+            raise ValueError("spacing='tuned' needs a shipped model or a model folder with grids/*.json")
+        grid = find_grid(folder, solver, steps, w)
+    if isinstance(grid, TunedGrid):
+        return grid.grid_for(model.schedule, solver=solver, model=model, w=w)
+    return grid
+
+
 @torch.no_grad()
 def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver: str | None = None,
              steps: int | None = None, spacing: str = "logsnr", seed: int = 0, batch_size: int = 256,
@@ -254,6 +296,9 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     w: classifier-free guidance weight (x_w = (1 + w) x_cond - w x_uncond).
     solver / steps / spacing: any fewstep solver and its budget of model calls (default
       dpmpp_2m, 20); distilled students and DMD generators use their own sampler and step count.
+      ``spacing="tuned"``: the model's shipped tuned grid for (solver, steps, w) (``<model>/grids/``;
+      an error names the grids there when none matches); ``grid=`` a ``fewstep.grids.TunedGrid`` (warns
+      when fitted to another model, w, solver or schedule) or a tensor of times.
     options: solver options; ``stochastic=True`` for a distilled student's stochastic sampler.
     Under several processes (an initialised torch.distributed group) each process makes every
     world-th batch and all of them return the whole set, the same images as one process makes.
@@ -279,6 +324,8 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     solver, steps = model.check_sampling(solver, steps, w)
+    if spacing == "tuned" or options.get("grid") is not None:
+        options["grid"], spacing = _tuned_grid(model, options.get("grid"), solver, steps, w), "logsnr"
     device = model.device
     sigma_max = float(model.schedule.sigma(torch.tensor(model.schedule.t_max, dtype=torch.float64)))
     world, rank = process_group()  # several processes: each makes every world-th batch, then all gather

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from .denoisers import Thresholded
+from .grids import TunedGrid
 from .schedules import NoiseSchedule, custom_grid, time_grid
 from .solvers import SOLVERS, SamplerOutput, fast_orders, get_solver
 from .solvers.dpm_solver import PLACEMENTS, default_placement, singlestep_outer_grid
@@ -61,6 +62,14 @@ def _check_placement(spec, placement) -> None:
         raise ValueError(f"placement must be one of {', '.join(map(repr, PLACEMENTS))}, got {placement!r}")
 
 
+def _check_cond(cond: dict | None, x: torch.Tensor) -> None:
+    """Every batched condition (labels, embeddings) must have one row per sample."""
+    for key, value in (cond or {}).items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] != x.shape[0]:
+            raise ValueError(f"condition {key!r} has {value.shape[0]} rows for a batch of {x.shape[0]} samples; "
+                             "give one per sample (or a scalar)")
+
+
 def expected_nfe(solver: str, grid: torch.Tensor, options: dict | None = None) -> int | None:
     """Model calls a solver spends on a grid (None for adaptive solvers)."""
     spec = get_solver(solver)
@@ -85,16 +94,20 @@ def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, so
     solver: a name from ``fewstep.solvers.SOLVERS`` (e.g. ``dpmpp_2m``, ``unipc_bh2_3``).
     steps: the budget of model calls (see ``solver_grid``); ignored if ``grid`` is given.
     grid: an explicit decreasing time grid (ending in 0 for a final denoising step).
+      or a ``TunedGrid`` (``fewstep.grids.load_grid``; warns when fitted to another solver or schedule).
     thresholding: True (or a dict of ``dynamic_threshold`` arguments) to clip x0_hat.
     placement: singlestep solvers only, ``"official"`` or ``"logsnr_fractions"`` (default: by solver): where
     the steps' ends and inner model calls go (``fewstep.solvers.dpm_solver.PLACEMENTS``).
     options: solver options (``lower_order_final``, ``eta`` for ddim, ``rtol`` ...).
     """
+    _check_cond(cond, x_T)
     spec = get_solver(solver)
     if grid is None:
         grid, extra = solver_grid(schedule, solver, steps, spacing, final, placement)
         options = {**extra, **options}
     else:
+        if isinstance(grid, TunedGrid):  # a fitted grid: checked against this solver and schedule (warns)
+            grid = grid.grid_for(schedule, solver=solver)
         grid = custom_grid(schedule, grid)
         if placement is not None:  # a given grid fixes the step ends; placement still places inner points
             _check_placement(spec, placement)

@@ -353,8 +353,13 @@ def _restore(ckpt: Path, nets: dict, source) -> dict:
                          f"{list(nets)}; use a new out_dir")
     for name, n in nets.items():
         f_model, f_ema, f_opt = _file_names(name)
-        n.raw.load_state_dict(_read_safetensors(ckpt / f_model))
-        n.ema.load_state_dict(_read_safetensors(ckpt / f_ema))
+        try:
+            n.raw.load_state_dict(_read_safetensors(ckpt / f_model))
+            n.ema.load_state_dict(_read_safetensors(ckpt / f_ema))
+        except RuntimeError as e:  # another architecture or size than the run that wrote the checkpoint
+            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+            raise ValueError(f"checkpoint {ckpt} does not fit network {name!r} of this run ({first} ...); "
+                             "resume with the network that wrote it, or use a new out_dir") from None
         n.optimizer.load_state_dict(_join_tree(state["optimizers"][name], _read_safetensors(ckpt / f_opt)))
         n.scheduler.load_state_dict(state["schedulers"][name])
     source.load_state_dict(state["data"])

@@ -1,0 +1,202 @@
+"""The bad-input catalogue: every case gets a clear error (an exception type a user expects, and a
+message that names the problem), never a traceback from deep inside, a NaN image or a lost file.
+
+``CASES`` is the single list: this test runs it, and ``benchmarks/bad_input.py`` runs it again to
+write the table in docs/bad-input.md and the count in BENCHMARKS.md's reliability section.
+Each case: (area, what a user did, callable(tmp_path), exception type, words the message must hold).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.schedules import CosineVP
+
+SCH = CosineVP()
+
+
+def _den(x, t, **cond):  # a well-behaved toy denoiser
+    return 0.5 * x
+
+
+def _sample(**kw):
+    opts = dict(solver="dpmpp_2m", steps=4)
+    opts.update(kw)
+    x = opts.pop("x", torch.randn(2, 3))
+    den = opts.pop("den", _den)
+    return fewstep.sample(den, x, SCH, **opts)
+
+
+def _teacher_copy(tmp_path):
+    folder = tmp_path / "teacher"
+    shutil.copytree(fewstep.api.ASSETS / "mnist-teacher", folder)
+    return folder
+
+
+def _truncate(tmp_path):
+    folder = _teacher_copy(tmp_path)
+    w = folder / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return fewstep.load(folder)
+
+
+def _corrupt(tmp_path):
+    folder = _teacher_copy(tmp_path)
+    (folder / "model.safetensors").write_bytes(b"\x00not a safetensors file" * 10)
+    return fewstep.load(folder)
+
+
+def _wrong_arch(tmp_path):
+    folder = _teacher_copy(tmp_path)
+    shutil.copy(fewstep.api.ASSETS / "mnist-classifier" / "model.safetensors", folder / "model.safetensors")
+    return fewstep.load(folder)
+
+
+def _config_edit(tmp_path, edit):
+    folder = _teacher_copy(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return fewstep.load(folder)
+
+
+def _empty_folder(tmp_path):
+    from fewstep.data.folder import find_images
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "notes.txt").write_text("no images here")
+    return find_images(tmp_path / "imgs")
+
+
+def _unreadable_image(tmp_path):
+    from fewstep.data.folder import load_image
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG but not really")
+    return load_image(bad)
+
+
+def _diffusers_config(cfg):
+    from fewstep.diffusers import FewstepScheduler
+    return FewstepScheduler.from_config(cfg, solver="dpmpp_2m")
+
+
+def _nan_model(x, t, **cond):
+    return torch.full_like(x, float("nan"))
+
+
+def _wrong_shape_model(x, t, **cond):
+    return x[:, :2]
+
+
+def _resume_other_networks(tmp_path):
+    from fewstep.losses import DenoisingLoss
+    from fewstep.nets import MLP
+    from fewstep.train import train
+    data = torch.randn(64, 2)
+    train(DenoisingLoss(SCH, "eps"), MLP(dim=2, hidden=8, depth=1), data, steps=1, out_dir=tmp_path / "run",
+          batch_size=8, progress=False, ckpt_every_minutes=None)
+    return train(DenoisingLoss(SCH, "eps"), MLP(dim=2, hidden=16, depth=1), data, steps=2, out_dir=tmp_path / "run",
+                 batch_size=8, progress=False, ckpt_every_minutes=None)
+
+
+CASES = [
+    # -- solvers and grids ---------------------------------------------------------------------
+    ("solvers", "steps = 0", lambda p: _sample(steps=0), ValueError, ["steps", ">= 1"]),
+    ("solvers", "steps = 2.5 (not an integer)", lambda p: _sample(steps=2.5), ValueError, ["steps", "integer"]),
+    ("solvers", "order 4 for a singlestep solver", lambda p: _sample(solver="dpm_solver_fast", steps=6, order=4),
+     ValueError, ["order"]),
+    ("solvers", "order 0 for a singlestep solver", lambda p: _sample(solver="dpm_solver_fast", steps=6, order=0),
+     ValueError, ["order"]),
+    ("solvers", "unknown solver name", lambda p: _sample(solver="dpmpp_9m"), ValueError, ["unknown solver"]),
+    ("solvers", "unknown spacing name", lambda p: _sample(spacing="cosine"), ValueError, ["spacing"]),
+    ("solvers", "custom grid not strictly decreasing",
+     lambda p: _sample(grid=torch.tensor([0.9, 0.5, 0.6, 0.0])), ValueError, ["decreasing"]),
+    ("solvers", "custom grid outside the schedule's range",
+     lambda p: _sample(grid=torch.tensor([1.5, 0.5, 0.0])), ValueError, ["grid must lie in"]),
+    ("solvers", "t_min >= t_max", lambda p: fewstep.time_grid(SCH, 4, t_max=0.2, t_min=0.5), ValueError,
+     ["t_min", "t_max"]),
+    ("solvers", "labels for 3 samples, batch of 2",
+     lambda p: _sample(den=fewstep.load("mnist-teacher").denoiser(1.0), x=torch.randn(2, 1, 28, 28),
+                       cond={"labels": torch.tensor([1, 2, 3])}), ValueError, ["'labels' has 3 rows", "batch of 2"]),
+    ("solvers", "model returns the wrong shape", lambda p: _sample(den=_wrong_shape_model), ValueError,
+     ["shape"]),
+    ("solvers", "model returns NaN", lambda p: _sample(den=_nan_model), FloatingPointError, ["NaN", "model call"]),
+    # -- files ---------------------------------------------------------------------------------
+    ("files", "model folder that does not exist", lambda p: fewstep.load(p / "nowhere"), FileNotFoundError,
+     ["nowhere"]),
+    ("files", "truncated weights file", _truncate, ValueError, ["model.safetensors", "corrupt"]),
+    ("files", "corrupt weights file", _corrupt, ValueError, ["model.safetensors", "corrupt"]),
+    ("files", "weights of another architecture", _wrong_arch, ValueError, ["weights", "do not match the network config"]),
+    ("files", "config.json with an unknown key",
+     lambda p: _config_edit(p, lambda c: c.update(colour="blue")), ValueError, ["unknown key", "colour"]),
+    ("files", "config.json missing a key",
+     lambda p: _config_edit(p, lambda c: c.pop("prediction")), ValueError, ["lacks", "prediction"]),
+    ("files", "image folder with no images", _empty_folder, ValueError, ["no images"]),
+    ("files", "unreadable image file", _unreadable_image, ValueError, ["bad.png"]),
+    ("files", "resume a run folder with another network", _resume_other_networks, ValueError,
+     ["does not fit network", "new out_dir"]),
+    # -- diffusers scheduler configs ---------------------------------------------------------------
+    ("configs", "flow config with invert_sigmas",
+     lambda p: _diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                                  "invert_sigmas": True}), ValueError, ["invert_sigmas"]),
+    ("configs", "flow config with stochastic_sampling",
+     lambda p: _diffusers_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "stochastic_sampling": True}),
+     ValueError, ["stochastic_sampling"]),
+    ("configs", "unknown scheduler class",
+     lambda p: _diffusers_config({"_class_name": "MadeUpScheduler", "num_train_timesteps": 1000}), ValueError,
+     ["MadeUpScheduler"]),
+    ("configs", "unknown prediction_type",
+     lambda p: _diffusers_config({"_class_name": "DDIMScheduler", "prediction_type": "score"}), ValueError,
+     ["prediction_type"]),
+]
+
+
+@pytest.mark.parametrize("area, what, call, error, words", CASES, ids=[c[1] for c in CASES])
+def test_bad_input_gets_a_clear_error(tmp_path, area, what, call, error, words):
+    with pytest.raises(error) as info:
+        call(tmp_path)
+    message = str(info.value)
+    missing = [w for w in words if w.lower() not in message.lower()]
+    assert not missing, f"{what}: the message {message!r} does not name {missing}"
+    assert "\n" not in message.strip(), f"{what}: the message should be one line: {message!r}"
+
+
+# -- the command line: exit status 2, one line, no traceback, nothing overwritten ---------------------
+
+def _existing(tmp_path):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"keep me")
+    return str(out)
+
+
+CLI_CASES = [
+    ("unknown model", lambda p: ["sample", "--model", "mnist-teachr"], ["no model named"]),
+    ("unknown solver", lambda p: ["sample", "--solver", "dpmpp_9m"], ["unknown solver"]),
+    ("steps 0", lambda p: ["sample", "--steps", "0"], ["--steps"]),
+    ("--device cuda without CUDA (or a GPU index that is not there)",
+     lambda p: ["sample", "--device", "cuda:99"], ["--device cuda:99"]),
+    ("sample --out /proc/x.png", lambda p: ["sample", "--steps", "1", "--out", "/proc/x.png"], ["cannot write"]),
+    ("sample over an existing file without --force",
+     lambda p: ["sample", "--steps", "1", "-n", "1", "--out", _existing(p)], ["--force"]),
+    ("train mnist --out /proc/xx", lambda p: ["train", "mnist", "--out", "/proc/xx"], ["cannot write"]),
+    ("distill dmd --out /proc/xx", lambda p: ["distill", "dmd", "--out", "/proc/xx"], ["cannot write"]),
+    ("demo into an existing demo folder without --force",
+     lambda p: ((p / "table.json").write_text("{}"), ["demo", "--out", str(p)])[1], ["--force"]),
+]
+
+
+@pytest.mark.parametrize("what, args, words", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_misuse_exits_2_with_one_line(tmp_path, what, args, words):
+    from click.testing import CliRunner
+
+    from fewstep.cli import main
+    argv = args(tmp_path)
+    before = {f: f.read_bytes() for f in tmp_path.iterdir()}
+    r = CliRunner().invoke(main, argv)
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2, (what, r.output)
+    assert len(lines) == 1 and all(w in lines[0] for w in words) and "Traceback" not in r.output, (what, r.output)
+    assert {f: f.read_bytes() for f in before} == before, f"{what}: an existing file was changed"
