@@ -2,6 +2,8 @@
 
     python benchmarks/mutation.py [--sample N] [--seed S] [--timeout SECONDS]
 
+Run it in a copy of the tree (it edits files): cp -r . /tmp/mut && cd /tmp/mut && python benchmarks/mutation.py
+
 Mutants: in fewstep/solvers/*.py, fewstep/schedules.py and fewstep/denoisers.py, one change per
 mutant on a code line (not comments or docstrings): a float literal scaled by 1.1, an integer
 literal +1, '+' <-> '-' and '*' <-> '/' between operands, '<' <-> '<=' and '>' <-> '>='. Each
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import subprocess
@@ -23,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = sorted((ROOT / "fewstep" / "solvers").glob("*.py")) + [ROOT / "fewstep" / "schedules.py",
                                                                   ROOT / "fewstep" / "denoisers.py"]
-TESTS = ["tests/test_solvers.py", "tests/test_parity_diffusers.py", "tests/test_solver_sde.py",
+TESTS = ["tests/test_solvers.py", "tests/test_solver_singlestep.py", "tests/test_parity_diffusers.py", "tests/test_solver_sde.py",
          "tests/test_schedules.py", "tests/test_denoisers.py", "tests/test_testbed.py"]
 OUT = ROOT / "benchmarks" / "results"
 
@@ -79,7 +82,8 @@ def run_one(mut: dict, timeout: int) -> dict:
     t0 = time.time()
     try:
         r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
-                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
         status = "survived" if r.returncode == 0 else "killed"
         first = next((ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")), "")
     except subprocess.TimeoutExpired:
