@@ -6,7 +6,7 @@ accuracy and seconds per image, counted in network evaluations (a guided teacher
 
 guided: the students mnist-guided-{8,4,2,1} (deterministic and stochastic samplers) for each w,
   beside the teacher with DDIM and DPM-Solver++(2M) at the same network evaluations and the
-  teacher's converged reference (DPM-Solver++(2M), 50 steps).
+  teacher's converged reference (DPM-Solver++(2M), 25 steps).
 dmd: mnist-dmd-1 (and mnist-dmd2-4 when present) beside the teacher at w = 1 with DPM-Solver++
   at 1, 2, 4 and 8 network evaluations, its converged reference, and mnist-guided-1 at w = 1;
   per-class shares of the generated digits (shipped classifier); images per second at batch 1
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +30,7 @@ import fewstep
 from fewstep.evaluate import evaluate
 
 OUT = Path(__file__).parent / "results"
-REFERENCE = ("dpmpp_2m", 50)
+REFERENCE = ("dpmpp_2m", 25)  # the converged reference of every other MNIST table here
 
 
 def find(name: str, models: Path | None):
@@ -51,8 +52,28 @@ def row(model, label: str, n: int, w: float, network_evals: int, **kw) -> dict:
     return out
 
 
-def teacher_rows(teacher, n: int, w: float, evals: list[int]) -> list[dict]:
-    """The teacher at each budget of network evaluations (guided: steps = evals / 2) and its reference."""
+def stored_reference(path: Path | None, n: int, w: float) -> dict | None:
+    """The teacher's converged row at w from benchmarks/bench_teacher.py's results (same sampler,
+    seed 0 and n), so an expensive 50-evaluation row is not recomputed; None if not there."""
+    if path is None or not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if (doc.get("solver"), doc.get("steps"), doc.get("n")) != (REFERENCE[0], REFERENCE[1], n):
+        return None
+    for r in doc["results"]:
+        if r["w"] == w and r.get("seed", 0) == 0 and r.get("spacing", "logsnr") == "logsnr":
+            solver, steps = REFERENCE
+            out = {"model": f"teacher reference ({solver}, {steps} steps)", "w": w,
+                   "network_evals": steps * (2 if w != 0 else 1), "baseline_fid": None, "source": str(path),
+                   **{k: r[k] for k in ("fid", "kid", "kid_std", "is", "class_accuracy", "seconds_per_image")}}
+            print(json.dumps(out), flush=True)
+            return out
+    return None
+
+
+def teacher_rows(teacher, n: int, w: float, evals: list[int], stored: Path | None = None) -> list[dict]:
+    """The teacher at each budget of network evaluations (guided: steps = evals / 2) and its reference
+    (read from ``stored`` when it holds this w, else computed)."""
     rows = []
     per_step = 2 if w != 0 else 1
     for e in evals:
@@ -63,7 +84,8 @@ def teacher_rows(teacher, n: int, w: float, evals: list[int]) -> list[dict]:
             rows.append(row(teacher, f"teacher {solver} {steps} steps", n, w, steps * per_step, solver=solver,
                             steps=steps))
     solver, steps = REFERENCE
-    rows.append(row(teacher, f"teacher reference ({solver}, {steps} steps)", n, w, steps * per_step, solver=solver,
+    rows.append(stored_reference(stored, n, w) or
+                row(teacher, f"teacher reference ({solver}, {steps} steps)", n, w, steps * per_step, solver=solver,
                     steps=steps))
     return rows
 
@@ -78,16 +100,17 @@ def bench_guided(args) -> dict:
                 continue
             rows.append(row(student, f"mnist-guided-{k} deterministic", args.n, w, k))
             rows.append(row(student, f"mnist-guided-{k} stochastic", args.n, w, k, stochastic=True))
-        rows += teacher_rows(teacher, args.n, w, [1, 2, 4, 8, 16])
+        rows += teacher_rows(teacher, args.n, w, [1, 2, 4, 8], args.reference_from)
     return {"rows": rows, "missing": [f"mnist-guided-{k}" for k, s in students.items() if s is None]}
 
 
 @torch.no_grad()
-def images_per_second(model, batch: int, repeats: int = 3, **kw) -> float:
+def images_per_second(model, batch: int, repeats: int | None = None, **kw) -> float:
+    """Best of ``repeats`` timed runs (default 3 at batch 1, 1 at larger batches) after a batch-1 warm-up."""
     labels = torch.arange(batch) % 10
-    fewstep.generate(model, labels, seed=0, batch_size=batch, **kw)  # warm-up
+    fewstep.generate(model, labels[:1], seed=0, batch_size=1, **kw)  # warm-up
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats or (3 if batch == 1 else 1)):
         t0 = time.perf_counter()
         fewstep.generate(model, labels, seed=0, batch_size=batch, **kw)
         best = min(best, time.perf_counter() - t0)
@@ -117,7 +140,7 @@ def bench_dmd(args) -> dict:
         rows.append(row(g1, "mnist-guided-1", args.n, 1.0, 1))
         speed += [{"model": "mnist-guided-1", "batch": b, "images_per_second": images_per_second(g1, b, w=1.0)}
                   for b in (1, 256)]
-    rows += teacher_rows(teacher, args.n, 1.0, [2, 4, 8])
+    rows += teacher_rows(teacher, args.n, 1.0, [1, 2, 4, 8], args.reference_from)
     shares["teacher reference"] = class_shares(teacher, args.n, w=1.0, solver=REFERENCE[0], steps=REFERENCE[1])
     speed += [{"model": f"teacher dpmpp_2m {s} steps (w = 1)", "batch": b,
                "images_per_second": images_per_second(teacher, b, w=1.0, solver="dpmpp_2m", steps=s)}
@@ -131,8 +154,13 @@ def markdown(doc: dict) -> str:
     for r in doc["rows"]:
         lines.append(f"| {r['model']} | {r['w']:g} | {r['network_evals']} | {r['fid']:.2f} | {r['kid']:.4f} | "
                      f"{r['is']:.2f} | {100 * r['class_accuracy']:.1f}% | {r['seconds_per_image']:.4f} |")
-    if doc["rows"]:
-        lines.append(f"\nReal-vs-real FID at this n: {doc['rows'][0]['baseline_fid']:.2f}.")
+    base = [r["baseline_fid"] for r in doc["rows"] if r.get("baseline_fid") is not None]
+    if base:
+        lines.append(f"\nReal-vs-real FID at this n: {base[0]:.2f}.")
+    stored = sorted({r["source"] for r in doc["rows"] if r.get("source")})
+    if stored:
+        lines.append(f"Teacher reference rows read from {', '.join(stored)} (same sampler, seed and n; their "
+                     "seconds per image come from that run).")
     for s in doc.get("speed", []):
         lines.append(f"- {s['model']}, batch {s['batch']}: {s['images_per_second']:.1f} images/s")
     for name, sh in doc.get("class_shares", {}).items():
@@ -218,6 +246,34 @@ def plot_shares(shares: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def read_curves(specs: list[str]) -> dict:
+    """{label: [(training step, FID), ...]} from LABEL=PATH specs of fid.jsonl probe logs."""
+    curves = {}
+    for spec in specs:
+        label, _, path = spec.partition("=")
+        pts = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        curves[label] = {"n": pts[0]["n"] if pts else None, "points": [(d["step"], d["fid"]) for d in pts]}
+    return curves
+
+
+def plot_curves(curves: dict, path: Path, reference: float | None = None) -> None:
+    """FID (n = 500 probe) against training steps, one line per run/round."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, c in curves.items():
+        ax.plot([p[0] for p in c["points"]], [p[1] for p in c["points"]], "o-", ms=3, label=label)
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label="teacher converged (same n)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID (classifier features), n = 500")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("which", choices=["guided", "dmd"])
@@ -225,7 +281,15 @@ def main(argv=None) -> int:
     p.add_argument("--ws", type=lambda s: [float(v) for v in s.split(",")], default=[0.0, 0.5, 1.0, 2.0, 4.0])
     p.add_argument("--models", type=Path, default=None, help="folder holding distilled students by name")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reference-from", type=Path, default=Path(__file__).parent / "results" / "teacher.json",
+                   help="reuse the teacher's converged rows from this bench_teacher.py result (same n, seed 0)")
+    p.add_argument("--tag", default="", help="suffix of the result files (e.g. one file per set of w)")
+    p.add_argument("--curves", nargs="*", default=[], metavar="LABEL=PATH",
+                   help="fid.jsonl probe logs of the training runs, plotted as FID against training steps")
+    p.add_argument("--curve-reference", type=float, default=None,
+                   help="the converged teacher's FID at the probe's n, drawn as a line")
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     t0 = time.time()
     doc = bench_guided(args) if args.which == "guided" else bench_dmd(args)
@@ -234,13 +298,17 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - t0, 1)})
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = OUT / f"distilled_{args.which}"
+    stem = OUT / f"distilled_{args.which}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(doc))
     if doc["rows"]:
         plot(doc, stem.with_suffix(".png"))
     if args.which == "guided" and doc["rows"]:
-        plot_tradeoff(doc, OUT / "distilled_guided_tradeoff.png")
+        plot_tradeoff(doc, OUT / f"distilled_guided{args.tag}_tradeoff.png")
+    if args.curves:
+        doc["fid_curves"] = read_curves(args.curves)
+        plot_curves(doc["fid_curves"], OUT / f"distilled_{args.which}{args.tag}_curves.png", args.curve_reference)
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     if doc.get("class_shares"):
         plot_shares(doc["class_shares"], OUT / "distilled_dmd_classes.png")
     print(markdown(doc))
