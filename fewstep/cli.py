@@ -94,6 +94,34 @@ def bench_solvers(quick, json_path, model, w, nfe, samples, out_dir, threads):
                f"{doc['machine']['wall_time_s']} s; outputs in {out_dir}" + (f" and {json_path}" if json_path else ""))
 
 
+@bench.command("speed")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
+              help="Folder for speed.json and speed.md.")
+@click.option("--batches", default="1,256", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--w", type=float, default=1.0, show_default=True, help="Guidance weight of every row.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N (where a GPU is present).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+def bench_speed(out_dir, batches, w, device, threads):
+    """Images per second and seconds per image of every shipped model and sampler, batch 1 and 256, in one run."""
+    from pathlib import Path
+
+    import torch
+
+    from .bench.speed import run_speed
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise click.UsageError(f"--batches: expected comma-separated integers, got {batches!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise click.UsageError(f"--batches: sizes must be >= 1, got {batches!r}")
+    dev = _check_device(device)
+    _check_writable_dir(Path(out_dir))
+    if threads:
+        torch.set_num_threads(threads)
+    doc = run_speed(out_dir, batches=sizes, w=w, device=str(dev), log=lambda m: click.echo(f"[bench speed] {m}", err=True))
+    click.echo(f"{len(doc['rows'])} rows; wrote {Path(out_dir) / 'speed.md'} and {Path(out_dir) / 'speed.json'}")
+
+
 # ---------------------------------------------------------------------------
 # Models: sample, eval, train
 # ---------------------------------------------------------------------------
@@ -142,6 +170,27 @@ def _check_device(device: str):
 
 
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.UsageError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise click.UsageError(f"{what}: expected integers >= 1, got {text!r}")
+    return values
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    import math
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.UsageError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise click.UsageError(f"{what}: expected finite numbers, got {text!r}")
+    return values
 
 
 def _check_output_file(path, force: bool):
@@ -300,17 +349,39 @@ def _check_writable_dir(folder) -> None:
               help="Samples (class-balanced); at most 2000 (two disjoint real sets of n are needed).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON here.")
-def eval_cmd(model, w, solver, steps, spacing, seed, stochastic, n, batch_size, json_path):
-    """FID, KID, IS, class accuracy, NFE and seconds per image, beside the real-vs-real baseline."""
+@click.option("--sweep-steps", default=None, metavar="LIST",
+              help="Comma-separated step budgets: evaluate each (with every --sweep-w); writes JSON, a markdown "
+                   "table (.md) and a plot of FID against NFE (.png) beside --json.")
+@click.option("--sweep-w", default=None, metavar="LIST", help="Comma-separated guidance weights for the sweep.")
+def eval_cmd(model, w, solver, steps, spacing, seed, stochastic, n, batch_size, json_path, sweep_steps, sweep_w):
+    """FID, KID, IS, class accuracy, NFE and seconds per image, beside the real-vs-real baseline;
+    with --sweep-steps / --sweep-w, for every (steps, w) with a table and a plot."""
     import json
     from pathlib import Path
 
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_grid, grid_markdown, plot_grid
     if json_path:
         _check_output_file(json_path, force=True)  # eval results are meant to be refreshed
     m = _load_model(model)
+    extra = {"stochastic": True} if stochastic else {}
+    if sweep_steps or sweep_w:
+        if not json_path:
+            raise click.UsageError("a sweep writes JSON, markdown and a plot: give --json PATH")
+        steps_list = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else [steps]
+        w_list = _float_list(sweep_w, "--sweep-w") if sweep_w else [w]
+        try:
+            doc = evaluate_grid(m, steps_list=steps_list, w_list=w_list, solver=solver, n=n, seed=seed,
+                                batch_size=batch_size, spacing=spacing, log=lambda msg: click.echo(msg, err=True), **extra)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        path = Path(json_path)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        path.with_suffix(".md").write_text(grid_markdown(doc))
+        plot_grid(doc, path.with_suffix(".png"))
+        click.echo(grid_markdown(doc))
+        click.echo(f"wrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+        return
     try:
-        extra = {"stochastic": True} if stochastic else {}
         res = evaluate(m, solver=solver, steps=steps, w=w, n=n, seed=seed, batch_size=batch_size, spacing=spacing,
                        progress=True, **extra)
     except ValueError as e:
@@ -442,6 +513,47 @@ def translate_cmd(source, target, encoder, decoder, w, n, out):
     path = save_image_grid(torch.cat([x0, out_x]), out, nrow=len(x0))
     click.echo(f"wrote {path}: {len(x0)} digits {source} -> {target}; classified as {target}: {100 * acc:.0f}%; "
                f"network calls per image: {enc.student_steps} + {dec.student_steps}")
+
+
+@main.command("tune")
+@click.option("--model", default="mnist-teacher", show_default=True, help="A shipped model name or a fewstep model folder.")
+@click.option("--solver", default="dpmpp_2m", show_default=True, callback=_solver_name,
+              help="A deterministic one-call-per-step solver.")
+@click.option("--nfe", type=click.IntRange(min=1), required=True, help="Model calls (grid steps) to tune for.")
+@click.option("--w", type=float, default=0.0, show_default=True, callback=_finite, help="Guidance weight.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the grid (JSON).")
+@click.option("--method", type=click.Choice(["dp", "refine", "dp+refine"]), default="dp+refine", show_default=True,
+              help="dp: dynamic programming over a fine candidate grid (GITS); refine: minimise the final error "
+                   "directly (LD3's objective, Nelder-Mead); dp+refine: refine from the better start.")
+@click.option("--samples", type=click.IntRange(min=2), default=64, show_default=True, help="Calibration noises.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the calibration noises and labels.")
+@click.option("--reference-steps", type=click.IntRange(min=2), default=128, show_default=True,
+              help="RK4 steps of the reference solve (a second solve with half as many estimates its error).")
+@click.option("--candidates", type=click.IntRange(min=2), default=64, show_default=True,
+              help="Candidate times for dp (must divide --reference-steps).")
+@click.option("--max-evals", type=click.IntRange(min=1), default=None,
+              help="Objective evaluations for refine (default 12 * (nfe - 1) + 20).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+def tune_cmd(model, solver, nfe, w, out, method, samples, seed, reference_steps, candidates, max_evals, threads):
+    """Fit the time grid on which --solver with --nfe model calls comes closest to the converged
+    ODE solution of --model, on calibration noises; write it as JSON (use it with `fewstep.sample(...,
+    grid=fewstep.grids.load_grid(PATH))`)."""
+    import torch
+
+    from .tune import tune_model
+    torch.set_num_threads(threads)
+    m = _load_model(model)
+    log = lambda msg: click.echo(f"[tune] {msg}", err=True)  # noqa: E731
+    try:
+        grid = tune_model(m, solver=solver, nfe=nfe, w=w, samples=samples, seed=seed, method=method,
+                          reference_steps=reference_steps, candidates=candidates, max_evals=max_evals, log=log)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    path = grid.save(out)
+    cal = grid.calibration
+    click.echo(f"wrote {path}: {solver}, {nfe} model calls; calibration RMSE {cal['rmse']:.4g} (best fixed spacing "
+               f"{min(cal['fixed_spacings'].values()):.4g}); {grid.cost['model_calls'] + grid.cost['reference_model_calls']}"
+               f" model calls, {grid.cost['seconds'] + grid.cost['reference_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,52 @@ def evaluate(model, *, solver: str | None = None, steps: int | None = None, w: f
     return {"model": getattr(model, "source", str(model)), "solver": solver, "steps": steps, "spacing": spacing,
             "w": w, "n": n, "seed": seed, **scores, "nfe": nfe, "seconds_per_image": seconds / n,
             "baseline": {k: base[k] for k in ("fid", "kid", "kid_std", "is", "is_std")}}
+
+
+def evaluate_grid(model, *, steps_list: list[int | None], w_list: list[float], log=None, **kw) -> dict:
+    """:func:`evaluate` for every (steps, w); returns {"rows": [...]} (one evaluate() dict per cell).
+    A distilled model's own step count is used where ``steps_list`` is [None]."""
+    model = load(model) if isinstance(model, str) else model
+    rows = []
+    for w in w_list:
+        for steps in steps_list:
+            rows.append(evaluate(model, steps=steps, w=w, **kw))
+            if log:
+                r = rows[-1]
+                log(f"w {w:g}, {r['steps']} steps ({r['nfe']} NFE): FID {r['fid']:.2f}, "
+                    f"accuracy {100 * r['class_accuracy']:.1f}%")
+    return {"model": getattr(model, "source", str(model)), "rows": rows}
+
+
+def grid_markdown(doc: dict) -> str:
+    """A markdown table of an :func:`evaluate_grid` result."""
+    base = doc["rows"][0]["baseline"]["fid"] if doc["rows"] else float("nan")
+    lines = [f"# {doc['model']}: quality against model calls (n = {doc['rows'][0]['n'] if doc['rows'] else 0})", "",
+             "| w | solver | steps | NFE | FID | KID | IS | class acc. | s / image |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['w']:g} | {r['solver']} | {r['steps']} | {r['nfe']} | {r['fid']:.2f} | {r['kid']:.4f} | "
+                     f"{r['is']:.2f} | {100 * r['class_accuracy']:.1f}% | {r['seconds_per_image']:.4f} |")
+    lines.append(f"\nReal-vs-real FID at this n: {base:.2f}. NFE counts model calls (a guided call is one batched "
+                 "conditional + unconditional evaluation).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_grid(doc: dict, path) -> None:
+    """FID against NFE, one line per w, with the real-vs-real floor."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for w in sorted({r["w"] for r in doc["rows"]}):
+        pts = sorted((r["nfe"], r["fid"]) for r in doc["rows"] if r["w"] == w)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"w = {w:g}")
+    if doc["rows"]:
+        ax.axhline(doc["rows"][0]["baseline"]["fid"], color="k", ls="--", lw=1, label="real vs real")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("model calls (NFE)")
+    ax.set_ylabel("FID (classifier features)")
+    ax.set_title(doc["model"], fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -113,3 +113,22 @@ def test_sample_under_bf16_autocast_is_close_to_float32(tiny, tmp_path):
     r = invoke("sample", "--model", str(tiny), "--steps", "2", "-n", "2", "--dtype", "bf16", "--out",
                str(tmp_path / "b.png"), "--no-progress")
     assert r.exit_code == 0, r.output
+
+
+def test_eval_sweep_writes_json_markdown_and_plot(tiny, tmp_path):
+    out = tmp_path / "sweep.json"
+    r = invoke("eval", "--model", str(tiny), "--sweep-steps", "1,2", "--sweep-w", "0,1", "-n", "20",
+               "--json", str(out))
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert [(row["w"], row["steps"], row["nfe"]) for row in doc["rows"]] == [(0, 1, 1), (0, 2, 2), (1, 1, 1), (1, 2, 2)]
+    assert "| 1 | dpmpp_2m | 2 | 2 |" in out.with_suffix(".md").read_text()
+    assert Image.open(out.with_suffix(".png")).size[0] > 300
+
+
+@pytest.mark.parametrize("args, words", [(["--sweep-steps", "1,a", "--json", "x.json"], "--sweep-steps"),
+                                         (["--sweep-w", "nan", "--json", "x.json"], "--sweep-w"),
+                                         (["--sweep-steps", "2"], "--json")])
+def test_eval_sweep_misuse(tiny, args, words):
+    r = invoke("eval", "--model", str(tiny), "-n", "20", *args)
+    assert r.exit_code == 2 and words in r.output, r.output

@@ -1,0 +1,104 @@
+"""``fewstep bench speed``: images per second for every shipped model and sampler, in one run.
+
+Each row times ``fewstep.generate`` end to end (noise, every network call, the solver) at batch
+1 (best of three after a warm-up) and at a large batch (one run after the warm-up), on the
+same machine and threads, so the rows can be compared with each other.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+__all__ = ["speed_rows", "time_row", "run_speed"]
+
+
+def speed_rows(w: float = 1.0) -> list[dict]:
+    """(label, model, options) of every shipped generative model with its samplers of interest."""
+    from ..api import SHIPPED
+    rows = []
+    if "mnist-teacher" in SHIPPED:
+        for solver, steps in (("ddim", 50), ("dpmpp_2m", 25), ("dpmpp_2m", 10), ("dpmpp_2m", 5)):
+            rows.append({"label": f"mnist-teacher {solver} {steps} steps", "model": "mnist-teacher",
+                         "options": {"solver": solver, "steps": steps}})
+    if "mnist-guided-stage1" in SHIPPED:
+        rows.append({"label": "mnist-guided-stage1 dpmpp_2m 10 steps", "model": "mnist-guided-stage1",
+                     "options": {"solver": "dpmpp_2m", "steps": 10}})
+    for k in (8, 4, 2, 1):
+        if f"mnist-guided-{k}" in SHIPPED:
+            rows.append({"label": f"mnist-guided-{k}", "model": f"mnist-guided-{k}", "options": {}})
+    for name in ("mnist-dmd-1", "mnist-dmd2-4"):
+        if name in SHIPPED:
+            rows.append({"label": name, "model": name, "options": {}})
+    for r in rows:
+        r["w"] = w
+    return rows
+
+
+@torch.no_grad()
+def time_row(model, options: dict, w: float, batch: int, device, repeats: int) -> float:
+    """Seconds per image of ``generate`` at ``batch`` (best of ``repeats`` after a batch-1 warm-up)."""
+    from ..api import generate
+    labels = torch.arange(batch) % (model.num_classes or 10)
+    generate(model, labels[:1], w=w, seed=0, batch_size=1, **options)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        generate(model, labels, w=w, seed=0, batch_size=batch, **options)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best / batch
+
+
+def run_speed(out_dir, *, batches=(1, 256), w: float = 1.0, device: str = "cpu", rows: list[dict] | None = None,
+              log=print) -> dict:
+    """Time every row at every batch size; write speed.json and speed.md into ``out_dir``."""
+    from ..api import load
+    dev = torch.device(device)
+    plan = speed_rows(w) if rows is None else rows
+    results, loaded = [], {}
+    for r in plan:
+        model = loaded.setdefault(r["model"], load(r["model"]).to(dev))
+        solver, steps = model.check_sampling(r["options"].get("solver"), r["options"].get("steps"), r["w"])
+        nfe = model.nfe(solver, steps, "logsnr")
+        evals = nfe * (2 if (r["w"] and not model.w_input and model.config.get("kind") == "diffusion") else 1)
+        for b in batches:
+            spi = time_row(model, r["options"], r["w"], b, dev, repeats=3 if b == 1 else 1)
+            results.append({"label": r["label"], "model": r["model"], "w": r["w"], "network_evals": evals, "batch": b,
+                            "seconds_per_image": spi, "images_per_second": 1.0 / spi})
+            log(f"{r['label']}, batch {b}: {1.0 / spi:.1f} images/s ({evals} network evaluations)")
+    doc = {"device": str(dev), "w": w, "batches": list(batches), "rows": results,
+           "machine": {"platform": platform.platform(), "machine": platform.machine(),
+                       "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                       "cuda": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "speed.md").write_text(speed_markdown(doc))
+    return doc
+
+
+def speed_markdown(doc: dict) -> str:
+    batches = doc["batches"]
+    lines = [f"# Sampling speed ({doc['date']}, {doc['device']}, {doc['machine']['torch_threads']} torch threads, "
+             f"torch {doc['machine']['torch']})", "",
+             "| sampler | network evals | " + " | ".join(f"images/s at batch {b}" for b in batches) +
+             " | speed-up at batch 1 |", "|---|---|" + "---|" * len(batches) + "---|"]
+    by_label: dict = {}
+    for r in doc["rows"]:
+        by_label.setdefault(r["label"], {"evals": r["network_evals"]})[r["batch"]] = r["images_per_second"]
+    base = next(iter(by_label.values()), {}).get(batches[0])
+    for label, v in by_label.items():
+        cells = " | ".join(f"{v[b]:.1f}" for b in batches)
+        up = f"{v[batches[0]] / base:.1f}x" if base else "—"
+        lines.append(f"| {label} | {v['evals']} | {cells} | {up} |")
+    lines.append("\nSpeed-up is against the first row (the teacher's 50-step DDIM at the same w).")
+    return "\n".join(lines) + "\n"
