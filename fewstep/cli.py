@@ -343,6 +343,27 @@ def _check_writable_dir(folder) -> None:
         raise click.UsageError(f"cannot write to {folder} ({e.strerror or e}); choose another --out") from None
 
 
+@main.command("app")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=None,
+              help="Port on 127.0.0.1 (default: the first free one from 7860).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
+def app_cmd(port, threads):
+    """A local web page (Gradio, on 127.0.0.1 only): pick a shipped model, sampler, steps, w and classes and
+    see its images beside the teacher's 50-step DDIM images for the same seeds, with network evaluations
+    and seconds per image. Needs the extra: pip install "fewstep[app]"."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        click.echo('fewstep app needs gradio: pip install "fewstep[app]"', err=True)
+        sys.exit(2)
+    import torch
+
+    from .app import launch
+    if threads:
+        torch.set_num_threads(threads)
+    launch(port=port)
+
+
 @main.command("eval")
 @_sampling_options
 @click.option("-n", "--num", "n", type=click.IntRange(min=20), default=2000, show_default=True,
@@ -449,6 +470,28 @@ def distill_guided_cmd(out, resume, threads, progress, until, part):
     torch.set_num_threads(threads)
     try:
         exports = run_mnist_guided(Path(out), resume=resume, progress=progress, until=until, part=part)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from None
+    for name, folder in exports.items():
+        click.echo(f"{name}: {folder}")
+
+
+@distill.command("progressive")
+@_distill_options
+@click.option("--until", type=click.IntRange(min=1), default=None,
+              help="Stop after the round that reaches this many steps (default: down to 4).")
+def distill_progressive_cmd(out, resume, threads, progress, until):
+    """Plain progressive distillation (Salimans & Ho 2022) of the shipped mnist-teacher's conditional
+    model: rounds 32 -> 16 -> 8 -> 4 steps, exported as mnist-progressive-<N> students."""
+    from pathlib import Path
+
+    import torch
+
+    from .distill.recipes import run_mnist_progressive
+    _check_writable_dir(Path(out))
+    torch.set_num_threads(threads)
+    try:
+        exports = run_mnist_progressive(Path(out), resume=resume, progress=progress, until=until)
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e)) from None
     for name, folder in exports.items():

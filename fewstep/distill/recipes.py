@@ -208,6 +208,55 @@ def _encoder_rounds(stage1, x, y, sch, pred, out: Path, preset: dict, resume: bo
 
 
 # ---------------------------------------------------------------------------
+# Plain progressive distillation (Salimans & Ho 2022) of the unguided teacher
+# ---------------------------------------------------------------------------
+
+# the same rounds as the guided pipeline, from the teacher's conditional model (w = 0) instead of stage 1
+MNIST_PROGRESSIVE = {k: MNIST_GUIDED[k] for k in ("teacher", "batch_size", "start_steps", "round_lr", "round_warmup",
+                                                   "round_ema_decay", "grad_clip", "ckpt_every_minutes",
+                                                   "sample_every_minutes", "seed")}
+MNIST_PROGRESSIVE["rounds"] = {"16": 600, "8": 600, "4": 1000}
+
+
+def run_mnist_progressive(out: Path, resume: bool, preset: dict = MNIST_PROGRESSIVE, progress: bool = True,
+                          until: int | None = None) -> dict[str, Path]:
+    """Rounds 32 -> 16 -> 8 -> 4 of plain progressive distillation (no w input) of the shipped teacher's
+    conditional model; exports mnist-progressive-<N> students (guidance at sampling time: CFG on the
+    student, two calls per step)."""
+    out = Path(out)
+    teacher = load(preset["teacher"])
+    x, y = load_mnist("train")
+    sch, pred = teacher.schedule, teacher.prediction
+    previous, exports = teacher.net, {}
+    for n_str, steps in preset["rounds"].items():
+        n = int(n_str)
+        if until is not None and n < until:
+            break
+        loss = ProgressiveLoss(previous, sch, n, pred, w_range=None)
+        hp = {"steps": steps, "lr": preset["round_lr"], "warmup": preset["round_warmup"],
+              "ema_decay": preset["round_ema_decay"]}
+        student = copy.deepcopy(previous).requires_grad_(True).train()
+        name = f"mnist-progressive-{n}"
+        previous, exports[name] = _train_stage(
+            loss, student, (x, y), out / f"round-{n}", hp, preset,
+            preview_fn(sch, pred, n, w=0.0), resume, progress,
+            {"recipe": "mnist-progressive", "stage": f"round-{n}", "teacher_steps": 2 * n, "preset": preset},
+            out / name, lambda step, secs, n=n: _progressive_config(teacher.config, preset, n, step, secs))
+    return exports
+
+
+def _progressive_config(teacher_cfg: dict, preset: dict, steps: int, train_steps: int, seconds: float) -> dict:
+    cfg = {k: teacher_cfg[k] for k in ("schedule", "prediction", "num_classes", "null_class", "image_shape",
+                                        "data_range", "time_input") if k in teacher_cfg}
+    cfg.update({"kind": "student", "recipe": f"mnist-progressive-{steps}", "pipeline": "mnist-progressive",
+                "teacher": preset["teacher"], "w_input": False, "student_steps": steps,
+                "sampler": "DDIM on t_i = t_max * i / N (uniform in t) down to 0",
+                "guidance": "distilled at w = 0; w > 0 applies classifier-free guidance to the student (two calls "
+                            "per step)", "train_steps": train_steps, "train_seconds": round(seconds, 1)})
+    return cfg
+
+
+# ---------------------------------------------------------------------------
 # DMD: a one-step generator (and DMD2's 4-step variant)
 # ---------------------------------------------------------------------------
 
