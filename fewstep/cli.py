@@ -361,7 +361,10 @@ def app_cmd(port, threads):
     from .app import launch
     if threads:
         torch.set_num_threads(threads)
-    launch(port=port)
+    try:
+        launch(port=port)
+    except OSError as e:  # the port is taken
+        raise click.UsageError(f"cannot serve on 127.0.0.1{f':{port}' if port else ''} ({e}); choose another --port")
 
 
 @main.command("eval")
@@ -451,6 +454,20 @@ def _distill_options(f):
                              "exported students.")(f)
 
 
+def _run_recipe(recipe, out, threads: int, **kwargs):
+    """Run a training recipe into run folder ``out`` (checked first) with ``threads`` torch threads;
+    its refusals (ValueError, an existing run) become one-line usage errors."""
+    from pathlib import Path
+
+    import torch
+    _check_writable_dir(Path(out))
+    torch.set_num_threads(threads)
+    try:
+        return recipe(Path(out), **kwargs)
+    except (ValueError, FileExistsError) as e:
+        raise click.UsageError(str(e)) from None
+
+
 @distill.command("guided")
 @_distill_options
 @click.option("--until", type=click.IntRange(min=1), default=None,
@@ -461,17 +478,8 @@ def _distill_options(f):
 def distill_guided_cmd(out, resume, threads, progress, until, part):
     """Guided distillation of the shipped mnist-teacher: stage 1 (w-conditioned student), then progressive
     rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps. Reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1."""
-    from pathlib import Path
-
-    import torch
-
     from .distill.recipes import run_mnist_guided
-    _check_writable_dir(Path(out))
-    torch.set_num_threads(threads)
-    try:
-        exports = run_mnist_guided(Path(out), resume=resume, progress=progress, until=until, part=part)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e)) from None
+    exports = _run_recipe(run_mnist_guided, out, threads, resume=resume, progress=progress, until=until, part=part)
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -483,17 +491,8 @@ def distill_guided_cmd(out, resume, threads, progress, until, part):
 def distill_progressive_cmd(out, resume, threads, progress, until):
     """Plain progressive distillation (Salimans & Ho 2022) of the shipped mnist-teacher's conditional
     model: rounds 32 -> 16 -> 8 -> 4 steps, exported as mnist-progressive-<N> students."""
-    from pathlib import Path
-
-    import torch
-
     from .distill.recipes import run_mnist_progressive
-    _check_writable_dir(Path(out))
-    torch.set_num_threads(threads)
-    try:
-        exports = run_mnist_progressive(Path(out), resume=resume, progress=progress, until=until)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e)) from None
+    exports = _run_recipe(run_mnist_progressive, out, threads, resume=resume, progress=progress, until=until)
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -507,18 +506,9 @@ def distill_progressive_cmd(out, resume, threads, progress, until):
 def distill_dmd_cmd(out, resume, threads, progress, preset, steps):
     """Distribution Matching Distillation of the shipped mnist-teacher into a one-step (or DMD2
     four-step) generator; reproduces mnist-dmd-1 / mnist-dmd2-4."""
-    from pathlib import Path
-
-    import torch
-
     from .distill.recipes import DMD_PRESETS, run_mnist_dmd
-    _check_writable_dir(Path(out))
-    torch.set_num_threads(threads)
-    try:
-        folder = run_mnist_dmd(Path(out), resume=resume, preset=DMD_PRESETS[preset], name=preset,
-                               progress=progress, steps=steps)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e)) from None
+    folder = _run_recipe(run_mnist_dmd, out, threads, resume=resume, preset=DMD_PRESETS[preset], name=preset,
+                         progress=progress, steps=steps)
     click.echo(f"{preset}: {folder}")
 
 
