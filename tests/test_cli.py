@@ -89,3 +89,24 @@ def test_tiny_bench_run_writes_the_json_schema(tmp_path):
     assert same and same[0] == pytest.approx(default[0]["rmse"], rel=1e-3)
     assert (tmp_path / "results.md").read_text().count("diffusers") > 3
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def _commands(group, prefix=()):
+    import click
+    for name, cmd in group.commands.items():
+        yield prefix + (name,)
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, prefix + (name,))
+
+
+def test_every_command_has_help_with_defaults():
+    from click.testing import CliRunner
+
+    from fewstep.cli import main
+    paths = list(_commands(main))
+    assert {("demo",), ("sample",), ("eval",), ("train",), ("distill", "guided"), ("distill", "progressive"),
+            ("distill", "dmd"), ("translate",), ("tune",), ("bench", "solvers"), ("bench", "speed")} <= set(paths)
+    for path in paths:
+        r = CliRunner().invoke(main, [*path, "--help"])
+        assert r.exit_code == 0 and "Usage:" in r.output, (path, r.output)
+        assert len(r.output.split("Usage:")[1].strip().splitlines()[0]) > 0
