@@ -667,15 +667,23 @@ def _make_accelerator(mixed_precision: str, cpu: bool | None):
     """An Accelerator; a previous train() call in this process may have pinned another precision."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if cpu is None and launched > 1 and not torch.cuda.is_available():
+        cpu = True  # several CPU processes (gloo); without this accelerate would run each one alone
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError as e:
         if "already been initialized" not in str(e):
             raise
-    # accelerate keeps one global state per process; drop its precision settings (keeping the
-    # distributed setup) so that successive trainers in one process can differ in precision
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        # accelerate keeps one global state per process; drop its precision settings (keeping the
+        # distributed setup) so that successive trainers in one process can differ in precision
+        AcceleratorState._reset_state(reset_partial_state=False)
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    if accelerator.num_processes != launched:  # never train N independent copies by mistake
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate sees "
+                           f"{accelerator.num_processes}; check the launcher's device settings (e.g. "
+                           "ACCELERATE_USE_CPU=true on machines without GPUs)")
+    return accelerator
 
 
 class _Shards:
