@@ -43,12 +43,18 @@ def find(name: str, models: Path | None):
         return None
 
 
+PARTIAL: list[Path] = []  # set by main(): every finished row is appended there at once (long runs can be cut)
+
+
 def row(model, label: str, n: int, w: float, network_evals: int, **kw) -> dict:
     res = evaluate(model, w=w, n=n, seed=0, **kw)
     out = {"model": label, "w": w, "network_evals": network_evals,
            **{k: res[k] for k in ("fid", "kid", "kid_std", "is", "class_accuracy", "seconds_per_image")},
            "baseline_fid": res["baseline"]["fid"]}
     print(json.dumps(out), flush=True)
+    for path in PARTIAL:
+        with open(path, "a") as f:
+            f.write(json.dumps(out) + "\n")
     return out
 
 
@@ -71,7 +77,8 @@ def stored_reference(path: Path | None, n: int, w: float) -> dict | None:
     return None
 
 
-def teacher_rows(teacher, n: int, w: float, evals: list[int], stored: Path | None = None) -> list[dict]:
+def teacher_rows(teacher, n: int, w: float, evals: list[int], stored: Path | None = None,
+                 solvers=("ddim", "dpmpp_2m")) -> list[dict]:
     """The teacher at each budget of network evaluations (guided: steps = evals / 2) and its reference
     (read from ``stored`` when it holds this w, else computed)."""
     rows = []
@@ -80,7 +87,7 @@ def teacher_rows(teacher, n: int, w: float, evals: list[int], stored: Path | Non
         steps = e // per_step
         if steps < 1:
             continue
-        for solver in ("ddim", "dpmpp_2m"):
+        for solver in solvers:
             rows.append(row(teacher, f"teacher {solver} {steps} steps", n, w, steps * per_step, solver=solver,
                             steps=steps))
     solver, steps = REFERENCE
@@ -140,8 +147,9 @@ def bench_dmd(args) -> dict:
         rows.append(row(g1, "mnist-guided-1", args.n, 1.0, 1))
         speed += [{"model": "mnist-guided-1", "batch": b, "images_per_second": images_per_second(g1, b, w=1.0)}
                   for b in (1, 256)]
-    rows += teacher_rows(teacher, args.n, 1.0, [1, 2, 4, 8], args.reference_from)
-    shares["teacher reference"] = class_shares(teacher, args.n, w=1.0, solver=REFERENCE[0], steps=REFERENCE[1])
+    rows += teacher_rows(teacher, args.n, 1.0, [1, 2, 4, 8], args.reference_from, solvers=("dpmpp_2m",))
+    # the teacher's shares for context, from 500 samples (its 50 evaluations per image make 2,000 costly here)
+    shares["teacher reference (n = 500)"] = class_shares(teacher, 500, w=1.0, solver=REFERENCE[0], steps=REFERENCE[1])
     speed += [{"model": f"teacher dpmpp_2m {s} steps (w = 1)", "batch": b,
                "images_per_second": images_per_second(teacher, b, w=1.0, solver="dpmpp_2m", steps=s)}
               for s in (4, 25) for b in (1, 256)]
@@ -165,6 +173,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"- {s['model']}, batch {s['batch']}: {s['images_per_second']:.1f} images/s")
     for name, sh in doc.get("class_shares", {}).items():
         lines.append(f"- class shares, {name}: " + ", ".join(f"{v:.3f}" for v in sh))
+    if doc.get("cut_short"):
+        lines.append("\nThis run was cut short for time; these are the rows it finished.")
     if doc.get("missing"):
         lines.append(f"\nNot measured (not trained yet): {', '.join(doc['missing'])}.")
     return "\n".join(lines) + "\n"
@@ -283,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reference-from", type=Path, default=Path(__file__).parent / "results" / "teacher.json",
                    help="reuse the teacher's converged rows from this bench_teacher.py result (same n, seed 0)")
+    p.add_argument("--from-partial", type=Path, default=None,
+                   help="write the report from the rows a cut-short run left in its .partial.jsonl")
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. one file per set of w)")
     p.add_argument("--curves", nargs="*", default=[], metavar="LABEL=PATH",
                    help="fid.jsonl probe logs of the training runs, plotted as FID against training steps")
@@ -290,9 +302,16 @@ def main(argv=None) -> int:
                    help="the converged teacher's FID at the probe's n, drawn as a line")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    doc = bench_guided(args) if args.which == "guided" else bench_dmd(args)
+    if args.from_partial:  # a run that was cut: its finished rows, as they were measured
+        rows = [json.loads(line) for line in args.from_partial.read_text().splitlines() if line.strip()]
+        doc = {"rows": rows, "cut_short": True}
+    else:
+        PARTIAL[:] = [OUT / f"distilled_{args.which}{args.tag}.partial.jsonl"]
+        PARTIAL[0].unlink(missing_ok=True)
+        doc = bench_guided(args) if args.which == "guided" else bench_dmd(args)
     doc.update(which=args.which, n=args.n, meta={
         "command": "python benchmarks/bench_distilled.py " + " ".join(argv or []),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
