@@ -139,7 +139,7 @@ def bench_dmd(args) -> dict:
         gen = find(name, args.models)
         if gen is None:
             continue
-        rows.append(row(gen, name, args.n, 0.0, gen.default_steps))
+        rows.append(row(gen, name, args.n, float(gen.config.get("real_w", 0.0)), gen.default_steps))  # w baked in
         shares[name] = class_shares(gen, args.n)
         speed += [{"model": name, "batch": b, "images_per_second": images_per_second(gen, b)} for b in (1, 256)]
     g1 = find("mnist-guided-1", args.models)
@@ -167,6 +167,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"\nReal-vs-real FID at this n: {base[0]:.2f}.")
     stored = sorted({r["source"] for r in doc["rows"] if r.get("source")})
     if stored:
+        stored = [str(Path(x).relative_to(Path(__file__).resolve().parents[1])) if Path(x).is_absolute() else x
+                  for x in stored]
         lines.append(f"Teacher reference rows read from {', '.join(stored)} (same sampler, seed and n; their "
                      "seconds per image come from that run).")
     for s in doc.get("speed", []):
