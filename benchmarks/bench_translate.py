@@ -77,6 +77,7 @@ def grid_figure(rows: dict, x0: torch.Tensor, path: Path) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=Path, default=None, help="folder holding the students by name")
