@@ -566,8 +566,10 @@ def translate_cmd(source, target, encoder, decoder, w, n, out):
               help="Candidate times for dp (must divide --reference-steps).")
 @click.option("--max-evals", type=click.IntRange(min=1), default=None,
               help="Objective evaluations for refine (default 12 * (nfe - 1) + 20).")
+@click.option("--free-end", is_flag=True, help="Let the last finite time move too (lower RMSE, blurrier samples).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-def tune_cmd(model, solver, nfe, w, out, method, samples, seed, reference_steps, candidates, max_evals, threads):
+def tune_cmd(model, solver, nfe, w, out, method, samples, seed, reference_steps, candidates, max_evals, free_end,
+             threads):
     """Fit the time grid on which --solver with --nfe model calls comes closest to the converged
     ODE solution of --model, on calibration noises; write it as JSON (use it with `fewstep.sample(...,
     grid=fewstep.grids.load_grid(PATH))`)."""
@@ -579,7 +581,8 @@ def tune_cmd(model, solver, nfe, w, out, method, samples, seed, reference_steps,
     log = lambda msg: click.echo(f"[tune] {msg}", err=True)  # noqa: E731
     try:
         grid = tune_model(m, solver=solver, nfe=nfe, w=w, samples=samples, seed=seed, method=method,
-                          reference_steps=reference_steps, candidates=candidates, max_evals=max_evals, log=log)
+                          reference_steps=reference_steps, candidates=candidates, max_evals=max_evals,
+                          free_end=free_end, log=log)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     path = grid.save(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -24,6 +25,13 @@ from .families import (FAMILIES, PREDICTION_OF, build_schedule, edm_source_sigma
                        flow_source_sigmas, log_unused, source_class, translate_config, vp_source_timesteps)
 
 __all__ = ["FewstepScheduler", "PREDICTION_TYPES", "STEPPABLE"]
+
+
+def _as_tuned(grid):
+    from ..grids import TunedGrid, load_grid
+    if isinstance(grid, TunedGrid):
+        return grid
+    return TunedGrid.from_dict(dict(grid)) if isinstance(grid, dict) else load_grid(grid)
 
 # diffusers' prediction_type -> fewstep's
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -61,6 +69,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     from it is DDIM's (the exact limit of every solver's first step), and the solver's history
     starts at the next point, which is an infinite log-SNR away. final: ``zero`` (last step
     denoises to clean data) or ``tmin``. Timesteps are the model's (possibly fractional) inputs.
+    grid: a tuned grid (``fewstep.grids.TunedGrid``, its dict or a JSON path; VP configs): then
+    ``set_timesteps(n)`` uses its times (n must be its NFE); it warns if fitted to another schedule
+    or solver. ``set_timesteps(sigmas=tuned.sigmas)`` gives any VP scheduler the same points.
     """
 
     _compatibles: list = []
@@ -79,7 +90,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  max_shift: float = 1.15, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0,
-                 sigma_schedule: str = "karras"):
+                 sigma_schedule: str = "karras", grid=None):
         if solver not in STEPPABLE:
             spec = get_solver(solver)  # raises for unknown names, with suggestions
             raise ValueError(f"solver {solver!r} ({spec.kind}) cannot run one model call per step inside a "
@@ -105,6 +116,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"spacing='source' cannot follow the source's {source_grid.split(':', 1)[1]}=True "
                              "grid; choose one of fewstep's spacings (e.g. 'karras')")
         self.schedule = build_schedule(self.config)
+        if grid is not None:  # a tuned grid (TunedGrid, its dict or a JSON path), kept in the config as a dict
+            if family != "vp":
+                raise ValueError(f"a tuned grid is supported for the VP family only, not {family}")
+            self._tuned = _as_tuned(grid)
+            self.register_to_config(grid=self._tuned.to_dict())
+            self._tuned.grid_for(self.schedule, solver=solver)  # warns now if fitted elsewhere
         if family == "vp":
             self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         spec = get_solver(solver)
@@ -227,6 +244,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _vp_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
         sch, n_train = self.schedule, self.config.num_train_timesteps
+        if self.config.grid is not None and timesteps is None and sigmas is None:
+            return self._tuned_times(n)
         if timesteps is not None:
             t = (torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu() + 1.0) / n_train
             return torch.cat([t, self._final_point(t)])
@@ -298,6 +317,16 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             return torch.zeros(1, dtype=torch.float64)
         return torch.tensor([self.schedule.t_min], dtype=torch.float64) if t[-1] > self.schedule.t_min \
             else torch.zeros(1, dtype=torch.float64)
+
+    def _tuned_times(self, n) -> torch.Tensor:
+        """The tuned grid's times (mapped by log-SNR if it was fitted on another schedule)."""
+        tuned = _as_tuned(self.config.grid)
+        if n != tuned.nfe:
+            raise ValueError(f"this scheduler's tuned grid spends {tuned.nfe} model calls; call the pipeline "
+                             f"with num_inference_steps={tuned.nfe} (got {n})")
+        with warnings.catch_warnings():  # already warned at construction
+            warnings.simplefilter("ignore")
+            return tuned.grid_for(self.schedule, solver=self.config.solver)
 
     @staticmethod
     def _check_steps(n) -> int:
