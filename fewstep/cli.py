@@ -195,20 +195,13 @@ def _float_list(text: str, what: str) -> list[float]:
 
 def _check_output_file(path, force: bool):
     """Refuse, before any work, an output file that exists (without --force) or cannot be written."""
-    import os
     from pathlib import Path
     path = Path(path)
     if path.is_dir():
         raise click.UsageError(f"{path} is a folder; give a file name for --out")
     if path.exists() and not force:
         raise click.UsageError(f"{path} exists; pass --force to overwrite it or choose another --out")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise click.UsageError(f"cannot write {path} ({e.strerror or e}); choose another --out") from None
+    _check_writable_dir(path.parent, what=str(path))
     return path
 
 
@@ -331,8 +324,9 @@ def demo_cmd(out, force, w, seed, fid_n, budget, threads):
     click.echo(f"wrote {doc['files']['image']}, {doc['files']['markdown']} and {doc['files']['json']}")
 
 
-def _check_writable_dir(folder) -> None:
-    """Refuse an output folder that cannot be created or written, before any work starts."""
+def _check_writable_dir(folder, what: str | None = None) -> None:
+    """Refuse an output folder that cannot be created or written, before any work starts;
+    ``what`` names the file about to be written there (in the message) instead of the folder."""
     import os
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -340,7 +334,8 @@ def _check_writable_dir(folder) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise click.UsageError(f"cannot write to {folder} ({e.strerror or e}); choose another --out") from None
+        target = f"cannot write {what}" if what else f"cannot write to {folder}"
+        raise click.UsageError(f"{target} ({e.strerror or e}); choose another --out") from None
 
 
 @main.command("app")
