@@ -66,7 +66,9 @@ def _nfe_list(ctx, param, value):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Where to write the JSON (default: OUT_DIR/solvers.json, solvers_quick.json with --quick).")
 @click.option("--model", default="mnist-teacher", show_default=True,
-              help="mnist-teacher (the shipped teacher), gmm-mnist (an exact-denoiser Gaussian mixture), or a path "
+              help="mnist-teacher (the shipped teacher), gmm-mnist (an exact-denoiser Gaussian mixture), "
+                   "flow-mixture (that mixture as a flow-matching model, SD3's shift 3, diffusers' flow schedulers), "
+                   "or a path "
                    "to a diffusers model folder (UNet2DModel + scheduler "
                    "config) or to a fewstep model folder.")
 @click.option("--w", type=float, default=None,
@@ -213,10 +215,35 @@ def _load_model(name):
         raise click.UsageError(str(e)) from None
 
 
+def _grid_file(ctx, param, value):
+    if value is None:
+        return None
+    from .grids import load_grid
+    try:
+        return load_grid(value)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+        raise click.BadParameter(f"{value}: {e}; make one with `fewstep tune`", ctx=ctx, param=param) from None
+
+
+def _grid_defaults(grid, solver, steps, spacing):
+    """--grid sets the solver and the budget of model calls; a conflicting --steps or --spacing is refused."""
+    if grid is None:
+        return solver, steps, {}
+    if spacing not in ("logsnr", "tuned"):
+        raise click.UsageError(f"--grid gives the time grid; leave out --spacing {spacing}")
+    if steps is not None and steps != grid.nfe:
+        raise click.UsageError(f"the grid was tuned for {grid.nfe} model calls; leave out --steps or pass "
+                               f"--steps {grid.nfe}")
+    return (solver or grid.solver), grid.nfe, {"grid": grid}
+
+
 def _sampling_options(f):
     f = click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")(f)
-    f = click.option("--spacing", type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras"]),
-                     default="logsnr", show_default=True)(f)
+    f = click.option("--grid", "grid", default=None, metavar="GRID.json", callback=_grid_file,
+                     help="A tuned time grid (from `fewstep tune`); its solver and model calls are the defaults.")(f)
+    f = click.option("--spacing", type=click.Choice(["logsnr", "time_uniform", "time_quadratic", "karras", "tuned"]),
+                     default="logsnr", show_default=True,
+                     help="Time grid; 'tuned': the model's shipped tuned grid for (solver, steps, w).")(f)
     f = click.option("--stochastic", is_flag=True,
                      help="Distilled students: the stochastic N-step sampler (Meng et al. 2022).")(f)
     f = click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -250,8 +277,8 @@ def list_solvers():
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--singles", type=click.Path(file_okay=False), default=None, help="Also write single PNGs here.")
 @click.option("--progress/--no-progress", default=True)
-def sample_cmd(model, w, solver, steps, spacing, seed, stochastic, labels, n, batch_size, device, dtype, out, force,
-               singles, progress):
+def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels, n, batch_size, device, dtype, out,
+               force, singles, progress):
     """Generate images with a model and a solver; write a PNG grid."""
     import contextlib
     import time
@@ -273,7 +300,8 @@ def sample_cmd(model, w, solver, steps, spacing, seed, stochastic, labels, n, ba
         labels = [i % m.num_classes for i in range(n)]
     try:
         t0 = time.perf_counter()
-        extra = {"stochastic": True} if stochastic else {}
+        solver, steps, extra = _grid_defaults(grid, solver, steps, spacing)
+        extra.update({"stochastic": True} if stochastic else {})
         solver, steps = m.check_sampling(solver, steps, w)
         precision = (torch.autocast(dev.type, dtype=getattr(torch, DTYPES[dtype])) if DTYPES[dtype]
                      else contextlib.nullcontext())
@@ -288,7 +316,7 @@ def sample_cmd(model, w, solver, steps, spacing, seed, stochastic, labels, n, ba
     path = save_image_grid(images, out, nrow=nrow)
     if singles:
         save_images(images, singles)
-    nfe = m.nfe(solver, steps, spacing)
+    nfe = grid.nfe if grid is not None else m.nfe(solver, steps, spacing)
     cfg_call = w and not m.w_input and m.config.get("kind") == "diffusion"
     click.echo(f"wrote {path} ({len(images)} images); NFE {nfe if nfe is not None else 'adaptive'}"
                f"{' (each a batched cond+uncond call)' if cfg_call else ''}; {seconds / len(images):.4f} s/image")
@@ -372,7 +400,8 @@ def app_cmd(port, threads):
               help="Comma-separated step budgets: evaluate each (with every --sweep-w); writes JSON, a markdown "
                    "table (.md) and a plot of FID against NFE (.png) beside --json.")
 @click.option("--sweep-w", default=None, metavar="LIST", help="Comma-separated guidance weights for the sweep.")
-def eval_cmd(model, w, solver, steps, spacing, seed, stochastic, n, batch_size, json_path, sweep_steps, sweep_w):
+def eval_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_size, json_path, sweep_steps,
+             sweep_w):
     """FID, KID, IS, class accuracy, NFE and seconds per image, beside the real-vs-real baseline;
     with --sweep-steps / --sweep-w, for every (steps, w) with a table and a plot."""
     import json
@@ -382,8 +411,11 @@ def eval_cmd(model, w, solver, steps, spacing, seed, stochastic, n, batch_size, 
     if json_path:
         _check_output_file(json_path, force=True)  # eval results are meant to be refreshed
     m = _load_model(model)
-    extra = {"stochastic": True} if stochastic else {}
+    solver, steps, extra = _grid_defaults(grid, solver, steps, spacing)
+    extra.update({"stochastic": True} if stochastic else {})
     if sweep_steps or sweep_w:
+        if grid is not None and sweep_steps:
+            raise click.UsageError("a tuned --grid has one budget of model calls; sweep steps with --spacing tuned")
         if not json_path:
             raise click.UsageError("a sweep writes JSON, markdown and a plot: give --json PATH")
         steps_list = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else [steps]

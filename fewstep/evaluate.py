@@ -60,8 +60,8 @@ def evaluate(model, *, solver: str | None = None, steps: int | None = None, w: f
     scores = image_metrics(fake, real, classifier, labels=labels)
     base = real_vs_real(real_b, real, classifier)
     nfe = model.nfe(solver, steps, spacing)
-    return {"model": getattr(model, "source", str(model)), "solver": solver, "steps": steps, "spacing": spacing,
-            "w": w, "n": n, "seed": seed, **scores, "nfe": nfe, "seconds_per_image": seconds / n,
+    return {"model": getattr(model, "source", str(model)), "solver": solver, "steps": steps,
+            "spacing": "given grid" if options.get("grid") is not None else spacing, "w": w, "n": n, "seed": seed, **scores, "nfe": nfe, "seconds_per_image": seconds / n,
             "baseline": {k: base[k] for k in ("fid", "kid", "kid_std", "is", "is_std")}}
 
 

@@ -462,3 +462,82 @@ def test_flow_config_round_trips(tmp_path):
     for s in (fs, back):
         s.set_timesteps(5, mu=2.0)
     assert torch.equal(fs.timesteps, back.timesteps)
+
+
+# ---------------------------------------------------------------------------
+# Tuned grids on flow-matching configs, and the flow model of `fewstep bench solvers`
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gaussian():
+    """One Gaussian with stds from 0.02 to 1: no modes to switch between, so a grid fitted on 16 noises
+    carries over to others (on mixtures, small calibration sets overfit; BENCHMARKS.md)."""
+    g = torch.Generator().manual_seed(3)
+    return GaussianMixture(torch.randn(1, D, generator=g, dtype=torch.float64),
+                           torch.logspace(-1.7, 0, D, dtype=torch.float64)[None], torch.ones(1))
+
+
+def _flow_tuned(model, nfe: int):
+    from fewstep.bench.flow import flow_starts
+    from fewstep.tune import calibration_set, tune_grid
+    source = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    sched = FewstepScheduler.from_config(source, solver="dpmpp_2m")
+    return tune_grid(model.denoiser(sched.schedule), sched.schedule, solver="dpmpp_2m", nfe=nfe,
+                     calibration=calibration_set(16, SHAPE, seed=1), reference_steps=256, candidates=32,
+                     starts=flow_starts(source, nfe), free_end=True)
+
+
+def test_flow_scheduler_runs_a_tuned_grid_from_pure_noise_and_beats_fixed_spacings(gaussian):
+    source = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    tuned = _flow_tuned(gaussian, 4)
+    assert tuned.calibration["rmse"] < tuned.calibration["fixed_spacings"]["shifted_uniform"]  # a start it was given
+    fs = FewstepScheduler.from_config(source.config, solver="dpmpp_2m", grid=tuned)
+    fs.set_timesteps(4)
+    assert float(fs.grid[0]) == 1.0 and float(fs.grid[-1]) == 0.0  # starts at sigma = 1, as latents are drawn
+    assert torch.allclose(fs.grid[1:], torch.tensor(tuned.times[1:], dtype=torch.float64))
+    with pytest.raises(ValueError, match="num_inference_steps=4"):
+        fs.set_timesteps(5)
+    x = noise(64, seed=5)  # held-out noise (the grid was fitted on seed 1)
+    ref = FewstepScheduler.from_config(source.config, solver="unipc_bh2_3")
+    ref.set_timesteps(400)
+    target = flow_loop(ref, gaussian, x.clone())
+    errors = {}
+    for spacing in ("logsnr", "karras", "shifted_uniform", "source"):
+        other = FewstepScheduler.from_config(source.config, solver="dpmpp_2m", spacing=spacing)
+        other.set_timesteps(4)
+        errors[spacing] = float((flow_loop(other, gaussian, x.clone()) - target).pow(2).mean().sqrt())
+    tuned_error = float((flow_loop(fs, gaussian, x.clone()) - target).pow(2).mean().sqrt())
+    assert tuned_error < min(errors.values()), (tuned_error, errors)
+
+
+def test_flow_tuned_grid_refuses_dynamic_shifting_and_edm(gaussian):
+    from diffusers import EDMEulerScheduler
+    tuned = _flow_tuned(gaussian, 3)
+    dynamic = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True"):
+        FewstepScheduler.from_config(dynamic.config, solver="dpmpp_2m", grid=tuned)
+    with pytest.raises(ValueError, match="not edm"):
+        FewstepScheduler.from_config(EDMEulerScheduler().config, solver="dpmpp_2m", grid=tuned)
+
+
+def test_bench_solvers_flow_mixture_writes_every_kind_of_row(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from fewstep.cli import main
+    r = CliRunner().invoke(main, ["bench", "solvers", "--model", "flow-mixture", "--quick", "--nfe", "4",
+                                  "--samples", "4", "--out-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "flow_solvers_quick.json").read_text())
+    kinds = {(row["impl"], row["spacing"]) for row in doc["results"]}
+    assert {("diffusers", "default"), ("fewstep", "tuned"), ("fewstep", "source"), ("fewstep", "logsnr")} <= kinds
+    names = {row["solver"] for row in doc["results"] if row["impl"] == "diffusers"}
+    assert names == {"FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler(flow)",
+                     "UniPCMultistepScheduler(flow)"}
+    assert all(row["nfe"] == 4 and row["rmse"] > 0 for row in doc["results"])  # calls counted, not assumed
+    assert doc["reference"]["error_estimate"] < 1e-2 and doc["summary"]["4"]["flowmatch_euler_rmse"] > 0
+    assert (tmp_path / "flow_solvers_quick.png").stat().st_size > 0
+    assert "Tuned grids" in (tmp_path / "flow_solvers_quick.md").read_text()
+    bad = CliRunner().invoke(main, ["bench", "solvers", "--model", "flow-mixture", "--w", "1", "--quick"])
+    assert bad.exit_code == 2 and "unconditional" in bad.output

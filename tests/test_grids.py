@@ -5,6 +5,7 @@ import itertools
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,30 @@ def test_shipped_teacher_grids_serve_the_demos_tuned_row():
         warnings.simplefilter("error", TunedGridWarning)  # the shipped grid fits the shipped model: no warning
         x = generate(model, torch.tensor([1, 2]), w=1.0, **row.options)
     assert x.shape == (2, 1, 28, 28)
+
+
+def test_cli_sample_takes_a_grid_file_or_the_shipped_grid_by_name(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from fewstep.api import ASSETS, generate, load
+    from fewstep.cli import main
+    path = ASSETS / "mnist-teacher" / "grids" / "dpmpp_2m-nfe5-w1.json"
+    run = lambda *a: CliRunner().invoke(main, ["sample", "--w", "1", "--labels", "3,8", "--no-progress", *a])  # noqa: E731
+    by_file = run("--grid", str(path), "--out", str(tmp_path / "a.png"))
+    assert by_file.exit_code == 0, by_file.output
+    assert "NFE 5" in by_file.output  # solver and model calls come from the grid
+    by_name = run("--spacing", "tuned", "--steps", "5", "--out", str(tmp_path / "b.png"))
+    assert by_name.exit_code == 0, by_name.output
+    a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png"))
+    assert np.array_equal(a, b)  # the same shipped grid either way
+    logsnr = generate(load("mnist-teacher"), torch.tensor([3, 8]), w=1.0, solver="dpmpp_2m", steps=5)
+    tuned = generate(load("mnist-teacher"), torch.tensor([3, 8]), w=1.0, grid=load_grid(path), steps=5,
+                     solver="dpmpp_2m")
+    assert not torch.equal(logsnr, tuned)  # the grid changes the samples
+    for args, words in [(["--grid", str(path), "--steps", "4"], "tuned for 5 model calls"),
+                        (["--grid", str(path), "--spacing", "karras"], "leave out --spacing karras"),
+                        (["--grid", str(tmp_path / "none.json")], "no tuned grid file"),
+                        (["--spacing", "tuned", "--steps", "7"], "no tuned grid for solver 'dpmpp_2m', 7 model calls")]:
+        bad = run(*args, "--out", str(tmp_path / "c.png"))
+        assert bad.exit_code == 2 and words in bad.output, (args, bad.output)

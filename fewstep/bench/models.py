@@ -22,7 +22,7 @@ from ..schedules import DiscreteVP, NoiseSchedule, betas_by_name
 __all__ = ["BenchArgumentError", "BenchModel", "GMMEpsModel", "mnist_mixture", "gmm_mnist_model",
            "diffusers_folder_model", "fewstep_model", "load_bench_model", "MODELS", "NULL_LABEL", "GMM_DEFAULT_W"]
 
-MODELS = ("gmm-mnist", "mnist-teacher")
+MODELS = ("gmm-mnist", "mnist-teacher", "flow-mixture")  # flow-mixture: fewstep.bench.flow
 NULL_LABEL = -1  # the unconditional "class" of the gmm-mnist model
 GMM_DEFAULT_W = 1.0  # guidance_scale 2 (same as the MNIST teacher's previews)
 

@@ -5,6 +5,9 @@ solver's own time per step with the model excluded.
     fewstep bench solvers [--quick] [--json PATH] [--model NAME|PATH] [--w FLOAT]
                           [--nfe LIST] [--samples N] [--out-dir DIR]
 
+``--model flow-mixture`` runs the flow-matching model instead (``fewstep.bench.flow``: diffusers'
+flow schedulers against FewstepScheduler on every grid, tuned grids included).
+
 What is measured
   * ``rmse``: root-mean-square difference of the final x0 (over all samples and values)
     from the reference solution started at the same x_T. The reference is RK4 in lambda
@@ -43,6 +46,7 @@ from typing import Callable
 import torch
 
 from ..solvers import SOLVERS
+from . import flow
 from .models import (GMM_DEFAULT_W, MODELS, NULL_LABEL, BenchArgumentError, BenchModel, GMMEpsModel,  # noqa: F401
                      load_bench_model, mnist_mixture)
 from .overhead import OVERHEAD_PAIRS, QUICK_OVERHEAD_PAIRS, adapter_overhead, measure_overhead
@@ -184,6 +188,10 @@ def run(*, quick: bool = False, json_path=None, model: str = "gmm-mnist", w: flo
     nfes = parse_nfe_list(nfe) if nfe is not None else None
     if samples is not None and (not isinstance(samples, int) or isinstance(samples, bool) or samples < 1):
         raise BenchArgumentError(f"--samples must be an integer >= 1, got {samples!r}")
+    if model == flow.NAME:
+        if w is not None:
+            raise BenchArgumentError("the flow-mixture model is unconditional: leave out --w")
+        return _run_flow(quick, json_path, nfes, samples, out_dir, seed, threads, log)
     plan = make_plan(quick, nfes, samples)
     stem = "solvers_quick" if quick else "solvers"
     out_dir = Path(out_dir)
@@ -203,6 +211,28 @@ def run(*, quick: bool = False, json_path=None, model: str = "gmm-mnist", w: flo
                                  + ([f"--nfe {','.join(map(str, nfes))}"] if nfes else [])
                                  + ([f"--samples {samples}"] if samples else []))
     _write_outputs(doc, extras, json_path, out_dir / f"{json_path.stem}.md", out_dir / f"{json_path.stem}.png")
+    return doc
+
+
+def _run_flow(quick, json_path, nfes, samples, out_dir, seed, threads, log) -> dict:
+    """The flow-matching model (``fewstep.bench.flow``): its own rows and report, written beside the others."""
+    out_dir = Path(out_dir)
+    json_path = Path(json_path) if json_path is not None else out_dir / f"flow_solvers{'_quick' if quick else ''}.json"
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads or previous)
+        with _quiet_diffusers():
+            doc = flow.run(quick=quick, nfes=nfes, samples=samples, seed=seed, log=log)
+    finally:
+        torch.set_num_threads(previous)
+    doc["command"] = " ".join(["fewstep bench solvers --model flow-mixture"] + (["--quick"] if quick else [])
+                              + ([f"--nfe {','.join(map(str, nfes))}"] if nfes else [])
+                              + ([f"--samples {samples}"] if samples else []))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    png = out_dir / f"{json_path.stem}.png"
+    flow.plot(doc, png)
+    (out_dir / f"{json_path.stem}.md").write_text(f"`{doc['command']}`\n\n" + flow.markdown(doc, png.name))
     return doc
 
 

@@ -62,16 +62,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     ``source``: the source scheduler's own timesteps (its ``timestep_spacing`` / shift / Karras
     sigmas). ``linspace`` is diffusers' default integer VP timesteps (``source`` for flow and EDM).
     ``shifted_uniform`` (flow only): uniform in the unshifted time, then shifted, as diffusers'
-    DPM-Solver / UniPC flow mode; the best grid for flow models in benchmarks/bench_flow.py.
+    DPM-Solver / UniPC flow mode; the best grid for flow models in `fewstep bench solvers --model flow-mixture`.
     fewstep's default is ``logsnr`` because its solvers are exponential integrators in log-SNR;
     the source's spacing was chosen for its own sampler. A model whose top noise level is pure
     noise (flow matching at sigma = 1, zero-terminal-SNR VP) starts every grid there; the step
     from it is DDIM's (the exact limit of every solver's first step), and the solver's history
     starts at the next point, which is an infinite log-SNR away. final: ``zero`` (last step
     denoises to clean data) or ``tmin``. Timesteps are the model's (possibly fractional) inputs.
-    grid: a tuned grid (``fewstep.grids.TunedGrid``, its dict or a JSON path; VP configs): then
-    ``set_timesteps(n)`` uses its times (n must be its NFE); it warns if fitted to another schedule
-    or solver. ``set_timesteps(sigmas=tuned.sigmas)`` gives any VP scheduler the same points.
+    grid: a tuned grid (``fewstep.grids.TunedGrid``, its dict or a JSON path; VP and flow configs, flow
+    without dynamic shifting): then ``set_timesteps(n)`` uses its times (n must be its NFE; a flow grid
+    starts from pure noise, sigma = 1); it warns if fitted to another schedule or solver.
+    ``set_timesteps(sigmas=tuned.sigmas)`` gives any VP scheduler the same points.
     """
 
     _compatibles: list = []
@@ -117,8 +118,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              "grid; choose one of fewstep's spacings (e.g. 'karras')")
         self.schedule = build_schedule(self.config)
         if grid is not None:  # a tuned grid (TunedGrid, its dict or a JSON path), kept in the config as a dict
-            if family != "vp":
-                raise ValueError(f"a tuned grid is supported for the VP family only, not {family}")
+            if family == "edm":
+                raise ValueError("a tuned grid is supported for the VP and flow-matching families, not edm")
+            if family == "flow" and use_dynamic_shifting:
+                raise ValueError("a tuned grid fixes the sigmas, but this flow config has use_dynamic_shifting=True "
+                                 "(its shift follows the image size): tune at one size with use_dynamic_shifting "
+                                 "off, or leave grid out")
             self._tuned = _as_tuned(grid)
             self.register_to_config(grid=self._tuned.to_dict())
             self._tuned.grid_for(self.schedule, solver=solver)  # warns now if fitted elsewhere
@@ -272,6 +277,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _flow_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
         cfg, n_train = self.config, self.config.num_train_timesteps
+        if cfg.grid is not None and timesteps is None and sigmas is None:
+            t = self._tuned_times(n).clone()
+            t[0] = self.schedule.t_upper  # run from pure noise, as the pipeline's latents are drawn
+            return t
         if timesteps is not None:
             t = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu() / n_train
         elif sigmas is not None:
