@@ -175,6 +175,8 @@ def markdown(doc: dict) -> str:
         lines.append(f"- {s['model']}, batch {s['batch']}: {s['images_per_second']:.1f} images/s")
     for name, sh in doc.get("class_shares", {}).items():
         lines.append(f"- class shares, {name}: " + ", ".join(f"{v:.3f}" for v in sh))
+    if doc.get("merged_from"):
+        lines.append(f"\nRows of {', '.join(doc['merged_from'])}, each measured in its own run (same n and seeds).")
     if doc.get("cut_short"):
         lines.append("\nThis run was cut short for time; these are the rows it finished.")
     if doc.get("missing"):
@@ -298,6 +300,8 @@ def main(argv=None) -> int:
     p.add_argument("--from-partial", type=Path, default=None,
                    help="write the report from the rows a cut-short run left in its .partial.jsonl")
     p.add_argument("--tag", default="", help="suffix of the result files (e.g. one file per set of w)")
+    p.add_argument("--merge", nargs="*", type=Path, default=[], metavar="JSON",
+                   help="write one report (table, plots along w) from the rows of earlier runs' JSON results")
     p.add_argument("--curves", nargs="*", default=[], metavar="LABEL=PATH",
                    help="fid.jsonl probe logs of the training runs, plotted as FID against training steps")
     p.add_argument("--curve-reference", type=float, default=None,
@@ -307,7 +311,12 @@ def main(argv=None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    if args.from_partial:  # a run that was cut: its finished rows, as they were measured
+    if args.merge:  # runs made separately (e.g. one per set of w), reported together as they were measured
+        docs = [json.loads(path.read_text()) for path in args.merge]
+        doc = {"rows": sorted((r for d in docs for r in d["rows"]), key=lambda r: r["w"]),
+               "merged_from": [str(path) for path in args.merge],
+               "cut_short": any(d.get("cut_short") for d in docs)}
+    elif args.from_partial:  # a run that was cut: its finished rows, as they were measured
         rows = [json.loads(line) for line in args.from_partial.read_text().splitlines() if line.strip()]
         doc = {"rows": rows, "cut_short": True}
     else:
