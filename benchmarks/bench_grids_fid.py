@@ -8,7 +8,8 @@ grid, on class-balanced samples (held-out seeds: generation seed 2, never a cali
 The diffusers row runs fewstep's dpmpp_2m on diffusers' default timesteps (mapped to the teacher's
 time by log-SNR): the same algorithm as DPMSolverMultistepScheduler on an identical grid, which
 the solver benchmark measures equal to 1e-7. Rows are appended to
-benchmarks/results/grids_fid.json as they finish (rerun to add rows; finished rows are kept).
+benchmarks/results/grids_fid.json as they finish (rerun to add rows; finished rows are kept), and
+the table is rewritten to grids_fid.md.
 """
 from __future__ import annotations
 
@@ -62,7 +63,41 @@ def main(argv=None):
                    "seconds": round(time.perf_counter() - start, 1), "date": time.strftime("%Y-%m-%d")}
             doc["rows"].append(row)
             out.write_text(json.dumps(doc, indent=1) + "\n")
+            out.with_suffix(".md").write_text(markdown(doc, converged_row(args.w, args.n)))
             print(json.dumps(row), flush=True)
+    out.with_suffix(".md").write_text(markdown(doc, converged_row(args.w, args.n)))
+
+
+def markdown(doc: dict, converged: dict | None = None) -> str:
+    """FID (KID, class accuracy) by grid and NFE, with the converged teacher's FID for scale."""
+    rows = doc["rows"]
+    grids = list(dict.fromkeys(r["grid"] for r in rows))
+    lines = ["| NFE | " + " | ".join(grids) + " |", "|---|" + "---|" * len(grids)]
+    for nfe in sorted({r["nfe"] for r in rows}):
+        cells = []
+        for g in grids:
+            r = next((r for r in rows if r["grid"] == g and r["nfe"] == nfe), None)
+            cells.append("" if r is None else f"{r['fid']:.1f} ({r['kid']:.3f}, {100 * r['class_accuracy']:.1f}%)")
+        best = min((r["fid"] for r in rows if r["nfe"] == nfe), default=None)
+        cells = [f"**{c.split(' (')[0]}**{c[len(c.split(' (')[0]):]}" if c and best is not None
+                 and float(c.split(" (")[0]) == round(best, 1) else c for c in cells]
+        lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
+    r0 = rows[0] if rows else {}
+    lines.append(f"\nFID (KID, class accuracy); solver {r0.get('solver')}, w = {r0.get('w')}, n = {r0.get('n')}, "
+                 f"generation seed 2; real-vs-real FID at this n: {r0.get('real_vs_real_fid', float('nan')):.2f}.")
+    if converged:
+        lines.append(f"The converged teacher ({converged['solver']}, {converged['steps']} steps, seed 0) scores "
+                     f"FID {converged['fid']:.2f} at this n.")
+    return "\n".join(lines) + "\n"
+
+
+def converged_row(w: float, n: int) -> dict | None:
+    path = OUT.parent / "teacher.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    row = next((r for r in doc["results"] if r["w"] == w), None)
+    return None if row is None or doc["n"] != n else {"solver": doc["solver"], "steps": doc["steps"], "fid": row["fid"]}
 
 
 if __name__ == "__main__":

@@ -253,3 +253,20 @@ def test_cli_sample_takes_a_grid_file_or_the_shipped_grid_by_name(tmp_path):
                         (["--spacing", "tuned", "--steps", "7"], "no tuned grid for solver 'dpmpp_2m', 7 model calls")]:
         bad = run(*args, "--out", str(tmp_path / "c.png"))
         assert bad.exit_code == 2 and words in bad.output, (args, bad.output)
+
+
+def test_cli_eval_takes_a_grid_file(tmp_path):
+    from click.testing import CliRunner
+
+    from fewstep.api import ASSETS
+    from fewstep.cli import main
+    path = ASSETS / "mnist-teacher" / "grids" / "dpmpp_2m-nfe4-w1.json"
+    out = tmp_path / "e.json"
+    r = CliRunner().invoke(main, ["eval", "--w", "1", "--grid", str(path), "-n", "20", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["spacing"] == "given grid" and doc["solver"] == "dpmpp_2m" and doc["steps"] == 4 and doc["nfe"] == 4
+    assert 0.0 <= doc["class_accuracy"] <= 1.0 and doc["fid"] > 0
+    bad = CliRunner().invoke(main, ["eval", "--w", "1", "--grid", str(path), "--sweep-steps", "4,5", "--json",
+                                    str(tmp_path / "s.json"), "-n", "20"])
+    assert bad.exit_code == 2 and "sweep steps with --spacing tuned" in bad.output
