@@ -89,6 +89,22 @@ def test_discrete_vp_reproduces_alphas_cumprod_at_knots(name):
     assert torch.allclose(s.model_timestep(t_n), torch.arange(s.N, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
+def test_zero_snr_discrete_vp_values_at_knots_and_on_its_last_interval():
+    from fewstep.schedules import ZeroSNRDiscreteVP, rescale_zero_terminal_snr
+    betas = rescale_zero_terminal_snr(betas_by_name("scaled_linear", 1000, 0.00085, 0.012))
+    ac = torch.cumprod(1 - betas, 0)
+    s = ZeroSNRDiscreteVP(betas=betas)
+    t_n = (torch.arange(s.N - 1, dtype=torch.float64) + 1) / s.N  # every knot with finite log-SNR
+    assert torch.allclose(s.alpha(t_n) ** 2, ac[:-1], rtol=1e-12, atol=0)
+    assert torch.allclose(s.sigma(t_n) ** 2, 1 - ac[:-1], rtol=1e-12, atol=0)
+    assert float(s.alpha(torch.tensor(1.0, dtype=torch.float64))) == 0.0  # pure noise at the top
+    last = torch.linspace(s.t_max, 1.0, 7, dtype=torch.float64)  # alpha falls linearly to 0 there
+    expected = float(ac[-2].sqrt()) * (1.0 - last) / (1.0 - s.t_max)
+    assert torch.allclose(s.alpha(last), expected, rtol=1e-12, atol=1e-15)
+    t = torch.cat([torch.linspace(s.t_min, s.t_max, 501, dtype=torch.float64), last[1:-1]])
+    assert torch.allclose(s.t_of_lambda(s.lambda_(t)), t, rtol=0, atol=1e-9)
+
+
 def test_discrete_vp_from_alphas_cumprod_equals_from_betas():
     betas = betas_by_name("scaled_linear", 100, 0.00085, 0.012)
     a = DiscreteVP(betas=betas)
