@@ -515,8 +515,10 @@ def test_other_bad_options():
     den, x_T = small_problem()
     with pytest.raises(ValueError, match="final must be 'zero', 'tmin' or 'denoise', got 'end'"):
         fewstep.sample(den, x_T, SCH, final="end")
-    with pytest.raises(ValueError, match=r"eta must lie in \[0, 1\], got 1.5"):
-        fewstep.sample(den, x_T, SCH, solver="ddim", eta=1.5)
+    for eta in (1.5, 1.0001, -0.0001):  # the bounds themselves are allowed (eta = 1 is DDPM)
+        with pytest.raises(ValueError, match=rf"eta must lie in \[0, 1\], got {eta}"):
+            fewstep.sample(den, x_T, SCH, solver="ddim", eta=eta)
+    fewstep.sample(den, x_T, SCH, solver="ddim", eta=1.0, steps=2)
     with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'taylor', got 'heun'"):
         fewstep.sample(den, x_T, SCH, solver="dpmpp_2m", solver_type="heun")
     with pytest.raises(ValueError, match="third_order must be 'exact' or 'legacy'"):
