@@ -1,6 +1,7 @@
 """Mutation testing of the solver core: how many small, plausible bugs does the suite catch?
 
-    python benchmarks/mutation.py [--sample N] [--seed S] [--timeout SECONDS]
+    python benchmarks/mutation.py [--sample N] [--seed S] [--timeout SECONDS] [--out STEM]
+    python benchmarks/mutation.py --rerun benchmarks/results/mutation.json --out mutation_rerun
 
 Run it in a copy of the tree (it edits files): cp -r . /tmp/mut && cd /tmp/mut && python benchmarks/mutation.py
 
@@ -68,8 +69,17 @@ def mutants():
                 continue
             for name, rx, repl in RULES:
                 for m in rx.finditer(code):
+                    if _same_value(m.group(0), repl(m)):  # 0.0 * 1.1: an equivalent mutant, not a test of anything
+                        continue
                     yield {"file": str(path.relative_to(ROOT)), "line": i + 1, "rule": name,
                            "before": lines[i].strip(), "start": m.start(), "end": m.end(), "new": repl(m)}
+
+
+def _same_value(before: str, after: str) -> bool:
+    try:
+        return float(before) == float(after)
+    except ValueError:
+        return False
 
 
 def run_one(mut: dict, timeout: int) -> dict:
@@ -99,9 +109,17 @@ def main(argv=None) -> int:
     p.add_argument("--sample", type=int, default=40, help="mutants drawn at random (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--rerun", type=Path, default=None,
+                   help="run again the survivors of an earlier mutation.json (after adding tests)")
+    p.add_argument("--out", default="mutation", help="stem of the result files in benchmarks/results")
     args = p.parse_args(argv)
     every = list(mutants())
-    chosen = every if args.sample == 0 else random.Random(args.seed).sample(every, min(args.sample, len(every)))
+    if args.rerun:
+        old = [r for r in json.loads(args.rerun.read_text())["results"] if r["status"] == "survived"]
+        keys = {(r["file"], r["line"], r["rule"], r["start"]) for r in old}
+        chosen = [m for m in every if (m["file"], m["line"], m["rule"], m["start"]) in keys]
+    else:
+        chosen = every if args.sample == 0 else random.Random(args.seed).sample(every, min(args.sample, len(every)))
     results = []
     for k, mut in enumerate(chosen):
         results.append(run_one(mut, args.timeout))
@@ -112,12 +130,12 @@ def main(argv=None) -> int:
            "kill_rate": killed / max(1, len(results)), "seed": args.seed, "results": results,
            "date": time.strftime("%Y-%m-%d", time.gmtime())}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "mutation.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (OUT / f"{args.out}.json").write_text(json.dumps(doc, indent=1) + "\n")
     md = [f"# Mutation run ({doc['date']}): {killed} of {len(results)} killed "
           f"({100 * doc['kill_rate']:.0f}%), drawn from {len(every)} mutants", "",
           "| status | where | rule | mutated line |", "|---|---|---|---|"]
     md += [f"| {r['status']} | {r['file']}:{r['line']} | {r['rule']} | `{r['after']}` |" for r in results]
-    (OUT / "mutation.md").write_text("\n".join(md) + "\n")
+    (OUT / f"{args.out}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md[:1]))
     return 0
 
