@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from .models import mnist_mixture
+from .runner import rmse
 
 NAME = "flow-mixture"
 SHIFT = 3.0
@@ -80,10 +81,6 @@ def run_scheduler(sched, model, x: torch.Tensor, n: int) -> tuple[torch.Tensor, 
         x = sched.step(model(x, t), t, x).prev_sample
         calls += 1
     return x, calls
-
-
-def rmse(a, b) -> float:
-    return float((a.double() - b.double()).pow(2).mean().sqrt())
 
 
 def step_overhead(make, shape=(4, 16, 64, 64), steps: int = 20, repeats: int = 5) -> float:
