@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from fewstep.bench.machine import machine_info, machine_line
 import fewstep
 from fewstep.evaluate import evaluate
 
@@ -325,8 +324,7 @@ def main(argv=None) -> int:
         doc = bench_guided(args) if args.which == "guided" else bench_dmd(args)
     doc.update(which=args.which, n=args.n, meta={
         "command": "python benchmarks/bench_distilled.py " + " ".join(argv or []),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - t0, 1)})
+        "machine": machine_line(), "date": machine_info()["day"], "wall_time_s": round(time.time() - t0, 1)})
     OUT.mkdir(parents=True, exist_ok=True)
     stem = OUT / f"distilled_{args.which}{args.tag}"
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -27,16 +27,18 @@ OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "dmd_dist
 
 def train_and_score(distance: str, steps: int, root: Path, pairs_from: Path | None, n: int, ema: float) -> dict:
     import fewstep
-    from fewstep.distill.recipes import MNIST_DMD, run_mnist_dmd
+    from dataclasses import replace
+
+    from fewstep.recipes import MNIST_DMD, run_dmd
     from fewstep.evaluate import evaluate
     out = root / distance
     out.mkdir(parents=True, exist_ok=True)
     if pairs_from is not None and pairs_from.is_file() and not (out / "regression-set.safetensors").exists():
         shutil.copy(pairs_from, out / "regression-set.safetensors")  # reused when its settings match
-    preset = {**MNIST_DMD, "distance": distance, "steps": steps,
-              "ema_decay": {"generator": ema, "fake": MNIST_DMD["ema_decay"]["fake"]}}
+    preset = replace(MNIST_DMD, distance=distance, steps=steps,
+                     ema_decay={"generator": ema, "fake": MNIST_DMD.ema_decay["fake"]})
     t0 = time.time()
-    folder = run_mnist_dmd(out, resume=True, preset=preset, name=f"dmd-{distance}", progress=False)
+    folder = run_dmd(out, preset, name=f"dmd-{distance}", resume=True, progress=False)
     minutes = (time.time() - t0) / 60
     gen = fewstep.load(folder)
     w = float(gen.config.get("real_w", 0.0))

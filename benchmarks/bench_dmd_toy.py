@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fewstep.bench.machine import machine_info, machine_line
 from fewstep.data.gmm import GaussianMixture
 from fewstep.data.toys import ring8, toy_sampler
 from fewstep.distill.dmd import DMDLoss, FakeScore, generator_sample
@@ -122,8 +121,8 @@ def main(argv=None) -> int:
     rows.append({"variant": "true samples (reference)", **scores(GMM.sample(4000, torch.Generator().manual_seed(10))[0],
                                                                truth), "seconds": 0.0})
     meta = {"command": "python benchmarks/bench_dmd_toy.py " + " ".join(argv or []), "generator_updates": args.steps,
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+            "machine": machine_line(),
+            "date": machine_info()["day"]}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "dmd_toy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = ["| variant | modes covered (of 8) | within 3 std | sliced W2 to data | seconds |", "|---|---|---|---|---|"]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.bench.machine import machine_info, machine_line
 from fewstep.bench.models import NULL_LABEL, load_bench_model
 from fewstep.bench.runner import diffusers_sample
 from fewstep.denoisers import ClassifierFreeGuidance, ModelDenoiser
@@ -129,7 +130,7 @@ def run(args) -> dict:
                     f"{g.cost['seconds']:.0f} s)")
     doc = {"model": p.name, "w": p.w, "command": "python benchmarks/bench_grids.py " + " ".join(sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
-           "load_average": [round(v, 2) for v in os.getloadavg()],
+           "load_average": machine_info()["load_average_at_start"], "machine": machine_line(),
            "heldout": {"samples": args.heldout, "seed": 0, "labels": "i mod 10",
                        "reference_max_abs_diff_vs_half_steps": ref["max_abs_diff_vs_half_steps"],
                        "reference_rk4_steps": ref["steps"], "reference_seconds": round(ref["seconds"], 1)},

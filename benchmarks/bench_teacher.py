@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from fewstep.bench.machine import machine_info
 import fewstep
 from fewstep.evaluate import evaluate
 from fewstep.images import save_image_grid
@@ -56,9 +55,7 @@ def main() -> None:
         save_image_grid(grid, OUT / f"teacher_w{w:g}.png", nrow=10)
     doc = {"model": "mnist-teacher", "solver": args.solver, "steps": args.steps, "n": args.n,
            "convergence_w1": conv, "results": rows,
-           "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                       "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                       "wall_time_s": round(time.time() - t0, 1)}}
+           "machine": {**machine_info(), "threads": torch.get_num_threads(), "wall_time_s": round(time.time() - t0, 1)}}
     (OUT / "teacher.json").write_text(json.dumps(doc, indent=2) + "\n")
     (OUT / "teacher.md").write_text(markdown(doc))
     print((OUT / "teacher.md").read_text())

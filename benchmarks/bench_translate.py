@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from fewstep.bench.machine import machine_info, machine_line
 import fewstep
 from fewstep.data.mnist import load_mnist
 from fewstep.distill.samplers import encode_student, sample_student
+from fewstep.reference import rmse
 
 OUT = Path(__file__).parent / "results"
 
@@ -35,10 +35,6 @@ def find(name: str, models: Path | None):
     if models is not None and (models / name / "config.json").is_file():
         return fewstep.load(models / name)
     return fewstep.load(name)
-
-
-def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean().sqrt())
 
 
 @torch.no_grad()
@@ -124,8 +120,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "matrix"}), flush=True)
     doc = {"w": w, "per_class": args.per_class, "rows": rows, "meta": {
         "command": "python benchmarks/bench_translate.py " + " ".join(argv),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_time_s": round(time.time() - t0, 1)}}
+        "machine": machine_line(), "date": machine_info()["day"], "wall_time_s": round(time.time() - t0, 1)}}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"translate{args.tag}.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [f"# Class-to-class translation (w = {w:g}, {args.per_class} held-out digits per class, "

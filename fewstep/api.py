@@ -12,15 +12,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .distributed import gather_batches, my_batches, process_group
+from .distributed import gather_batches, my_batches, process_group, sample_generators
 from .denoisers import ClassifierFreeGuidance, ModelDenoiser
 from .nets import load_net, read_config
 from .sampling import expected_nfe, sample, solver_grid
 from .schedules import schedule_from_config
 from .solvers import SamplerOutput
 
-__all__ = ["SHIPPED", "CATALOGUE", "ASSETS", "load", "generate", "DiffusionModel", "StudentModel", "GeneratorModel",
-           "sample_generators"]
+__all__ = ["SHIPPED", "CATALOGUE", "ASSETS", "load", "generate", "NetworkModel", "DiffusionModel", "StudentModel",
+           "GeneratorModel", "EncoderModel", "sample_generators"]
 
 ASSETS = Path(__file__).parent / "assets"
 CATALOGUE = {
@@ -40,12 +40,14 @@ SHIPPED = {name: what for name, what in CATALOGUE.items() if (ASSETS / name / "c
 RECIPE_OF = {"mnist-guided": "fewstep distill guided --out DIR", "mnist-dmd": "fewstep distill dmd --out DIR"}
 
 
-class DiffusionModel:
-    """A trained diffusion network with its schedule and conventions.
+class NetworkModel:
+    """A trained diffusion-family network with its schedule and conventions, whatever it is for
+    (a sampler: ``DiffusionModel`` and its subclasses; an encoder: ``EncoderModel``).
 
     ``denoiser(w)`` gives the fewstep denoiser ``D(x, t, labels=None)``; labels=None or the
     null class is the unconditional model; w > 0 applies classifier-free guidance
-    x_w = (1 + w) x_cond - w x_uncond.
+    x_w = (1 + w) x_cond - w x_uncond (or, for a net with w as an input, passes w to it).
+    ``evaluations(...)`` says how many network evaluations per image its own use costs.
     """
 
     def __init__(self, net: torch.nn.Module, config: dict, source: str = ""):
@@ -58,13 +60,14 @@ class DiffusionModel:
                                                                net.config.image_size))
 
     def __repr__(self) -> str:
-        return f"DiffusionModel({self.source or self.config.get('recipe', '?')}, {self.prediction}, {self.schedule!r})"
+        return (f"{type(self).__name__}({self.source or self.config.get('recipe', '?')}, {self.prediction}, "
+                f"{self.schedule!r})")
 
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
-    def to(self, device) -> "DiffusionModel":
+    def to(self, device) -> "NetworkModel":
         self.net.to(device)
         return self
 
@@ -88,10 +91,36 @@ class DiffusionModel:
         null = self.null_class
         return ClassifierFreeGuidance(den, w, lambda cond: {"labels": torch.full_like(cond["labels"], null)})
 
+    def evaluations_per_call(self, w: float = 0.0) -> int:
+        """Network evaluations in one model call at guidance ``w``: 2 under classifier-free guidance
+        (conditional + unconditional, even when both run in one batched call), else 1."""
+        return 2 if (w and not self.w_input) else 1
+
+    def evaluations(self, solver: str | None = None, steps: int | None = None, w: float = 0.0,
+                    spacing: str = "logsnr", *, calls: int | None = None) -> int | None:
+        """Network evaluations per image that sampling with (solver, steps, w) costs this model: the
+        sampler's model calls (``nfe``) times ``evaluations_per_call(w)``. For an adaptive solver the
+        calls are not known ahead: pass the ``calls`` counted while sampling, else None comes back.
+        The one place this count is made; the demo, app, benchmarks, eval and cli report it.
+        (An encoder: the evaluations of one encoding.)"""
+        n = self.nfe(solver, steps, spacing)
+        n = calls if n is None else n
+        return None if n is None else n * self.evaluations_per_call(w)
+
+    def nfe(self, solver=None, steps=None, spacing=None) -> int | None:
+        """Model calls per image of this model's use (each subclass says)."""
+        raise NotImplementedError
+
+
+class DiffusionModel(NetworkModel):
+    """A diffusion model sampled by any fewstep solver (``fewstep.generate``); distilled students
+    and generators narrow this to their own sampler."""
+
     default_steps = 20
 
     def nfe(self, solver: str, steps: int, spacing: str = "logsnr") -> int | None:
-        """Model calls per image (a guided call counts once: it is one batched cond + uncond call)."""
+        """Model calls per image (a guided call counts once: it is one batched cond + uncond call; see
+        ``evaluations`` for the network evaluations)."""
         solver, steps = DiffusionModel.check_sampling(self, solver, steps, 0.0)
         grid, extra = solver_grid(self.schedule, solver, steps, "logsnr" if spacing in (None, "tuned") else spacing)
         return expected_nfe(solver, grid, extra)
@@ -122,7 +151,8 @@ class _FixedSteps:
 
 class StudentModel(_FixedSteps, DiffusionModel):
     """A guided/progressive distilled N-step student: DDIM on its own grid (deterministic) or the
-    paper's stochastic sampler (``stochastic=True``); w is an input of the net."""
+    paper's stochastic sampler (``stochastic=True``); w is an input of the net when it was guided-distilled
+    (``w_input``), else w > 0 applies classifier-free guidance (two network evaluations per call)."""
 
     @property
     def student_steps(self) -> int:
@@ -150,18 +180,22 @@ class StudentModel(_FixedSteps, DiffusionModel):
                               cond=cond, generator=generator, progress=progress)
 
 
-class EncoderModel(StudentModel):
+class EncoderModel(NetworkModel):
     """A distilled N-step encoder (guided DDIM inversion): ``encode(x0, labels, w)`` -> latent at t_max.
-    It does not generate; pair it with a decoder student (``fewstep.distill.translate``)."""
+    It has no sampler (it maps data to noise); pair it with a decoder student (``fewstep.distill.translate``)."""
+
+    @property
+    def student_steps(self) -> int:
+        return int(self.config["student_steps"])
+
+    def nfe(self, solver=None, steps=None, spacing=None) -> int:
+        """Model calls of one encoding: its own step count."""
+        return self.student_steps
 
     @torch.no_grad()
     def encode(self, x0: torch.Tensor, labels: torch.Tensor, w: float = 0.0) -> torch.Tensor:
         from .distill.samplers import encode_student
         return encode_student(self.denoiser(w), x0, self.schedule, self.student_steps, cond={"labels": labels}).x
-
-    def sample_batch(self, *args, **kwargs):
-        raise TypeError(f"{self.source or 'this model'} is an encoder (data -> noise); generate with a decoder "
-                        "student, or translate with `fewstep translate`")
 
 
 class GeneratorModel(_FixedSteps, DiffusionModel):
@@ -176,6 +210,9 @@ class GeneratorModel(_FixedSteps, DiffusionModel):
     @property
     def default_steps(self) -> int:
         return len(self.config["generator_times"])
+
+    def evaluations_per_call(self, w: float = 0.0) -> int:
+        return 1  # its guidance is baked into the weights: one evaluation per call at any w
 
     def check_sampling(self, solver, steps, w):
         self._check_steps(steps, f"a {self.default_steps}-step generator at fixed times")
@@ -260,15 +297,6 @@ def load(name_or_path, device: str | torch.device = "cpu"):
     return net.eval()
 
 
-def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[torch.Generator]:
-    """One generator per image, seeded from (seed, image index) alone."""
-    out = []
-    for i in range(start, start + count):
-        state = int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1, dtype=np.uint64)[0])
-        out.append(torch.Generator(device=device).manual_seed(state & (2 ** 63 - 1)))
-    return out
-
-
 def _tuned_grid(model, grid, solver: str, steps: int, w: float):
     """The grid times for ``spacing="tuned"`` (the model's shipped grid) or a given ``grid=``."""
     from .grids import TunedGrid, find_grid
@@ -282,6 +310,15 @@ def _tuned_grid(model, grid, solver: str, steps: int, w: float):
     if isinstance(grid, TunedGrid):
         return grid.grid_for(model.schedule, solver=solver, model=model, w=w)
     return grid
+
+
+def _check_generates(model) -> None:
+    """Refuse what has no sampler: an encoder (data -> noise), a classifier."""
+    if isinstance(model, EncoderModel):
+        raise TypeError(f"{model.source or 'this model'} is an encoder (data -> noise); generate with a decoder "
+                        "student, or translate with `fewstep translate`")
+    if not hasattr(model, "sample_batch"):
+        raise TypeError(f"cannot generate with a {type(model).__name__}; load a diffusion model or student")
 
 
 @torch.no_grad()
@@ -305,8 +342,7 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     """
     if isinstance(model, (str, Path)):
         model = load(model)
-    if not hasattr(model, "sample_batch"):
-        raise TypeError(f"cannot generate with a {type(model).__name__}; load a diffusion model or student")
+    _check_generates(model)
     w = float(w)
     if not np.isfinite(w):
         raise ValueError(f"guidance w must be finite, got {w}")

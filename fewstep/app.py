@@ -119,12 +119,9 @@ def _grid(images: torch.Tensor, cols: int = 10) -> np.ndarray:
 
 
 def _evaluations(model, solver, steps, w: float, calls: int) -> int:
-    """Network evaluations per image, the rule of ``fewstep demo``: the solver's model calls, a guided call
-    counting two (cond + uncond) when guidance is classifier-free rather than an input of the net (DMD generators
-    have it baked in). Adaptive solvers: the calls counted while sampling."""
-    nfe = model.nfe(solver, steps)
-    nfe = calls if nfe is None else nfe
-    return nfe * (2 if (w and not model.w_input and model.config.get("kind") != "generator") else 1)
+    """Network evaluations per image, the model's own count (``evaluations``: a classifier-free guided call
+    counts two). Adaptive solvers: from the calls counted while sampling."""
+    return model.evaluations(solver, steps, w, calls=calls)
 
 
 def _run(model, labels: list[int], *, w: float, solver, steps, seed: int) -> tuple[torch.Tensor, int, float]:
@@ -212,7 +209,7 @@ def _compare(model_name, solver, steps, w, classes_text, seed, reference_steps):
              f"| {TEACHER}, ddim, {ref_steps} steps (reference) | {ref_evals} | {_fmt_seconds(ref_seconds)} |", "",
              f"**Speed-up over the reference: {speedup:.1f}x** in seconds per image, {evals_ratio:.1f}x in network "
              "evaluations."]
-    if w and kind != "generator" and not model.w_input:
+    if model.evaluations_per_call(w) == 2:
         notes.append("A guided step of a CFG model counts two network evaluations (conditional + unconditional).")
     if cached:
         notes.append("The reference came from the cache (timed when it was first made).")

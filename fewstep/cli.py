@@ -6,7 +6,10 @@
 Add a command with ``@main.command()`` or a group with ``@main.group()``. Misuse exits
 with status 2 and one line on stderr (``fewstep: error: ...``), never a traceback: raise
 ``click.UsageError`` / ``click.BadParameter`` (or let a library raise the error type
-that the command turns into one).
+that the command turns into one). Shared pieces: ``CommaList`` (every comma-separated
+option), ``_guidance_w`` (every ``--w``), ``_check_writable`` (every output path, checked
+before any work), ``_run_recipe`` (``train`` and ``distill``: every recipe of
+``fewstep.recipes``), ``--steps`` (the budget of model calls of ``sample``, ``eval`` and ``tune``).
 """
 from __future__ import annotations
 
@@ -46,19 +49,73 @@ def main():
     """fewstep: fast sampling for diffusion models (training-free solvers and distillation)."""
 
 
+# ---------------------------------------------------------------------------
+# Shared parameter types and checks
+# ---------------------------------------------------------------------------
+
+class CommaList(click.ParamType):
+    """A comma-separated list of numbers (``kind`` int or float), each finite and within [min, max]."""
+
+    def __init__(self, kind: type = int, min: float | None = None, max: float | None = None, noun: str | None = None):
+        self.kind, self.min, self.max = kind, min, max
+        self.noun = noun or ("integers" if kind is int else "numbers")
+        self.name = f"{self.noun} list"
+
+    def convert(self, value, param, ctx):
+        import math
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            values = [self.kind(v) for v in str(value).replace(",", " ").split()]
+        except ValueError:
+            self.fail(f"expected comma-separated {self.noun}, got {value!r}", param, ctx)
+        if not values or not all(math.isfinite(v) for v in values):
+            self.fail(f"expected one or more finite {self.noun}, got {value!r}", param, ctx)
+        too_low = self.min is not None and min(values) < self.min
+        if too_low or (self.max is not None and max(values) > self.max):
+            bounds = (f"from {self.min} to {self.max}" if self.min is not None and self.max is not None
+                      else f">= {self.min}" if self.min is not None else f"<= {self.max}")
+            self.fail(f"expected {self.noun} {bounds}, got {value!r}", param, ctx)
+        return values
+
+
+def _guidance_w(ctx, param, value):
+    """Every --w: finite and >= 0 (this project's convention x_w = (1 + w) x_cond - w x_uncond)."""
+    import math
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", ctx=ctx, param=param)
+    if value is not None and value < 0:
+        raise click.BadParameter(f"guidance weight w must be >= 0 (x_w = (1 + w) x_cond - w x_uncond: w = 0 is the "
+                                 f"conditional model, w > 0 guides), got {value:g}", ctx=ctx, param=param)
+    return value
+
+
+def _check_writable(path, *, file: bool = False, force: bool = True):
+    """Refuse, before any work starts, an output that cannot be written: a folder that cannot be created
+    or written, or (``file=True``) a file that is a folder, exists without ``force``, or whose folder
+    cannot be written. Returns the path."""
+    import os
+    from pathlib import Path
+    path = Path(path)
+    folder = path.parent if file else path
+    if file and path.is_dir():
+        raise click.UsageError(f"{path} is a folder; give a file name for --out")
+    if file and path.exists() and not force:
+        raise click.UsageError(f"{path} exists; pass --force to overwrite it or choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        target = f"cannot write {path}" if file else f"cannot write to {folder}"
+        raise click.UsageError(f"{target} ({e.strerror or e}); choose another --out") from None
+    return path
+
+
 @main.group()
 def bench():
     """Benchmarks: fewstep against its peers, written under benchmarks/results/."""
-
-
-def _nfe_list(ctx, param, value):
-    if value is None:
-        return None
-    from .bench.solvers import BenchArgumentError, parse_nfe_list
-    try:
-        return parse_nfe_list(value)
-    except BenchArgumentError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
 @bench.command("solvers")
@@ -71,9 +128,9 @@ def _nfe_list(ctx, param, value):
                    "or a path "
                    "to a diffusers model folder (UNet2DModel + scheduler "
                    "config) or to a fewstep model folder.")
-@click.option("--w", type=float, default=None,
-              help="Guidance weight w (x_w = (1 + w) x_cond - w x_uncond); default 1.0.")
-@click.option("--nfe", callback=_nfe_list, metavar="LIST",
+@click.option("--w", type=float, default=None, callback=_guidance_w,
+              help="Guidance weight w >= 0 (x_w = (1 + w) x_cond - w x_uncond); default 1.0.")
+@click.option("--nfe", type=CommaList(int, min=1, max=1000), metavar="LIST",
               help="Comma-separated model-call budgets (default 4,5,6,8,10,15,20,50; 5,10 with --quick).")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Number of samples from fixed noise (default 64; 16 with --quick).")
@@ -98,8 +155,10 @@ def bench_solvers(quick, json_path, model, w, nfe, samples, out_dir, threads):
 @bench.command("speed")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True,
               help="Folder for speed.json and speed.md.")
-@click.option("--batches", default="1,256", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--w", type=float, default=1.0, show_default=True, help="Guidance weight of every row.")
+@click.option("--batches", type=CommaList(int, min=1), default="1,256", show_default=True,
+              help="Comma-separated batch sizes.")
+@click.option("--w", type=float, default=1.0, show_default=True, callback=_guidance_w,
+              help="Guidance weight (>= 0) of every row.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N (where a GPU is present).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
 def bench_speed(out_dir, batches, w, device, threads):
@@ -109,30 +168,17 @@ def bench_speed(out_dir, batches, w, device, threads):
     import torch
 
     from .bench.speed import run_speed
-    try:
-        sizes = [int(b) for b in batches.split(",") if b.strip()]
-    except ValueError:
-        raise click.UsageError(f"--batches: expected comma-separated integers, got {batches!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise click.UsageError(f"--batches: sizes must be >= 1, got {batches!r}")
     dev = _check_device(device)
-    _check_writable_dir(Path(out_dir))
+    _check_writable(out_dir)
     if threads:
         torch.set_num_threads(threads)
-    doc = run_speed(out_dir, batches=sizes, w=w, device=str(dev), log=lambda m: click.echo(f"[bench speed] {m}", err=True))
+    doc = run_speed(out_dir, batches=batches, w=w, device=str(dev), log=lambda m: click.echo(f"[bench speed] {m}", err=True))
     click.echo(f"{len(doc['rows'])} rows; wrote {Path(out_dir) / 'speed.md'} and {Path(out_dir) / 'speed.json'}")
 
 
 # ---------------------------------------------------------------------------
 # Models: sample, eval, train
 # ---------------------------------------------------------------------------
-
-def _finite(ctx, param, value):
-    import math
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"must be a finite number, got {value}", ctx=ctx, param=param)
-    return value
-
 
 def _solver_name(ctx, param, value):
     from .solvers import SOLVERS
@@ -142,15 +188,6 @@ def _solver_name(ctx, param, value):
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise click.BadParameter(f"unknown solver {value!r}{hint}; see `fewstep solvers`", ctx=ctx, param=param)
     return value
-
-
-def _labels(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated class ids, got {value!r}", ctx=ctx, param=param) from None
 
 
 def _check_device(device: str):
@@ -171,39 +208,6 @@ def _check_device(device: str):
 
 
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.UsageError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise click.UsageError(f"{what}: expected integers >= 1, got {text!r}")
-    return values
-
-
-def _float_list(text: str, what: str) -> list[float]:
-    import math
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise click.UsageError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise click.UsageError(f"{what}: expected finite numbers, got {text!r}")
-    return values
-
-
-def _check_output_file(path, force: bool):
-    """Refuse, before any work, an output file that exists (without --force) or cannot be written."""
-    from pathlib import Path
-    path = Path(path)
-    if path.is_dir():
-        raise click.UsageError(f"{path} is a folder; give a file name for --out")
-    if path.exists() and not force:
-        raise click.UsageError(f"{path} exists; pass --force to overwrite it or choose another --out")
-    _check_writable_dir(path.parent, what=str(path))
-    return path
 
 
 def _load_model(name):
@@ -236,6 +240,11 @@ def _grid_defaults(grid, solver, steps, spacing):
     return (solver or grid.solver), grid.nfe, {"grid": grid}
 
 
+def _steps_option(help: str, required: bool = False):
+    """--steps, the one name of the budget of model calls (``sample``, ``eval``, ``tune``)."""
+    return click.option("--steps", type=click.IntRange(min=1), default=None, required=required, help=help)
+
+
 def _sampling_options(f):
     f = click.option("--seed", type=int, default=0, show_default=True, help="Image i depends on (seed, i) only.")(f)
     f = click.option("--grid", "grid", default=None, metavar="GRID.json", callback=_grid_file,
@@ -245,12 +254,12 @@ def _sampling_options(f):
                      help="Time grid; 'tuned': the model's shipped tuned grid for (solver, steps, w).")(f)
     f = click.option("--stochastic", is_flag=True,
                      help="Distilled students: the stochastic N-step sampler (Meng et al. 2022).")(f)
-    f = click.option("--steps", type=click.IntRange(min=1), default=None,
-                     help="Budget of model calls (see the README); default 20, or a distilled model's own.")(f)
+    f = _steps_option(help="Budget of model calls (see the README); default 20, or a distilled model's own.")(f)
     f = click.option("--solver", default=None, callback=_solver_name,
                      help="Solver (default dpmpp_2m); distilled models use their own sampler.")(f)
-    f = click.option("--w", type=float, default=0.0, show_default=True, callback=_finite,
-                     help="Guidance weight: x_w = (1 + w) x_cond - w x_uncond.")(f)
+    f = click.option("--w", type=float, default=0.0, show_default=True, callback=_guidance_w,
+                     help="Guidance weight w >= 0: x_w = (1 + w) x_cond - w x_uncond (w = 0: the conditional "
+                          "model).")(f)
     return click.option("--model", default="mnist-teacher", show_default=True,
                         help="A shipped model name or a fewstep model folder.")(f)
 
@@ -265,7 +274,8 @@ def list_solvers():
 
 @main.command("sample")
 @_sampling_options
-@click.option("--labels", callback=_labels, help="Comma-separated class ids (default: 0..9 repeated).")
+@click.option("--labels", type=CommaList(int, noun="class ids"), metavar="LIST",
+              help="Comma-separated class ids (default: 0..9 repeated).")
 @click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N (where a GPU is present).")
@@ -281,7 +291,6 @@ def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels,
     """Generate images with a model and a solver; write a PNG grid."""
     import contextlib
     import time
-    from pathlib import Path
 
     import torch
 
@@ -291,9 +300,9 @@ def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels,
     m = _load_model(model)
     if not hasattr(m, "sample_batch"):
         raise click.UsageError(f"{model!r} is not a generative model")
-    _check_output_file(out, force)  # before any sampling
+    _check_writable(out, file=True, force=force)  # before any sampling
     if singles:
-        _check_writable_dir(Path(singles))
+        _check_writable(singles)
     m.to(dev)
     if labels is None and m.num_classes:
         labels = [i % m.num_classes for i in range(n)]
@@ -316,7 +325,7 @@ def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels,
     if singles:
         save_images(images, singles)
     nfe = grid.nfe if grid is not None else m.nfe(solver, steps, spacing)
-    cfg_call = w and not m.w_input and m.config.get("kind") == "diffusion"
+    cfg_call = m.evaluations_per_call(w) == 2
     click.echo(f"wrote {path} ({len(images)} images); NFE {nfe if nfe is not None else 'adaptive'}"
                f"{' (each a batched cond+uncond call)' if cfg_call else ''}; {seconds / len(images):.4f} s/image")
 
@@ -325,7 +334,8 @@ def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels,
 @click.option("--out", type=click.Path(file_okay=False), default="fewstep-demo", show_default=True,
               help="Folder for comparison.png, table.md and table.json.")
 @click.option("--force", is_flag=True, help="Write into --out even if it already holds a demo.")
-@click.option("--w", type=float, default=1.0, show_default=True, help="Guidance weight of every row.")
+@click.option("--w", type=float, default=1.0, show_default=True, callback=_guidance_w,
+              help="Guidance weight (>= 0) of every row.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--fid-n", type=click.IntRange(min=0, max=2000), default=200, show_default=True,
               help="Samples per FID/KID (0: none).")
@@ -344,25 +354,11 @@ def demo_cmd(out, force, w, seed, fid_n, budget, threads):
     folder = Path(out)
     if (folder / "table.json").exists() and not force:
         raise click.UsageError(f"{folder} already holds a demo; pass --force to overwrite it or choose another --out")
-    _check_writable_dir(folder)
+    _check_writable(folder)
     if threads:
         torch.set_num_threads(threads)
     doc = run_demo(folder, w=w, seed=seed, fid_n=fid_n, budget_seconds=budget)
     click.echo(f"wrote {doc['files']['image']}, {doc['files']['markdown']} and {doc['files']['json']}")
-
-
-def _check_writable_dir(folder, what: str | None = None) -> None:
-    """Refuse an output folder that cannot be created or written, before any work starts;
-    ``what`` names the file about to be written there (in the message) instead of the folder."""
-    import os
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        target = f"cannot write {what}" if what else f"cannot write to {folder}"
-        raise click.UsageError(f"{target} ({e.strerror or e}); choose another --out") from None
 
 
 @main.command("app")
@@ -395,10 +391,11 @@ def app_cmd(port, threads):
               help="Samples (class-balanced); at most 2000 (two disjoint real sets of n are needed).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON here.")
-@click.option("--sweep-steps", default=None, metavar="LIST",
+@click.option("--sweep-steps", type=CommaList(int, min=1), default=None, metavar="LIST",
               help="Comma-separated step budgets: evaluate each (with every --sweep-w); writes JSON, a markdown "
                    "table (.md) and a plot of FID against NFE (.png) beside --json.")
-@click.option("--sweep-w", default=None, metavar="LIST", help="Comma-separated guidance weights for the sweep.")
+@click.option("--sweep-w", type=CommaList(float, min=0), default=None, metavar="LIST",
+              help="Comma-separated guidance weights (>= 0) for the sweep.")
 def eval_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_size, json_path, sweep_steps,
              sweep_w):
     """FID, KID, IS, class accuracy, NFE and seconds per image, beside the real-vs-real baseline;
@@ -408,7 +405,7 @@ def eval_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_
 
     from .evaluate import evaluate, evaluate_grid, grid_markdown, plot_grid
     if json_path:
-        _check_output_file(json_path, force=True)  # eval results are meant to be refreshed
+        _check_writable(json_path, file=True)  # eval results are meant to be refreshed
     m = _load_model(model)
     solver, steps, extra = _grid_defaults(grid, solver, steps, spacing)
     extra.update({"stochastic": True} if stochastic else {})
@@ -417,10 +414,8 @@ def eval_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_
             raise click.UsageError("a tuned --grid has one budget of model calls; sweep steps with --spacing tuned")
         if not json_path:
             raise click.UsageError("a sweep writes JSON, markdown and a plot: give --json PATH")
-        steps_list = _int_list(sweep_steps, "--sweep-steps") if sweep_steps else [steps]
-        w_list = _float_list(sweep_w, "--sweep-w") if sweep_w else [w]
         try:
-            doc = evaluate_grid(m, steps_list=steps_list, w_list=w_list, solver=solver, n=n, seed=seed,
+            doc = evaluate_grid(m, steps_list=sweep_steps or [steps], w_list=sweep_w or [w], solver=solver, n=n, seed=seed,
                                 batch_size=batch_size, spacing=spacing, log=lambda msg: click.echo(msg, err=True), **extra)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
@@ -438,31 +433,42 @@ def eval_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_
         raise click.UsageError(str(e)) from None
     text = json.dumps(res, indent=2)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text + "\n")
     click.echo(text)
 
 
-@main.command("train")
-@click.argument("preset", type=click.Choice(["mnist", "mnist-teacher", "mnist-classifier"]))
-@click.option("--out", type=click.Path(file_okay=False), required=True,
-              help="Run folder: checkpoints, log.jsonl, samples/, and the export model/.")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--progress/--no-progress", default=True)
-def train_cmd(preset, out, resume, threads, progress):
-    """Train a model from a preset: mnist (= mnist-teacher) or mnist-classifier reproduce the shipped ones."""
-    from pathlib import Path
+def _recipe_options(out_help: str):
+    """The options of every command that runs a recipe (``train``, ``distill ...``)."""
+    def add(f):
+        f = click.option("--progress/--no-progress", default=True)(f)
+        f = click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+                         help="torch CPU threads")(f)
+        f = click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoints.")(f)
+        return click.option("--out", type=click.Path(file_okay=False), required=True, help=out_help)(f)
+    return add
 
+
+def _run_recipe(name: str, out, threads: int, settings=None, **options):
+    """Run recipe ``name`` of ``fewstep.recipes.RECIPES`` (with ``settings`` instead of its preset, if given)
+    into run folder ``out`` (checked first) with ``threads`` torch threads; its refusals (ValueError, an
+    existing run) become one-line usage errors."""
     import torch
 
     from .recipes import RECIPES
-    _check_writable_dir(Path(out))
+    out = _check_writable(out)
     torch.set_num_threads(threads)
     try:
-        RECIPES["mnist-teacher" if preset == "mnist" else preset](Path(out), resume=resume, progress=progress)
+        return RECIPES[name](out, settings, **options)
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e)) from None
+
+
+@main.command("train")
+@click.argument("preset", type=click.Choice(["mnist", "mnist-teacher", "mnist-classifier"]))
+@_recipe_options("Run folder: checkpoints, log.jsonl, samples/, and the export model/.")
+def train_cmd(preset, out, resume, threads, progress):
+    """Train a model from a preset: mnist (= mnist-teacher) or mnist-classifier reproduce the shipped ones."""
+    _run_recipe("mnist-teacher" if preset == "mnist" else preset, out, threads, resume=resume, progress=progress)
 
 
 @main.group()
@@ -470,28 +476,8 @@ def distill():
     """Distill a teacher into a few-step student (guided + progressive, DMD)."""
 
 
-def _distill_options(f):
-    f = click.option("--progress/--no-progress", default=True)(f)
-    f = click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="torch CPU threads")(f)
-    f = click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoints.")(f)
-    return click.option("--out", type=click.Path(file_okay=False), required=True,
-                        help="Run folder: one sub-folder per stage (checkpoints, log.jsonl, samples/) and the "
-                             "exported students.")(f)
-
-
-def _run_recipe(recipe, out, threads: int, **kwargs):
-    """Run a training recipe into run folder ``out`` (checked first) with ``threads`` torch threads;
-    its refusals (ValueError, an existing run) become one-line usage errors."""
-    from pathlib import Path
-
-    import torch
-    _check_writable_dir(Path(out))
-    torch.set_num_threads(threads)
-    try:
-        return recipe(Path(out), **kwargs)
-    except (ValueError, FileExistsError) as e:
-        raise click.UsageError(str(e)) from None
+_distill_options = _recipe_options("Run folder: one sub-folder per stage (checkpoints, log.jsonl, samples/) and the "
+                                   "exported students.")
 
 
 @distill.command("guided")
@@ -504,8 +490,7 @@ def _run_recipe(recipe, out, threads: int, **kwargs):
 def distill_guided_cmd(out, resume, threads, progress, until, part):
     """Guided distillation of the shipped mnist-teacher: stage 1 (w-conditioned student), then progressive
     rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps. Reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1."""
-    from .distill.recipes import run_mnist_guided
-    exports = _run_recipe(run_mnist_guided, out, threads, resume=resume, progress=progress, until=until, part=part)
+    exports = _run_recipe("mnist-guided", out, threads, resume=resume, progress=progress, until=until, part=part)
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -517,8 +502,7 @@ def distill_guided_cmd(out, resume, threads, progress, until, part):
 def distill_progressive_cmd(out, resume, threads, progress, until):
     """Plain progressive distillation (Salimans & Ho 2022) of the shipped mnist-teacher's conditional
     model: rounds 32 -> 16 -> 8 -> 4 steps, exported as mnist-progressive-<N> students."""
-    from .distill.recipes import run_mnist_progressive
-    exports = _run_recipe(run_mnist_progressive, out, threads, resume=resume, progress=progress, until=until)
+    exports = _run_recipe("mnist-progressive", out, threads, resume=resume, progress=progress, until=until)
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -532,9 +516,11 @@ def distill_progressive_cmd(out, resume, threads, progress, until):
 def distill_dmd_cmd(out, resume, threads, progress, preset, steps):
     """Distribution Matching Distillation of the shipped mnist-teacher into a one-step (or DMD2
     four-step) generator; reproduces mnist-dmd-1 / mnist-dmd2-4."""
-    from .distill.recipes import DMD_PRESETS, run_mnist_dmd
-    folder = _run_recipe(run_mnist_dmd, out, threads, resume=resume, preset=DMD_PRESETS[preset], name=preset,
-                         progress=progress, steps=steps)
+    from dataclasses import replace
+
+    from .recipes import RECIPES
+    settings = None if steps is None else replace(RECIPES[preset].settings, steps=steps)
+    folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress)
     click.echo(f"{preset}: {folder}")
 
 
@@ -544,7 +530,8 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, steps):
 @click.option("--encoder", default="mnist-guided-encoder-4", show_default=True,
               help="A distilled encoder (name or folder).")
 @click.option("--decoder", default="mnist-guided-4", show_default=True, help="A distilled student (name or folder).")
-@click.option("--w", type=float, default=1.0, show_default=True, callback=_finite, help="Guidance weight.")
+@click.option("--w", type=float, default=1.0, show_default=True, callback=_guidance_w,
+              help="Guidance weight (>= 0).")
 @click.option("-n", "--num", "n", type=click.IntRange(min=1, max=100), default=10, show_default=True,
               help="Held-out digits of class --from to translate.")
 @click.option("--out", type=click.Path(dir_okay=False), default="translate.png", show_default=True,
@@ -557,7 +544,7 @@ def translate_cmd(source, target, encoder, decoder, w, n, out):
     from .data.mnist import load_mnist
     from .distill.samplers import translate
     from .images import save_image_grid
-    _check_output_file(out, force=True)
+    _check_writable(out, file=True)
     enc, dec = _load_model(encoder), _load_model(decoder)
     if not isinstance(enc, EncoderModel):
         raise click.UsageError(f"{encoder!r} is not a distilled encoder")
@@ -574,12 +561,25 @@ def translate_cmd(source, target, encoder, decoder, w, n, out):
                f"network calls per image: {enc.student_steps} + {dec.student_steps}")
 
 
+def _budget_alias(steps, nfe):
+    """tune's deprecated --nfe: the same budget as --steps (warns; a conflicting pair is refused)."""
+    if nfe is not None:
+        click.echo("fewstep: warning: --nfe is deprecated; use --steps (the same budget of model calls)", err=True)
+        if steps is not None and steps != nfe:
+            raise click.UsageError(f"--nfe {nfe} and --steps {steps} disagree; give --steps only")
+    if steps is None and nfe is None:
+        raise click.UsageError("missing option --steps (the budget of model calls to tune the grid for)")
+    return steps if steps is not None else nfe
+
+
 @main.command("tune")
 @click.option("--model", default="mnist-teacher", show_default=True, help="A shipped model name or a fewstep model folder.")
 @click.option("--solver", default="dpmpp_2m", show_default=True, callback=_solver_name,
               help="A deterministic one-call-per-step solver.")
-@click.option("--nfe", type=click.IntRange(min=1), required=True, help="Model calls (grid steps) to tune for.")
-@click.option("--w", type=float, default=0.0, show_default=True, callback=_finite, help="Guidance weight.")
+@_steps_option(help="Budget of model calls (grid steps) to tune for.  [required]")
+@click.option("--nfe", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Deprecated name of --steps.")
+@click.option("--w", type=float, default=0.0, show_default=True, callback=_guidance_w, help="Guidance weight (>= 0).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the grid (JSON).")
 @click.option("--method", type=click.Choice(["dp", "refine", "dp+refine"]), default="dp+refine", show_default=True,
               help="dp: dynamic programming over a fine candidate grid (GITS); refine: minimise the final error "
@@ -594,14 +594,16 @@ def translate_cmd(source, target, encoder, decoder, w, n, out):
               help="Objective evaluations for refine (default 12 * (nfe - 1) + 20).")
 @click.option("--free-end", is_flag=True, help="Let the last finite time move too (lower RMSE, blurrier samples).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-def tune_cmd(model, solver, nfe, w, out, method, samples, seed, reference_steps, candidates, max_evals, free_end,
-             threads):
-    """Fit the time grid on which --solver with --nfe model calls comes closest to the converged
+def tune_cmd(model, solver, steps, nfe, w, out, method, samples, seed, reference_steps, candidates, max_evals,
+             free_end, threads):
+    """Fit the time grid on which --solver with --steps model calls comes closest to the converged
     ODE solution of --model, on calibration noises; write it as JSON (use it with `fewstep.sample(...,
     grid=fewstep.grids.load_grid(PATH))`)."""
     import torch
 
     from .tune import tune_model
+    nfe = _budget_alias(steps, nfe)
+    _check_writable(out, file=True)
     torch.set_num_threads(threads)
     m = _load_model(model)
     log = lambda msg: click.echo(f"[tune] {msg}", err=True)  # noqa: E731

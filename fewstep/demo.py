@@ -11,7 +11,6 @@ that fit a time budget.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,13 @@ from pathlib import Path
 import torch
 
 __all__ = ["DemoRow", "demo_rows", "run_demo"]
+
+
+def _meta() -> dict:
+    """The date and machine line of the demo's table (``fewstep.bench.machine``)."""
+    from .bench.machine import machine_info, machine_line
+    info = machine_info()
+    return {"date": info["day"], "machine": machine_line(info), "torch": info["torch"], "machine_info": info}
 
 
 @dataclass
@@ -112,8 +118,7 @@ def run_demo(out: Path, *, w: float = 1.0, seed: int = 0, fid_n: int = 200, budg
         grid = generate(model, labels, w=w, seed=seed, **row.options)  # timed: one batch of the ten images
         secs = (time.perf_counter() - t0) / len(labels)
         solver, steps = model.check_sampling(row.options.get("solver"), row.options.get("steps"), w)
-        nfe = model.nfe(solver, steps, row.options.get("spacing", "logsnr"))
-        evals = nfe * (2 if (w and not model.w_input and model.config.get("kind") == "diffusion") else 1)
+        evals = model.evaluations(solver, steps, w, row.options.get("spacing", "logsnr"))
         rows.append({"label": row.label, "model": row.model, **row.options, "network_evals": evals,
                      "seconds_per_image": secs})
         images.append(grid)
@@ -142,8 +147,7 @@ def run_demo(out: Path, *, w: float = 1.0, seed: int = 0, fid_n: int = 200, budg
             spent += time.perf_counter() - t0
     doc = {"w": w, "seed": seed, "fid_n": fid_n, "timing_batch": len(labels), "real_vs_real_fid": rvr,
            "rows": rows, "skipped": skipped,
-           "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, "
-                    f"{torch.get_num_threads()} torch threads", "torch": torch.__version__}}
+           "meta": _meta()}
     doc["files"] = {"image": str(_comparison_image(rows, images, out / "comparison.png")),
                     "markdown": str(out / "table.md"), "json": str(out / "table.json")}
     (out / "table.md").write_text(_markdown(doc))

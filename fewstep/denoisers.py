@@ -136,24 +136,30 @@ class ClassifierFreeGuidance:
 
     ``uncond`` maps each conditioning keyword to its unconditional value with
     the batch dimension (e.g. the null class, empty-prompt embeddings), or is a
-    callable ``cond -> uncond``. w = 0 skips the unconditional half (1 call).
+    callable ``cond -> uncond``. w = 0 skips the unconditional half (1 call). ``w`` may also
+    be a (B,) tensor: one weight per sample.
     Guidance is applied to x0_hat, which equals applying it to eps at the same x.
     """
 
-    def __init__(self, denoiser: Callable, w: float, uncond: Mapping | Callable):
-        w = float(w)
-        if w != w or w in (float("inf"), float("-inf")):
-            raise ValueError(f"guidance weight w must be finite, got {w}")
+    def __init__(self, denoiser: Callable, w: float | torch.Tensor, uncond: Mapping | Callable):
+        if isinstance(w, torch.Tensor) and w.ndim == 1:  # one weight per sample (B,), e.g. guided distillation
+            if not torch.isfinite(w).all():
+                raise ValueError("guidance weights w must be finite")
+        else:
+            w = float(w)
+            if w != w or w in (float("inf"), float("-inf")):
+                raise ValueError(f"guidance weight w must be finite, got {w}")
         self.denoiser, self.w, self.uncond = denoiser, w, uncond
 
     def __call__(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
-        if self.w == 0:
+        if not isinstance(self.w, torch.Tensor) and self.w == 0:
             return self.denoiser(x, t, **cond)
         uncond = self.uncond(cond) if callable(self.uncond) else self.uncond
         t = as_batch_times(t, x)
         x0 = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), **_cat_cond(cond, uncond))
         x0_c, x0_u = x0.chunk(2)
-        return x0_c + self.w * (x0_c - x0_u)
+        w = _bcast(self.w.to(x0_c.device, x0_c.dtype), x0_c) if isinstance(self.w, torch.Tensor) else self.w
+        return x0_c + w * (x0_c - x0_u)
 
 
 class ClassifierGuidance:

@@ -6,9 +6,19 @@ images whatever the number of processes.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["process_group", "my_batches", "gather_batches", "on_main"]
+__all__ = ["process_group", "my_batches", "gather_batches", "on_main", "sample_generators"]
+
+
+def sample_generators(seed: int, start: int, count: int, device="cpu") -> list[torch.Generator]:
+    """One generator per image, seeded from (seed, image index) alone."""
+    out = []
+    for i in range(start, start + count):
+        state = int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1, dtype=np.uint64)[0])
+        out.append(torch.Generator(device=device).manual_seed(state & (2 ** 63 - 1)))
+    return out
 
 
 def process_group() -> tuple[int, int]:

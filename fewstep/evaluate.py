@@ -44,7 +44,8 @@ def evaluate(model, *, solver: str | None = None, steps: int | None = None, w: f
     """Generate ``n`` class-balanced samples and score them.
 
     Returns a dict with fid, kid, is, class_accuracy, nfe (model calls per image; with
-    guidance each call is one batched conditional + unconditional evaluation),
+    guidance each call is one batched conditional + unconditional evaluation), network_evals
+    (network evaluations per image, ``model.evaluations``: a classifier-free guided call counts two),
     seconds_per_image, and ``baseline`` (the same metrics between two disjoint real sets
     of n images).
     """
@@ -60,8 +61,9 @@ def evaluate(model, *, solver: str | None = None, steps: int | None = None, w: f
     scores = image_metrics(fake, real, classifier, labels=labels)
     base = real_vs_real(real_b, real, classifier)
     nfe = model.nfe(solver, steps, spacing)
+    evals = model.evaluations(solver, steps, w, spacing)
     return {"model": getattr(model, "source", str(model)), "solver": solver, "steps": steps,
-            "spacing": "given grid" if options.get("grid") is not None else spacing, "w": w, "n": n, "seed": seed, **scores, "nfe": nfe, "seconds_per_image": seconds / n,
+            "spacing": "given grid" if options.get("grid") is not None else spacing, "w": w, "n": n, "seed": seed, **scores, "nfe": nfe, "network_evals": evals, "seconds_per_image": seconds / n,
             "baseline": {k: base[k] for k in ("fid", "kid", "kid_std", "is", "is_std")}}
 
 

@@ -8,7 +8,7 @@ import torch
 
 from .schedules import DiscreteVP, NoiseSchedule
 
-PREDICTIONS = ("eps", "v", "x0")
+PREDICTIONS = ("eps", "v", "x0", "flow")
 T_SAMPLERS = ("uniform",)
 
 
@@ -31,13 +31,16 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def prediction_target(prediction: str, x0, eps, alpha, sigma) -> torch.Tensor:
-    """The regression target: eps, x0, or v = alpha * eps - sigma * x0 (Salimans & Ho 2022, eq. 8 area)."""
+    """The regression target: eps, x0, v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4) or the
+    rectified-flow velocity u = eps - x0 (Liu et al. 2022; fewstep.denoisers.to_x0's 'flow')."""
     if prediction == "eps":
         return eps
     if prediction == "x0":
         return x0
     if prediction == "v":
         return alpha * eps - sigma * x0
+    if prediction == "flow":
+        return eps - x0
     raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
 
 

@@ -19,10 +19,28 @@ x0_hat(x(t_min), t_min)": exactly what a solver whose grid is
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["reference_solution"]
+__all__ = ["reference_solution", "reference_path", "ReferencePath", "rmse"]
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root-mean-square difference over all values, in float64: how every sample is judged against
+    the reference (the solvers' bench, grid tuning). a and b must have the same shape."""
+    if a.shape != b.shape:
+        raise ValueError(f"rmse compares tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).mean().sqrt())
+
+
+@dataclass
+class ReferencePath:
+    """One RK4 solve recorded along the way (``reference_path``); all float64."""
+    x: torch.Tensor  # the answer: x(t_to), or x0_hat(x(t_end), t_end) when the solve ends by denoising
+    times: torch.Tensor  # (M + 1,) recorded times, t_from first, the ODE's end t_end last
+    xs: list  # x at each recorded time
+    x0s: list  # the denoiser's x0_hat(x, t) at each (the last is the answer when denoising)
 
 
 def reference_solution(denoiser, schedule, x_T: torch.Tensor, t_from: float, t_to: float = 0.0, *,
@@ -48,16 +66,11 @@ def reference_solution(denoiser, schedule, x_T: torch.Tensor, t_from: float, t_t
     Returns (x, estimated_error): x in x_T's dtype and shape, the error a float.
     Costs 12 * steps denoiser calls (without ``tol``).
     """
-    cond = {} if cond is None else dict(cond)
-    t_from, t_end, denoise = _check_ends(schedule, t_from, t_to, denoise)
     _check_steps(steps, tol, max_steps)
-    x = x_T.to(torch.float64)
-    coarse = _final(denoiser, x_T.dtype, cond, denoise, t_end,
-                    _rk4_in_lambda(denoiser, schedule, x, t_from, t_end, steps, x_T.dtype, cond))
+    coarse = reference_path(denoiser, schedule, x_T, t_from, t_to, steps=steps, denoise=denoise, cond=cond).x
     while True:
         steps *= 2
-        fine = _final(denoiser, x_T.dtype, cond, denoise, t_end,
-                      _rk4_in_lambda(denoiser, schedule, x, t_from, t_end, steps, x_T.dtype, cond))
+        fine = reference_path(denoiser, schedule, x_T, t_from, t_to, steps=steps, denoise=denoise, cond=cond).x
         error = float((fine - coarse).abs().max()) if fine.numel() else 0.0
         if tol is None or error <= tol:
             return fine.to(x_T.dtype), error
@@ -65,6 +78,26 @@ def reference_solution(denoiser, schedule, x_T: torch.Tensor, t_from: float, t_t
             raise RuntimeError(f"reference ODE solve did not converge: estimated error {error:.3g} > tol {tol:.3g} "
                                f"at {steps} RK4 steps; raise max_steps (now {max_steps}) or loosen tol")
         coarse = fine
+
+
+def reference_path(denoiser, schedule, x_T: torch.Tensor, t_from: float, t_to: float = 0.0, *, steps: int = 64,
+                   every: int | None = None, denoise: bool | None = None, cond: dict | None = None) -> ReferencePath:
+    """One RK4 solve of ``steps`` steps (arguments as ``reference_solution``), recording
+    (t, x, x0_hat) at the start of every ``every``-th step and at the ODE's end t_end (t_min when
+    t_to = 0). Recorded times are uniform in lambda. Costs 4 * steps denoiser calls, plus one at
+    the end when denoising or recording. The denoiser sees x in x_T's dtype; the state is float64."""
+    cond = {} if cond is None else dict(cond)
+    t_from, t_end, denoise = _check_ends(schedule, t_from, t_to, denoise)
+    _check_steps(steps, None, 2 * steps)
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ValueError(f"every must be an integer >= 1 or None, got {every!r}")
+    x, recorded = _rk4_in_lambda(denoiser, schedule, x_T.to(torch.float64), t_from, t_end, steps, x_T.dtype, cond,
+                                 every)
+    x0_end = _call(denoiser, x, t_end, x_T.dtype, cond) if denoise or every else None
+    if every:
+        recorded.append((t_end, x, x0_end))
+    times = torch.tensor([r[0] for r in recorded], dtype=torch.float64)
+    return ReferencePath(x0_end if denoise else x, times, [r[1] for r in recorded], [r[2] for r in recorded])
 
 
 def _check_ends(schedule, t_from, t_to, denoise):
@@ -112,8 +145,11 @@ def _call(denoiser, x, t, dtype, cond):
     return x0
 
 
-def _rk4_in_lambda(denoiser, schedule, x, t_from, t_to, steps, dtype, cond):
-    """Classic RK4 on dy/dlambda = e^lambda x0_hat(sigma y, t(lambda)), y = x / sigma, uniform in lambda."""
+def _rk4_in_lambda(denoiser, schedule, x, t_from, t_to, steps, dtype, cond, every=None):
+    """Classic RK4 on dy/dlambda = e^lambda x0_hat(sigma y, t(lambda)), y = x / sigma, uniform in lambda.
+
+    Returns x(t_to) in float64, and with ``every`` the list of (t, x, x0_hat(x, t)) at every
+    ``every``-th step's start (float64; x0_hat is the step's first stage, so recording is free)."""
     ends = schedule.lambda_(torch.tensor([t_from, t_to], dtype=torch.float64))
     lam = torch.linspace(float(ends[0]), float(ends[1]), 2 * steps + 1, dtype=torch.float64)  # steps and midpoints
     t = schedule.t_of_lambda(lam)
@@ -121,20 +157,18 @@ def _rk4_in_lambda(denoiser, schedule, x, t_from, t_to, steps, dtype, cond):
     sigma = schedule.sigma(t)
     h = float(lam[2] - lam[0])
 
-    def f(i, y):  # dy/dlambda at grid point i
-        return math.exp(float(lam[i])) * _call(denoiser, float(sigma[i]) * y, t[i], dtype, cond)
+    def f(i, y):  # (dy/dlambda, x0_hat) at grid point i
+        x0 = _call(denoiser, float(sigma[i]) * y, t[i], dtype, cond)
+        return math.exp(float(lam[i])) * x0, x0
 
-    y = x / float(sigma[0])
+    y, recorded = x / float(sigma[0]), []
     for n in range(steps):
         i = 2 * n
-        k1 = f(i, y)
-        k2 = f(i + 1, y + 0.5 * h * k1)
-        k3 = f(i + 1, y + 0.5 * h * k2)
-        k4 = f(i + 2, y + h * k3)
+        k1, x0 = f(i, y)
+        if every and n % every == 0:
+            recorded.append((float(t[i]), float(sigma[i]) * y, x0))
+        k2 = f(i + 1, y + 0.5 * h * k1)[0]
+        k3 = f(i + 1, y + 0.5 * h * k2)[0]
+        k4 = f(i + 2, y + h * k3)[0]
         y = y + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
-    return float(sigma[-1]) * y
-
-
-def _final(denoiser, dtype, cond, denoise, t_end, x):
-    """x(t_end), or x0_hat(x(t_end), t_end) when the reference ends with a denoising step."""
-    return _call(denoiser, x, t_end, dtype, cond) if denoise else x
+    return float(sigma[-1]) * y, recorded

@@ -7,7 +7,7 @@ import torch
 
 from .denoisers import Thresholded
 from .grids import TunedGrid
-from .schedules import NoiseSchedule, custom_grid, time_grid
+from .schedules import NoiseSchedule, custom_grid, default_end, time_grid
 from .solvers import SOLVERS, SamplerOutput, fast_orders, get_solver
 from .solvers.dpm_solver import PLACEMENTS, default_placement, singlestep_outer_grid
 
@@ -47,6 +47,8 @@ def solver_grid(schedule: NoiseSchedule, solver: str, steps: int, spacing: str =
     if final not in ("zero", "tmin", "denoise"):
         raise ValueError(f"final must be 'zero', 'tmin' or 'denoise', got {final!r}")
     orders = fast_orders(budget, spec.options["order"])
+    if final == "zero" and grid_kw.get("t_min") is None:  # the denoising call starts at a real point, not t_min
+        grid_kw["t_min"] = default_end(schedule, budget + 1, spacing, grid_kw.get("t_max"), grid_kw.get("rho", 7.0))
     grid, inner = singlestep_outer_grid(schedule, orders, spacing, placement or default_placement(solver), **grid_kw)
     if final != "tmin":  # the step to clean data: one denoising call
         grid, orders = torch.cat([grid, torch.zeros(1, dtype=torch.float64)]), orders + [1]

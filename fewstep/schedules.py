@@ -17,7 +17,8 @@ import torch
 
 __all__ = [
     "NoiseSchedule", "DiscreteVP", "ZeroSNRDiscreteVP", "LinearVP", "CosineVP", "EDM", "RectifiedFlow",
-    "FlowMatching", "betas_by_name", "rescale_zero_terminal_snr", "time_grid", "custom_grid", "SPACINGS",
+    "FlowMatching", "betas_by_name", "rescale_zero_terminal_snr", "time_grid", "default_end", "custom_grid",
+    "SPACINGS",
 ]
 
 
@@ -394,11 +395,15 @@ def time_grid(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr", *,
     (uniform in sqrt(t), DPM-Solver's "time_quadratic"), ``karras`` (uniform in
     edm_sigma^(1/rho), EDM eq. 5).
     final:
-      ``"zero"``    – ``steps`` points span [t_max, t_min], then 0 is appended:
-                      the last step denoises to clean data (diffusers' "zero").
+      ``"zero"``    – ``steps`` intervals, the last from a real point straight to 0 (clean data), so
+                      every step (every model call of a multistep solver) moves the sample, as
+                      diffusers' ``final_sigmas_type="zero"``. The ``steps`` real points run from
+                      t_max to ``t_min`` when ``t_min`` is given; otherwise the spacing's last point
+                      is ``default_end`` (the point 0 takes the place of the schedule's t_min, see there).
       ``"tmin"``    – ``steps + 1`` points span [t_max, t_min]; sampling stops at t_min.
       ``"denoise"`` – as "tmin", then 0 appended (official DPM-Solver's denoise_to_zero):
-                      one extra step and model call.
+                      one extra step and model call. ``time_grid(s, n - 1, final="denoise")`` is the
+                      former ``final="zero"`` grid of n calls, whose last call stepped from t_min to 0.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -413,6 +418,8 @@ def time_grid(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr", *,
         raise ValueError("t_min must be > 0; use final='zero' to end the grid at clean data (t = 0)")
     if not t_lo < t_hi:
         raise ValueError(f"t_min ({t_lo}) must be smaller than t_max ({t_hi})")
+    if final == "zero" and t_min is None:
+        return _check_decreasing(_zero_grid(schedule, steps, spacing, t_hi, rho))
     n = steps + 1 if final != "zero" else steps
     if n == 1:  # a single step straight to clean data
         t = torch.tensor([t_hi], dtype=torch.float64)
@@ -423,6 +430,45 @@ def time_grid(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr", *,
     if final in ("zero", "denoise"):
         t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
     return _check_decreasing(t)
+
+
+# The default grid ending in 0 (``final="zero"`` without t_min), measured on three exact models of
+# different character (``fewstep bench solvers --model gmm-mnist | gmm-sd-v | gmm-cosine``; BENCHMARKS.md):
+# the log-SNR grid starts its uniform part no higher than EDM sigma TOP_SIGMA (a cosine schedule's
+# sigma_max ~ 2e4 otherwise spends half the calls where the ODE is nearly linear; the first step still
+# starts at t_max) and its steps are at most MAX_H in log-SNR (few-call grids then stop at a larger
+# sigma, as diffusers' do, instead of making a long last step).
+TOP_SIGMA = 10.0
+MAX_H = 1.0
+
+
+def default_end(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr", t_max: float | None = None,
+                rho: float = 7.0) -> float:
+    """The last real time of the default grid of ``steps`` intervals ending in 0 (``time_grid(final="zero")``).
+
+    Every spacing: ``steps + 1`` points from t_max to the schedule's t_min, the last replaced by 0 (so
+    no call is spent between t_min and 0). ``logsnr`` also caps the uniform part's top at EDM sigma
+    ``TOP_SIGMA`` and its step at ``MAX_H`` (see above).
+    """
+    return float(_zero_grid(schedule, steps, spacing, schedule.t_max if t_max is None else float(t_max), rho)[-2])
+
+
+def _zero_grid(schedule, steps, spacing, t_hi, rho) -> torch.Tensor:
+    zero = torch.zeros(1, dtype=torch.float64)
+    if steps == 1:
+        return torch.cat([torch.tensor([t_hi], dtype=torch.float64), zero])
+    if spacing != "logsnr":
+        u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)[:-1]
+        t = _spaced(schedule, spacing, t_hi, schedule.t_min, u, rho)
+        t[0] = t_hi
+        return torch.cat([t, zero])
+    lam_hi, lam_lo = schedule.lambda_(torch.tensor([t_hi, schedule.t_min], dtype=torch.float64)).tolist()
+    lam_a = max(lam_hi, -math.log(TOP_SIGMA)) if lam_lo > -math.log(TOP_SIGMA) else lam_hi
+    h = min((lam_lo - lam_a) / steps, MAX_H)
+    lam = lam_a + h * torch.arange(steps, dtype=torch.float64)
+    t = schedule.t_of_lambda(lam)
+    t[0] = t_hi  # the first step starts at t_max (a longer first step when the top is capped)
+    return torch.cat([t, zero])
 
 
 def _spaced(schedule, spacing, t_hi, t_lo, u, rho):

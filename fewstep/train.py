@@ -540,7 +540,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
 
     lr warms up linearly over ``warmup`` steps then stays constant (AdamW, betas (0.9, 0.999)).
     Each phase uses ``grad_accum`` micro-batches of ``batch_size``. ``grad_clip`` clips the global
-    gradient norm (None: no clipping). EMA decay follows :func:`ema_decay_at`. Checkpoints go out
+    gradient norm (None: no clipping). Each network's EMA is updated right after that network's own
+    optimizer step, with the decay of :func:`ema_decay_at` at its own update count. Checkpoints go out
     every ``ckpt_every_minutes`` and/or ``ckpt_every_steps`` and at the end. ``resume=True``
     continues from the newest checkpoint in ``out_dir`` if there is one; ``resume=False`` refuses to
     reuse a folder that has checkpoints. ``on_step(step, loss)`` is called after each step.
@@ -556,6 +557,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
         objective = _OneNetwork(objective)
     elif not hasattr(objective, "phases"):
         raise TypeError("training several networks needs an objective with phases(step) -> [network names]")
+    if hasattr(objective, "check_networks"):  # refuse networks the objective cannot train, before step 1
+        objective.check_networks(models)
     names = list(models)
     lrs, emas = _per_net(lr, names, "lr"), _per_net(ema_decay, names, "ema_decay")
     wds = _per_net(weight_decay, names, "weight_decay")
@@ -613,12 +616,12 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
                 raise FloatingPointError(f"step {step + 1} ({name}): {e}. Training stopped; the last good checkpoint "
                                          f"is {good or 'none (no checkpoint yet)'}") from None
             n.scheduler.step()  # warm-up counts this network's own updates
+            # its EMA steps when it steps, its decay warm-up counting its own updates (the scheduler's count)
+            ema_update(n.ema, n.raw, ema_decay_at(n.scheduler.last_epoch, n.ema_decay))
             window.setdefault("loss" if len(nets) == 1 else f"loss/{name}", []).append(loss_val)
             for key, value in (getattr(objective, "last_metrics", None) or {}).items():
                 window.setdefault(f"{name}/{key}", []).append(value)
         step += 1
-        for n in nets.values():
-            ema_update(n.ema, n.raw, ema_decay_at(step, n.ema_decay))
         bar.update(1)
         if (step % log_every == 0 or step == steps) and window:
             now = time.monotonic()

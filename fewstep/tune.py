@@ -33,6 +33,7 @@ import torch
 
 from .denoisers import CountingDenoiser
 from .grids import TunedGrid, lambdas_of, model_identity, schedule_identity
+from .reference import reference_path, rmse
 from .sampling import sample
 from .schedules import NoiseSchedule, time_grid
 from .solvers import get_solver
@@ -85,60 +86,29 @@ def calibration_set(n: int, shape, *, seed: int, num_classes: int | None = None,
 @torch.no_grad()
 def reference_trajectory(denoiser: Callable, schedule: NoiseSchedule, x_T: torch.Tensor, cond: dict | None = None,
                          *, steps: int = 128, candidates: int = 64) -> Trajectory:
-    """Classic RK4 in log-SNR on y = x / sigma, dy/dlambda = e^lambda x0_hat (DPM-Solver++, arXiv 2211.01095,
-    eq. 9; as ``fewstep.reference``) from t_max to t_min in ``steps`` steps, recording every
+    """The reference solve of ``fewstep.reference`` (classic RK4 in log-SNR on y = x / sigma, float64 state)
+    from t_max to t_min, then one denoising call, in ``steps`` steps, recording every
     ``steps // candidates``-th step; its error is taken as the difference from a second solve with half
     the steps (RMSE and max; a bound, ~15x the error only in RK4's asymptotic range)."""
     if steps % candidates:
         raise ValueError(f"steps ({steps}) must be a multiple of candidates ({candidates})")
     start = time.perf_counter()
     counted = CountingDenoiser(denoiser)
-    fine = _rk4(counted, schedule, x_T, cond or {}, steps, steps // candidates)
-    coarse = _rk4(counted, schedule, x_T, cond or {}, steps // 2, None)
-    diff = fine[2] - coarse[2]
+    fine = reference_path(counted, schedule, x_T, schedule.t_max, 0.0, steps=steps, every=steps // candidates,
+                          cond=cond)
+    coarse = reference_path(counted, schedule, x_T, schedule.t_max, 0.0, steps=steps // 2, cond=cond)
+    diff = fine.x - coarse.x
     # the difference bounds the finer answer's error; only in RK4's asymptotic range is it ~15x that error
     # (a learned model's ODE may not be there: measured on mnist-teacher, 128 -> 256 steps still moves ~0.003)
-    error = {"rmse": float(diff.pow(2).mean().sqrt()), "max_abs": float(diff.abs().max()),
+    error = {"rmse": rmse(fine.x, coarse.x), "max_abs": float(diff.abs().max()),
              "how": f"|x({steps} RK4 steps) - x({steps // 2} steps)|, taken as the {steps}-step answer's error"}
-    times, xs, x0s = fine[0], fine[1], fine[3]
-    return Trajectory(times, xs, x0s, fine[2], error, counted.nfe, time.perf_counter() - start)
-
-
-def _rk4(den, schedule, x_T, cond, steps, every):
-    ends = schedule.lambda_(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
-    lam = torch.linspace(float(ends[0]), float(ends[1]), 2 * steps + 1, dtype=torch.float64)
-    t = schedule.t_of_lambda(lam)
-    t[0], t[-1] = schedule.t_max, schedule.t_min
-    sigma, h = schedule.sigma(t), float(lam[2] - lam[0])
-
-    def x0_at(i, y):
-        tt = torch.full((y.shape[0],), float(t[i]), dtype=torch.float64)
-        return den((float(sigma[i]) * y).to(x_T.dtype), tt, **cond).to(torch.float64)
-
-    y, times, xs, x0s = x_T.to(torch.float64) / float(sigma[0]), [], [], []
-    for n in range(steps):
-        i = 2 * n
-        d1 = x0_at(i, y)
-        if every and n % every == 0:
-            times.append(t[i]), xs.append((float(sigma[i]) * y).to(x_T.dtype)), x0s.append(d1.to(x_T.dtype))
-        k1 = math.exp(float(lam[i])) * d1
-        k2 = math.exp(float(lam[i + 1])) * x0_at(i + 1, y + 0.5 * h * k1)
-        k3 = math.exp(float(lam[i + 1])) * x0_at(i + 1, y + 0.5 * h * k2)
-        k4 = math.exp(float(lam[i + 2])) * x0_at(i + 2, y + h * k3)
-        y = y + h / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
-    final = x0_at(2 * steps, y)  # the denoising step at t_min
-    if every:
-        times.append(t[-1]), xs.append((float(sigma[-1]) * y).to(x_T.dtype)), x0s.append(final.to(x_T.dtype))
-    return torch.stack(times) if every else None, xs, final, x0s
+    xs, x0s = [v.to(x_T.dtype) for v in fine.xs], [v.to(x_T.dtype) for v in fine.x0s]
+    return Trajectory(fine.times, xs, x0s, fine.x, error, counted.nfe, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------
 # Method 1: dynamic programming over the candidates (GITS)
 # ---------------------------------------------------------------------------
-
-def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.to(torch.float64) - b.to(torch.float64)).pow(2).mean().sqrt())
-
 
 def _stepper(solver: str, options: dict | None) -> Callable:
     """The solver's one-step update with lower_order_final off (each cost is one step in the middle
@@ -171,14 +141,14 @@ def step_costs(traj: Trajectory, schedule: NoiseSchedule, solver: str, options: 
     pair = torch.full((m, m, m), math.inf, dtype=torch.float64)
     for j in range(1, m):
         x_j = step(traj.xs[0], traj.x0s[0], 0, [pts[0], pts[j]], None)[0]
-        first[j] = _rmse(w[j] * x_j, w[j] * traj.xs[j])
+        first[j] = rmse(w[j] * x_j, w[j] * traj.xs[j])
     for h in range(m - 2):
         for i in range(h + 1, m - 1):
             _, state = step(traj.xs[h], traj.x0s[h], 0, [pts[h], pts[i]], None)  # the history at h
             for j in range(i + 1, m):
                 x_j = step(traj.xs[i], traj.x0s[i], 1, [pts[h], pts[i], pts[j]], state)[0]
-                pair[h, i, j] = _rmse(w[j] * x_j, w[j] * traj.xs[j])
-    final = torch.tensor([_rmse(d, traj.final) for d in traj.x0s], dtype=torch.float64)
+                pair[h, i, j] = rmse(w[j] * x_j, w[j] * traj.xs[j])
+    final = torch.tensor([rmse(d, traj.final) for d in traj.x0s], dtype=torch.float64)
     return {"first": first, "pair": pair, "final": final}
 
 
@@ -219,7 +189,7 @@ def grid_rmse(denoiser: Callable, schedule: NoiseSchedule, solver: str, grid: to
     """RMSE of the solver's final sample on ``grid`` against ``target`` (the reference answer)."""
     with torch.no_grad():
         out = sample(denoiser, x_T, schedule, solver=solver, grid=grid, cond=cond, **options)
-    return _rmse(out.x, target)
+    return rmse(out.x, target)
 
 
 def _times_of(u: torch.Tensor, lam0: float, span: float, schedule, t_max: float, free_end: bool) -> torch.Tensor:
@@ -337,10 +307,10 @@ def _search(counted, schedule, solver, nfe, cal, method, max_evals, opts, free_e
     """Start from the best fixed spacing (or given start, or the DP grid when better), then refine; the
     objective after each stage and evaluation, never increasing, is recorded."""
     traj = cal.trajectory
-    rmse = lambda g: grid_rmse(counted, schedule, solver, g, cal.x_T, cal.cond, traj.final, **opts)  # noqa: E731
+    error_of = lambda g: grid_rmse(counted, schedule, solver, g, cal.x_T, cal.cond, traj.final, **opts)  # noqa: E731
     fixed = {sp: time_grid(schedule, nfe, sp) for sp in FIXED_SPACINGS}
     fixed.update({name: _check_start(schedule, name, g, nfe) for name, g in (starts or {}).items()})
-    scores = {sp: rmse(g) for sp, g in fixed.items()}
+    scores = {sp: error_of(g) for sp, g in fixed.items()}
     start = min(scores, key=scores.get)
     grid, history, dp_cost = fixed[start], [scores[start]], None
     if "dp" in method:
@@ -348,7 +318,7 @@ def _search(counted, schedule, solver, nfe, cal, method, max_evals, opts, free_e
         if key not in cal.costs:
             cal.costs[key] = step_costs(traj, schedule, solver, opts)
         dp, dp_cost = dp_grid(traj, cal.costs[key], nfe, free_end)
-        value = rmse(dp)
+        value = error_of(dp)
         if method == "dp" or value < history[-1]:  # dp+refine starts from the better of the two
             grid = dp
         history.append(value if method == "dp" else min(value, history[-1]))
@@ -358,7 +328,7 @@ def _search(counted, schedule, solver, nfe, cal, method, max_evals, opts, free_e
         if trace and min(trace) < history[-1]:
             grid = refined
         history += [min(v, history[-1]) for v in trace]
-    return grid, {"rmse": rmse(grid), "start": start, "start_rmse": scores[start], "fixed_spacings": scores,
+    return grid, {"rmse": error_of(grid), "start": start, "start_rmse": scores[start], "fixed_spacings": scores,
                   "dp_summed_local_error": dp_cost, "objective": [float(v) for v in history]}
 
 

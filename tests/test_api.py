@@ -116,3 +116,80 @@ def test_every_shipped_model_loads_by_name(name):
     assert cfg["recipe"] == name
     if cfg.get("kind") == "diffusion":
         assert m.schedule.config() == cfg["schedule"]
+
+
+# ---------------------------------------------------------------------------
+# Network evaluations: the model's own count against the rows its net really evaluates
+# ---------------------------------------------------------------------------
+
+def _tiny_folder(root, kind: str, **extra):
+    """A tiny class-conditional UNet saved as a ``kind`` model (students: 2 steps; ``use_w`` for a w input)."""
+    torch.manual_seed(1)
+    net = UNet(UNetConfig(**TINY, use_w=bool(extra.get("w_input"))))
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    folder = root / kind / ("w" if extra.get("w_input") else "plain")
+    net.save(folder, extra={"kind": kind, "prediction": "v", "schedule": CosineVP().config(), "num_classes": 3,
+                            "null_class": 3, "image_shape": [1, 8, 8], **extra})
+    return folder
+
+
+def _rows_per_image(model, run, n_images: int) -> float:
+    """The oracle: rows that go through the network (a batched cond + uncond call is 2 rows per image),
+    counted by a forward hook while ``run()`` samples, per image."""
+    rows = []
+    hook = model.net.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return sum(rows) / n_images
+
+
+CASES = [("diffusion", {}, dict(solver="dpmpp_2m", steps=3), 0.0),
+         ("diffusion", {}, dict(solver="dpmpp_2m", steps=3), 1.0),
+         ("diffusion", {}, dict(solver="heun", steps=4), 2.0),
+         ("diffusion", {}, dict(solver="dpm_solver_3", steps=5), 1.0),
+         ("student", {"student_steps": 2}, {}, 0.0),
+         ("student", {"student_steps": 2}, {}, 1.5),  # no w input: guidance is CFG, two evaluations per step
+         ("student", {"student_steps": 2}, dict(stochastic=True), 1.5),
+         ("student", {"student_steps": 2, "w_input": True}, {}, 1.5),  # w is an input: one per step
+         ("generator", {"generator_times": [0.9, 0.5], "real_w": 1.0}, {}, 1.0)]  # guidance baked in
+
+
+@pytest.mark.parametrize("kind, extra, options, w", CASES,
+                         ids=[f"{k}-{'w' if e.get('w_input') else ''}{'-'.join(map(str, o.values()))}-w{w:g}"
+                              for k, e, o, w in CASES])
+def test_evaluations_equal_the_rows_the_network_evaluates(tmp_path, kind, extra, options, w):
+    m = fewstep.load(_tiny_folder(tmp_path, kind, **extra))
+    labels = torch.tensor([0, 1, 2])
+    oracle = _rows_per_image(m, lambda: fewstep.generate(m, labels, w=w, seed=0, **options), len(labels))
+    solver, steps = m.check_sampling(options.get("solver"), options.get("steps"), w)
+    assert m.evaluations(solver, steps, w) == oracle
+    assert m.evaluations(options.get("solver"), options.get("steps"), w) == oracle
+
+
+def test_a_student_without_w_input_under_guidance_costs_two_evaluations_per_step(tmp_path):
+    m = fewstep.load(_tiny_folder(tmp_path, "student", student_steps=2))
+    assert not m.w_input and m.nfe() == 2
+    assert m.evaluations(w=1.5) == 4 and m.evaluations(w=0.0) == 2
+    # a caller reports the model's count: the speed bench (it used to report 2 here)
+    from fewstep.bench.speed import run_speed
+    rows = [{"label": "student", "model": str(_tiny_folder(tmp_path, "student", student_steps=2)), "options": {},
+             "w": 1.5}]
+    doc = run_speed(tmp_path / "speed", batches=(2,), rows=rows, log=lambda msg: None)
+    oracle = _rows_per_image(m, lambda: fewstep.generate(m, torch.tensor([0, 1]), w=1.5), 2)
+    assert doc["rows"][0]["network_evals"] == oracle == 4
+
+
+def test_encoder_has_no_sampler_and_counts_its_encoding(tmp_path):
+    from fewstep.api import EncoderModel, NetworkModel
+    e = fewstep.load(_tiny_folder(tmp_path, "encoder", student_steps=3))
+    assert isinstance(e, EncoderModel) and isinstance(e, NetworkModel) and not isinstance(e, DiffusionModel)
+    assert not any(hasattr(e, name) for name in ("sample_batch", "check_sampling", "default_steps"))
+    with pytest.raises(TypeError, match="is an encoder"):
+        fewstep.generate(e, torch.tensor([0, 1]))
+    x0 = torch.zeros(2, 1, 8, 8)
+    for w, want in ((0.0, 3), (2.0, 6)):
+        oracle = _rows_per_image(e, lambda: e.encode(x0, torch.tensor([0, 1]), w=w), 2)
+        assert e.evaluations(w=w) == oracle == want

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fewstep
+from fewstep.distill.dmd import DMDLoss, FakeScore
 from fewstep.schedules import CosineVP
 
 SCH = CosineVP()
@@ -151,6 +152,24 @@ CASES = [
     ("configs", "unknown prediction_type",
      lambda p: _diffusers_config({"_class_name": "DDIMScheduler", "prediction_type": "score"}), ValueError,
      ["prediction_type"]),
+    # -- distillation ------------------------------------------------------------------------------
+    ("distill", "DMD generator GAN loss against a head nobody trains",
+     lambda p: DMDLoss(_den, SCH, "x0", gan_weight_g=0.1), ValueError, ["gan_weight_d > 0"]),
+    ("distill", "DMD GAN weights with a fake network without a GAN head",
+     lambda p: DMDLoss(_den, SCH, "x0", gan_weight_g=0.1, gan_weight_d=0.1).check_networks(
+         {"generator": torch.nn.Linear(2, 2), "fake": FakeScore(torch.nn.Linear(2, 2))}), ValueError, ["gan_head=True"]),
+    ("distill", "DMD regression targets of another size than the generator's output",
+     lambda p: (lambda net: DMDLoss(net, SCH, "x0").generator_loss(net, net, {
+         "z": torch.randn(2, 3), "x_ref": torch.randn(2, 4), "labels": torch.zeros(2, dtype=torch.long)}))(
+         lambda x, t, labels=None: 0.5 * x),
+     ValueError, ["x_ref", "generator outputs", "rebuild"]),
+    ("distill", "DMD with a score-predicting teacher", lambda p: DMDLoss(_den, SCH, "score"), ValueError,
+     ["unknown prediction", "flow"]),
+    ("distill", "guided distillation without a null class",
+     lambda p: fewstep.distill.GuidedDistillLoss(_den, SCH, "x0"), ValueError, ["null_class="]),
+    ("distill", "distillation times on a schedule without defined fractions",
+     lambda p: fewstep.distill.student_grid(fewstep.schedules.NoiseSchedule(), 2), ValueError,
+     ["distillation times", "NoiseSchedule"]),
 ]
 
 
@@ -176,6 +195,7 @@ CLI_CASES = [
     ("unknown model", lambda p: ["sample", "--model", "mnist-teachr"], ["no model named"]),
     ("unknown solver", lambda p: ["sample", "--solver", "dpmpp_9m"], ["unknown solver"]),
     ("steps 0", lambda p: ["sample", "--steps", "0"], ["--steps"]),
+    ("negative guidance weight", lambda p: ["sample", "--w", "-3"], ["--w", "w must be >= 0"]),
     ("--device cuda without CUDA (or a GPU index that is not there)",
      lambda p: ["sample", "--device", "cuda:99"], ["--device cuda:99"]),
     ("sample --out /proc/x.png", lambda p: ["sample", "--steps", "1", "--out", "/proc/x.png"], ["cannot write"]),

@@ -58,6 +58,18 @@ def test_sample_writes_a_grid_and_reports_nfe(tiny, tmp_path):
     (["distill", "guided", "--out", "/proc/xx"], "cannot write to /proc/xx"),
     (["distill", "dmd", "--out", "/proc/xx"], "cannot write to /proc/xx"),
     (["eval", "--json", "/proc/e.json", "-n", "20"], "cannot write /proc/e.json"),
+    (["sample", "--w", "-3"], "guidance weight w must be >= 0 (x_w = (1 + w) x_cond - w x_uncond"),
+    (["eval", "--w", "-0.5"], "w must be >= 0"),
+    (["tune", "--w", "-1", "--steps", "3", "--out", "g.json"], "w must be >= 0"),
+    (["translate", "--from", "1", "--to", "2", "--w", "-1"], "w must be >= 0"),
+    (["bench", "speed", "--w", "-1"], "w must be >= 0"),
+    (["eval", "--sweep-w", "0,-1", "--json", "x.json"], "expected numbers >= 0, got '0,-1'"),
+    (["eval", "--sweep-steps", "2,0", "--json", "x.json"], "expected integers >= 1, got '2,0'"),
+    (["eval", "--sweep-steps", "2,b", "--json", "x.json"], "expected comma-separated integers"),
+    (["bench", "solvers", "--nfe", "5,1001"], "expected integers from 1 to 1000"),
+    (["sample", "--labels", ","], "expected one or more finite class ids"),
+    (["tune", "--out", "g.json"], "missing option --steps"),
+    (["distill", "dmd", "--out", "x", "--steps", "0"], "--steps"),
 ])
 def test_misuse_exits_2_with_one_line(args, words):
     r = invoke(*args)
@@ -132,3 +144,77 @@ def test_eval_sweep_writes_json_markdown_and_plot(tiny, tmp_path):
 def test_eval_sweep_misuse(tiny, args, words):
     r = invoke("eval", "--model", str(tiny), "-n", "20", *args)
     assert r.exit_code == 2 and words in r.output, r.output
+
+
+def test_sample_eval_and_tune_share_one_budget_flag():
+    for cmd in ("sample", "eval", "tune"):
+        r = invoke(cmd, "--help")
+        assert "--steps" in r.output and "--nfe" not in r.output, (cmd, r.output)
+
+
+def test_tune_keeps_nfe_as_a_deprecated_alias_of_steps(monkeypatch, tmp_path):
+    import fewstep.tune
+
+    def fake_tune_model(model, **kw):
+        raise ValueError(f"reached tune_model with nfe={kw['nfe']}")
+    monkeypatch.setattr(fewstep.tune, "tune_model", fake_tune_model)
+    out = str(tmp_path / "g.json")
+    r = invoke("tune", "--nfe", "3", "--out", out)
+    assert r.exit_code == 2 and "reached tune_model with nfe=3" in r.stderr, r.output
+    assert "--nfe is deprecated; use --steps" in r.stderr
+    r = invoke("tune", "--steps", "4", "--out", out)
+    assert "reached tune_model with nfe=4" in r.stderr and "deprecated" not in r.stderr
+    r = invoke("tune", "--nfe", "3", "--steps", "4", "--out", out)
+    assert r.exit_code == 2 and "--nfe 3 and --steps 4 disagree" in r.stderr and "reached" not in r.stderr
+
+
+@pytest.fixture
+def recorded_recipes(monkeypatch):
+    """Replace every recipe's run function by one that records its call."""
+    from dataclasses import replace
+
+    import fewstep.recipes as recipes
+    calls = []
+
+    def fake_run(out, settings, **kw):
+        calls.append((out, settings, kw))
+        if out.name == "refused":
+            raise ValueError(f"{out} already holds checkpoint step-00000002; pass resume=True")
+        return {"export": out / "x"} if kw["name"] in ("mnist-guided", "mnist-progressive") else out / kw["name"]
+    for name, r in recipes.RECIPES.items():
+        monkeypatch.setitem(recipes.RECIPES, name, replace(r, run=fake_run))
+    return calls
+
+
+@pytest.mark.parametrize("args, name, options", [
+    (["train", "mnist"], "mnist-teacher", {}),
+    (["train", "mnist-classifier", "--resume"], "mnist-classifier", {"resume": True}),
+    (["distill", "guided", "--until", "4", "--part", "decoder"], "mnist-guided", {"until": 4, "part": "decoder"}),
+    (["distill", "progressive"], "mnist-progressive", {"until": None}),
+    (["distill", "dmd", "--preset", "mnist-dmd2-4"], "mnist-dmd2-4", {}),
+])
+def test_train_and_distill_run_recipes_through_one_runner(recorded_recipes, tmp_path, args, name, options):
+    import fewstep.recipes as recipes
+    r = invoke(*args, "--out", str(tmp_path / "run"), "--no-progress")
+    assert r.exit_code == 0, r.output
+    ((out, settings, kw),) = recorded_recipes
+    assert out == tmp_path / "run" and out.is_dir()  # checked (and made) before the recipe runs
+    assert settings is recipes.RECIPES[name].settings and kw["name"] == name and kw["progress"] is False
+    assert {k: kw[k] for k in options} == options
+
+
+def test_distill_dmd_steps_replaces_only_the_training_steps(recorded_recipes, tmp_path):
+    from dataclasses import asdict
+
+    from fewstep.recipes import MNIST_DMD2_4
+    r = invoke("distill", "dmd", "--preset", "mnist-dmd2-4", "--steps", "7", "--out", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    settings = recorded_recipes[0][1]
+    assert asdict(settings) == {**asdict(MNIST_DMD2_4), "steps": 7}
+
+
+def test_a_recipe_refusal_is_one_line(recorded_recipes, tmp_path):
+    for args in (["train", "mnist"], ["distill", "guided"]):
+        r = invoke(*args, "--out", str(tmp_path / "refused"))
+        assert r.exit_code == 2 and r.output.strip().splitlines() == [
+            f"fewstep: error: {tmp_path / 'refused'} already holds checkpoint step-00000002; pass resume=True"], r.output

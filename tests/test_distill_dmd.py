@@ -286,7 +286,7 @@ def test_diffusers_unet_runs_generator_and_fake_steps(tmp_path):
     before = {k: v.clone() for k, v in gen.state_dict().items()}
     fake_before = {k: v.clone() for k, v in fake.state_dict().items()}
     pairs = {"z": torch.randn(8, 1, 8, 8), "labels": torch.randint(0, 2, (8,)), "x_ref": torch.randn(8, 1, 8, 8)}
-    loss = DMDLoss(teacher, schedule, "eps", real_w=1.0)
+    loss = DMDLoss(teacher, schedule, "eps", real_w=1.0, null_class=2)
     res = train(loss, {"generator": gen, "fake": fake}, DMDData(pairs), steps=1, out_dir=tmp_path, batch_size=4,
                 lr=1e-3, ckpt_every_minutes=None, progress=False, ema_decay=0.0)
     assert res.step == 1
@@ -295,3 +295,197 @@ def test_diffusers_unet_runs_generator_and_fake_steps(tmp_path):
     assert moved(fake_before, res.models["fake"].state_dict())
     log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert all(torch.isfinite(torch.tensor(log[k])) for k in ("loss/generator", "loss/fake", "generator/dm"))
+
+
+# -- DMD2's GAN: guards, losses and which network each loss reaches ---------------------------------
+
+def _tiny_unet(seed=0):
+    from fewstep.nets import UNet
+    torch.manual_seed(seed)
+    net = UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), image_size=8, num_classes=3)
+    for p in net.parameters():  # zero-initialised output layers would hide gradients
+        nn.init.normal_(p, std=0.05)
+    return net
+
+
+def _gan_batch(b=4):
+    g = torch.Generator().manual_seed(0)
+    return {"z": torch.randn(b, 1, 8, 8, generator=g), "labels": torch.randint(0, 3, (b,), generator=g),
+            "x_ref": torch.randn(b, 1, 8, 8, generator=g), "x_real": torch.randn(b, 1, 8, 8, generator=g).clamp(-1, 1),
+            "labels_real": torch.randint(0, 3, (b,), generator=g)}
+
+
+def test_gan_settings_that_cannot_train_are_refused_before_step_one(tmp_path):
+    with pytest.raises(ValueError, match="gan_weight_d > 0"):  # a head nobody trains
+        DMDLoss(Exact(), SCHEDULE, "x0", gan_weight_g=0.1, gan_weight_d=0.0)
+    teacher = _tiny_unet()
+    loss = DMDLoss(teacher, SCHEDULE, "v", gan_weight_g=0.1, gan_weight_d=0.1, lambda_reg=0.0, null_class=3)
+    models = {"generator": copy.deepcopy(teacher), "fake": FakeScore(copy.deepcopy(teacher))}  # no head
+    calls = []
+    loss.phases = lambda step: calls.append(step) or ["generator"]
+    with pytest.raises(ValueError, match="FakeScore\\(net, gan_head=True\\)"):
+        train(loss, models, DMDData({k: v for k, v in _gan_batch().items() if k in ("z", "labels", "x_ref")}),
+              steps=1, out_dir=tmp_path, batch_size=2, progress=False, ckpt_every_minutes=None)
+    assert calls == []  # refused before the first step
+
+
+def _loss_parts(loss_obj, fn, gen, fake, batch, seed=0):
+    torch.manual_seed(seed)
+    return fn(gen, fake, batch)
+
+
+def test_gan_losses_are_the_softplus_terms_of_the_head_logits():
+    """DMD2 eq. 5 (non-saturating): head loss softplus(-D(real)) + softplus(D(fake)), generator loss
+    softplus(-D(G(z))); each term isolated as the difference of the losses with and without the GAN."""
+    teacher = _tiny_unet()
+    gen, fake = copy.deepcopy(teacher), FakeScore(copy.deepcopy(teacher), gan_head=True)
+    batch = _gan_batch()
+    logits = []
+    fake.head.register_forward_hook(lambda m, i, out: logits.append(out.detach().double()))
+    with_gan = DMDLoss(teacher, SCHEDULE, "v", lambda_reg=0.0, gan_weight_g=0.3, gan_weight_d=0.7, null_class=3)
+    plain = DMDLoss(teacher, SCHEDULE, "v", lambda_reg=0.0, null_class=3)
+    softplus = lambda v: torch.log1p(torch.exp(v))  # noqa: E731 - log(1 + e^v), written out
+
+    d_head = _loss_parts(with_gan, with_gan.fake_loss, gen, fake, batch) - _loss_parts(plain, plain.fake_loss, gen, fake, batch)
+    real_logits, fake_logits = logits
+    assert real_logits.abs().max() > 1e-3 and (real_logits - fake_logits).abs().max() > 1e-4
+    assert torch.allclose(d_head.double(), 0.7 * (softplus(-real_logits) + softplus(fake_logits)), atol=1e-5)
+    logits.clear()
+    d_gen = _loss_parts(with_gan, with_gan.generator_loss, gen, fake, batch) - \
+        _loss_parts(plain, plain.generator_loss, gen, fake, batch)
+    (g_logits,) = logits
+    assert torch.allclose(d_gen.double(), 0.3 * softplus(-g_logits), atol=1e-5)
+
+
+def test_generator_gan_loss_reaches_the_generator_and_head_loss_reaches_the_head():
+    teacher = _tiny_unet()
+    gen, fake = copy.deepcopy(teacher), FakeScore(copy.deepcopy(teacher), gan_head=True)
+    batch = _gan_batch()
+    loss = DMDLoss(teacher, SCHEDULE, "v", lambda_reg=0.0, gan_weight_g=1.0, gan_weight_d=1.0, null_class=3)
+    grads = lambda m: [p.grad for p in m.parameters()]  # noqa: E731
+
+    torch.manual_seed(0)
+    # the GAN term alone: with the DM term's gradient (of G's output) left out by zeroing it
+    loss.real_and_fake_x0 = lambda f, x_t, t, labels: (x_t, x_t)
+    loss.generator_loss(gen, fake, batch).sum().backward()
+    assert all(g is None for g in grads(fake))  # the discriminator is not trained by G's loss
+    assert sum(float(g.abs().sum()) for g in grads(gen) if g is not None) > 0
+    gen.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    loss.fake_loss(gen, fake, batch).sum().backward()
+    assert all(g is None for g in grads(gen))  # the head's loss sees generated images as constants
+    assert sum(float(g.abs().sum()) for g in grads(fake.head)) > 0
+
+
+# -- DMD2's multi-step generator: backward simulation re-noises the generator's own x0 ----------------
+
+def test_backward_simulation_renoises_the_generators_own_prediction():
+    """x at step i + 1 = alpha(t_{i+1}) x0_i + sigma(t_{i+1}) eps_i, with x0_i the generator's output at
+    step i (DMD2 Sec. 4.5), both in the sampler and in the training input of DMDLoss.generated."""
+    inputs, outputs = [], []
+
+    def gen(x, t, labels=None):
+        inputs.append((x.clone(), float(t[0])))
+        out = 0.5 * x + 1.0 + t[:, None].float()  # a made-up x0 prediction, different at every step
+        outputs.append(out.clone())
+        return out
+    loss = DMDLoss(Exact(), SCHEDULE, "x0", gen_steps=4, lambda_reg=0.0)
+    eps = [torch.randn(6, 2, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    noise = iter(eps)
+    z = torch.randn(6, 2)
+    generator_sample(gen, z, None, SCHEDULE, loss.times, noise=lambda like: next(noise))
+    assert len(inputs) == 4 and torch.equal(inputs[0][0], z)
+    for i in range(3):
+        t_next = loss.times[i + 1]
+        expected = SCHEDULE.alpha(t_next).float() * outputs[i] + SCHEDULE.sigma(t_next).float() * eps[i]
+        assert torch.allclose(inputs[i + 1][0], expected, atol=1e-6), i
+    # in training: the input at the chosen step j is the same rollout, replayed here from the same seed
+    js = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        j = int(torch.randint(0, 4, ()))
+        x = z * SCHEDULE.sigma(loss.times[0]).float()
+        for i in range(j):
+            x0 = 0.5 * x + 1.0 + float(loss.times[i])
+            x = SCHEDULE.alpha(loss.times[i + 1]).float() * x0 + SCHEDULE.sigma(loss.times[i + 1]).float() * torch.randn(6, 2)
+        inputs.clear()
+        torch.manual_seed(seed)
+        loss.generated(gen, z, None)
+        assert len(inputs) == j + 1 and torch.allclose(inputs[-1][0], x, atol=1e-5), seed
+        js.add(j)
+    assert len(js) >= 3  # several rollout depths were checked
+
+
+# -- prediction types, regression targets, the caller's teacher --------------------------------------
+
+def test_flow_prediction_trains_the_generator_and_the_fake_denoiser(tmp_path):
+    from fewstep.denoisers import to_x0
+    from fewstep.losses import prediction_target
+    from fewstep.schedules import RectifiedFlow
+    sch = RectifiedFlow()
+    x0, eps = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    t = torch.rand(5, dtype=torch.float64) * 0.9 + 0.05
+    a, s = sch.alpha(t)[:, None], sch.sigma(t)[:, None]
+    u = prediction_target("flow", x0, eps, a, s)
+    assert torch.allclose(u, eps - x0)  # rectified-flow velocity dx_t/dt = eps - x0
+    assert torch.allclose(to_x0("flow", u, a * x0 + s * eps, a, s), x0)  # and the denoiser reads x0 back
+    torch.manual_seed(0)
+    net = MLP(dim=2, hidden=32, depth=2, num_classes=0)
+    loss = DMDLoss(net, sch, "flow", lambda_reg=0.25)
+    pairs = {"z": torch.randn(32, 2), "labels": torch.zeros(32, dtype=torch.long), "x_ref": torch.randn(32, 2)}
+    res = train(loss, {"generator": copy.deepcopy(net), "fake": FakeScore(copy.deepcopy(net))}, DMDData(pairs),
+                steps=3, out_dir=tmp_path, batch_size=8, lr=1e-3, ckpt_every_minutes=None, progress=False)
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert res.step == 3 and all(torch.isfinite(torch.tensor(log[k])) for k in ("loss/generator", "loss/fake"))
+    with pytest.raises(ValueError, match="unknown prediction 'score'"):
+        DMDLoss(net, sch, "score")
+
+
+def test_regression_targets_of_another_size_are_refused():
+    loss = DMDLoss(Exact(), SCHEDULE, "x0", lambda_reg=0.25)
+    gen = MLP(dim=2, hidden=16, depth=1, num_classes=0)
+    batch = {"z": torch.randn(4, 2), "labels": torch.zeros(4, dtype=torch.long), "x_ref": torch.randn(4, 3)}
+    with pytest.raises(ValueError, match=r"x_ref have shape \(4, 3\) but the generator outputs \(4, 2\)"):
+        loss.generator_loss(gen, FakeScore(copy.deepcopy(gen)), batch)
+
+
+def test_the_callers_teacher_is_not_modified():
+    from fewstep.distill import GuidedDistillLoss, ProgressiveLoss
+    teacher = MLP(dim=2, hidden=16, depth=1, num_classes=2)
+    teacher.train()
+    DMDLoss(teacher, SCHEDULE, "x0", real_w=1.0, null_class=2)
+    guided = GuidedDistillLoss(teacher, SCHEDULE, "x0", null_class=2)
+    ProgressiveLoss(teacher, SCHEDULE, 2, "x0", w_range=None)
+    student = copy.deepcopy(teacher)  # e.g. the student of the next stage, copied after the loss was made
+    assert all(p.requires_grad for p in student.parameters()) and all(p.requires_grad for p in teacher.parameters())
+    modes = []
+    teacher.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    guided(student, (torch.randn(8, 2), torch.randint(0, 2, (8,)))).mean().backward()
+    assert modes and not any(modes)  # the teacher runs in eval mode ...
+    assert teacher.training and all(p.grad is None for p in teacher.parameters())  # ... and is left as it was
+
+
+def test_regression_pairs_from_a_bare_net_and_a_denoiser(tmp_path):
+    from fewstep.denoisers import ClassifierFreeGuidance, ModelDenoiser
+    from fewstep.distill import null_labels
+    from fewstep.distributed import sample_generators
+    net = _tiny_unet()
+    kw = dict(n=4, steps=3, seed=5, batch_size=3, schedule=SCHEDULE, image_shape=(1, 8, 8))
+    a = regression_pairs(net, tmp_path / "net.safetensors", prediction="v", num_classes=3, null_class=3, w=1.5, **kw)
+    # an independent oracle: the same seeds, the guided denoiser, fewstep.sample
+    z = torch.cat([torch.randn((1, 1, 8, 8), generator=g) for g in sample_generators(5, 0, 4)])
+    den = ClassifierFreeGuidance(ModelDenoiser(lambda x, t, labels=None: net(x, t, labels), SCHEDULE, "v"), 1.5,
+                                 null_labels(3))
+    ref = sample(den, z * SCHEDULE.sigma(torch.tensor(SCHEDULE.t_max)).float(), SCHEDULE, solver="dpmpp_2m", steps=3,
+                 cond={"labels": torch.arange(4) % 3}).x
+    assert torch.equal(a["z"], z) and a["labels"].tolist() == [0, 1, 2, 0]
+    assert torch.allclose(a["x_ref"], ref, atol=1e-6) and ref.std() > 0
+    # a denoiser that always predicts x0 = 0.25: every ODE solver lands exactly on it
+    b = regression_pairs(lambda x, t, labels=None: torch.full_like(x, 0.25), tmp_path / "den.safetensors",
+                         teacher_id="quarter", **kw)
+    assert torch.allclose(b["x_ref"], torch.full((4, 1, 8, 8), 0.25), atol=1e-6) and torch.equal(b["z"], z)
+    with pytest.raises(ValueError, match="teacher_id="):
+        regression_pairs(lambda x, t, labels=None: x, tmp_path / "c.safetensors", **kw)
+    with pytest.raises(ValueError, match="prediction="):
+        regression_pairs(net, tmp_path / "d.safetensors", **kw)

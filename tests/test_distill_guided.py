@@ -10,7 +10,8 @@ from torch import nn
 from fewstep.denoisers import as_batch_times
 from fewstep.data.gmm import GaussianMixture, single_gaussian_flow
 from fewstep.data.toys import ring8, toy_sampler
-from fewstep.distill import (GuidedDistillLoss, GuidedX0, NetX0, ProgressiveLoss, ddim_jump, progressive_target,
+from fewstep.denoisers import ClassifierFreeGuidance
+from fewstep.distill import (GuidedDistillLoss, NetX0, ProgressiveLoss, ddim_jump, null_labels, progressive_target,
                              sample_student, student_grid, with_w_input)
 from fewstep.nets import MLP, UNet
 from fewstep.schedules import CosineVP
@@ -68,11 +69,12 @@ def test_stage1_student_learns_the_guided_teacher_for_every_w(tmp_path):
     torch.manual_seed(0)
     teacher = ExactTeacher()
     student = with_w_input(MLP(dim=2, hidden=128, depth=3, num_classes=2))
-    loss = GuidedDistillLoss(teacher, SCHEDULE, "x0", student_prediction="v", w_min=0.0, w_max=4.0)
+    loss = GuidedDistillLoss(teacher, SCHEDULE, "x0", student_prediction="v", w_min=0.0, w_max=4.0, null_class=2)
     result = train(loss, student, toy_sampler(SPEC), steps=600, out_dir=tmp_path, lr=2e-3, batch_size=256,
                    warmup=20, ema_decay=0.98, ckpt_every_minutes=None, progress=False)
     x_t, t, y = _noisy_batch(2000, seed=1)
-    guided = GuidedX0(NetX0(teacher, SCHEDULE, "x0"), 2)
+    guided = lambda x, t, y, w: ClassifierFreeGuidance(NetX0(teacher, SCHEDULE, "x0"), w, null_labels(2))(  # noqa: E731
+        x, t, labels=y)
     cond_only = NetX0(teacher, SCHEDULE, "x0")(x_t, t, y)
     for w in (0.0, 1.0, 2.0, 4.0):
         with torch.no_grad():
@@ -192,7 +194,7 @@ def test_diffusers_unet_runs_stage1_and_a_resumable_progressive_round(tmp_path):
         assert torch.allclose(student(x, t, y, torch.tensor([0.0, 1.0, 2.0, 4.0])), ref, atol=1e-6)
     data = (torch.randn(16, 1, 8, 8).clamp(-1, 1), torch.randint(0, 3, (16,)))
     opts = dict(batch_size=4, lr=1e-3, ckpt_every_minutes=None, progress=False, ema_decay=0.9)
-    r1 = train(GuidedDistillLoss(teacher, schedule, "eps"), student, data, steps=2, out_dir=tmp_path / "s1", **opts)
+    r1 = train(GuidedDistillLoss(teacher, schedule, "eps", null_class=3), student, data, steps=2, out_dir=tmp_path / "s1", **opts)
     assert r1.step == 2 and r1.model.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # w is being learnt
 
     def round_run(out, steps, **kw):
@@ -228,3 +230,88 @@ def test_encoder_round_makes_a_one_step_encoder_match_two_teacher_inversion_step
     teacher_one = encode_student(den_teacher, x0, SCHEDULE, 1, cond=cond).x
     err = _rms(one - two)
     assert err < 0.3 * _rms(teacher_one - two), (err, _rms(teacher_one - two))
+
+
+# -- stage 1's target and both objectives' weights against closed forms --------------------------------
+
+def _cosine_snr(t):
+    """alpha^2 / sigma^2 of the cosine schedule (Nichol & Dhariwal 2021, eq. 17), written out."""
+    import math
+    s = 0.008
+    a2 = (torch.cos((t + s) / (1 + s) * math.pi / 2) / math.cos(s / (1 + s) * math.pi / 2)) ** 2
+    return a2 / (1 - a2)
+
+
+class _GuidedOracle(nn.Module):
+    """A w-input 'student' that outputs the exact guided x0 of the labelled mixture,
+    (1 + w) E[x0 | x_t, y] - w E[x0 | x_t] (Meng et al. 2022, eq. 6 in x0 form), plus ``offset``."""
+    use_w = True
+
+    def __init__(self, offset=0.0):
+        super().__init__()
+        self.d, self.offset, self.seen = GMM.denoiser(SCHEDULE), offset, []
+
+    def forward(self, x, t, labels, w):
+        self.seen.append(t.clone())
+        w = w.double()[:, None]
+        exact = (1 + w) * self.d(x.double(), t, labels) - w * self.d(x.double(), t, None)
+        return (exact + self.offset).to(x.dtype)
+
+
+def test_stage1_target_is_the_exact_guided_denoiser():
+    loss = GuidedDistillLoss(ExactTeacher(), SCHEDULE, "x0", w_min=0.5, w_max=4.0, null_class=2)
+    batch = GMM.sample(512, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    exact = loss(_GuidedOracle(), batch)
+    assert exact.max() < 1e-6, exact.max()  # zero up to float32 round-off
+    torch.manual_seed(1)
+    unguided = loss(lambda x, t, labels: GMM.denoiser(SCHEDULE)(x, t, labels), batch)  # the conditional model
+    assert unguided.mean() > 0.05, unguided.mean()
+
+
+def test_stage1_weight_is_the_truncated_snr():
+    """Loss = max(SNR(t), 1) * mean_CHW (x0_student - x_w)^2 (Salimans & Ho 2022, Sec. 4): a student off
+    by a constant 0.1 has loss 0.01 max(SNR, 1) at its own t."""
+    loss = GuidedDistillLoss(ExactTeacher(), SCHEDULE, "x0", null_class=2)
+    student = _GuidedOracle(offset=0.1)
+    torch.manual_seed(2)
+    got = loss(student, GMM.sample(512, torch.Generator().manual_seed(0)))
+    snr = _cosine_snr(student.seen[0])
+    assert (snr > 2).any() and (snr < 0.5).any()  # both sides of the truncation are tested
+    assert torch.allclose(got.double(), 0.01 * snr.clamp_min(1.0), rtol=1e-3)
+
+
+def test_progressive_weight_is_the_truncated_snr():
+    """The per-sample weight, isolated by a second difference that cancels the target:
+    L(f + c) + L(f - c) - 2 L(f) = 2 c^2 w(t) for every student f (same noise, times and w)."""
+    loss = ProgressiveLoss(ExactTeacher(), SCHEDULE, 4, "x0", w_range=None)
+    batch = GMM.sample(256, torch.Generator().manual_seed(0))
+    seen, c = [], 0.1
+
+    def student(offset):
+        def f(x, t, labels=None):
+            seen.append(t.clone())
+            return 0.3 * x + offset
+        return f
+    parts = []
+    for offset in (c, -c, 0.0):
+        torch.manual_seed(3)
+        parts.append(loss(student(offset), batch).double())
+    weight = (parts[0] + parts[1] - 2 * parts[2]) / (2 * c * c)
+    t = seen[0]
+    assert torch.equal(seen[1], t) and set(torch.round(t / SCHEDULE.t_max * 4).tolist()) == {1.0, 2.0, 3.0, 4.0}
+    snr = _cosine_snr(t)
+    assert (snr > 2).any() and (snr < 0.5).any()
+    assert torch.allclose(weight, snr.clamp_min(1.0), rtol=1e-3)
+
+
+def test_classifier_free_guidance_takes_one_weight_per_sample():
+    teacher = ExactTeacher()
+    x, t, y = _noisy_batch(6, seed=4)
+    w = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+    got = ClassifierFreeGuidance(teacher, w, null_labels(2))(x, t, labels=y)
+    d = GMM.denoiser(SCHEDULE)
+    expected = (1 + w[:, None]) * d(x, t, y) - w[:, None] * d(x, t, None)
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="null_class"):
+        GuidedDistillLoss(lambda x, t, labels=None: x, SCHEDULE, "x0")  # no null class anywhere

@@ -150,8 +150,10 @@ def test_grid_shapes_and_ends(s, spacing):
     for steps in (1, 2, 7):
         zero = time_grid(s, steps, spacing, final="zero")
         assert len(zero) == steps + 1 and zero[0] == s.t_max and zero[-1] == 0
-        if steps > 1:
-            assert zero[-2] == s.t_min
+        if steps > 1:  # 0 takes t_min's place: the last real point is above it (tests/test_defaults.py)
+            assert zero[-2] > s.t_min
+            given = time_grid(s, steps, spacing, t_min=s.t_min, final="zero")  # an explicit t_min is kept
+            assert given[-2] == s.t_min and given[-1] == 0 and len(given) == steps + 1
         tmin = time_grid(s, steps, spacing, final="tmin")
         assert len(tmin) == steps + 1 and tmin[0] == s.t_max and tmin[-1] == s.t_min
         den = time_grid(s, steps, spacing, final="denoise")

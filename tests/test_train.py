@@ -228,3 +228,34 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="cannot write to the run folder .*No space left"):
         _toy_run(tmp_path, 5)
     assert not list(tmp_path.glob("ckpt-*"))
+
+
+def test_each_networks_ema_steps_with_its_own_updates(tmp_path):
+    """Two networks, 'b' updated every 5th loop step (as DMD's generator with fake_updates=5): each EMA
+    moves only when its network steps, ema_k = d_k ema_{k-1} + (1 - d_k) theta_k with the warm-up decay
+    d_k = min(decay, (1 + k) / (10 + k)) counted in that network's own updates k."""
+    torch.manual_seed(0)
+    nets = {"a": MLP(dim=2, hidden=8, depth=1), "b": MLP(dim=2, hidden=8, depth=1)}
+
+    class TwoRates:
+        def phases(self, step):
+            return ["a"] + (["b"] if step % 5 == 0 else [])
+
+        def __call__(self, models, batch, name):
+            x = batch
+            return (models[name](x, torch.full((x.shape[0],), 0.5)) - 1.0).pow(2).mean(1)
+
+    start = {k: [p.detach().clone() for p in n.parameters()] for k, n in nets.items()}
+    after = []  # parameters of both networks after every loop step
+    res = train(TwoRates(), nets, torch.randn(64, 2), steps=12, out_dir=tmp_path, batch_size=8, lr=1e-2,
+                ema_decay=0.999, ckpt_every_minutes=None, progress=False,
+                on_step=lambda step, loss: after.append({k: [p.detach().clone() for p in n.parameters()]
+                                                         for k, n in nets.items()}))
+    for name, update_steps in (("a", range(12)), ("b", (0, 5, 10))):
+        ema = [p.clone() for p in start[name]]
+        for k, s in enumerate(update_steps, 1):
+            d = min(0.999, (1 + k) / (10 + k))
+            ema = [d * e + (1 - d) * p for e, p in zip(ema, after[s][name])]
+        got = list(res.emas[name].parameters())
+        assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, ema)), name
+        assert any((g - p).abs().max() > 1e-4 for g, p in zip(got, after[-1][name]))  # an average, not a copy

@@ -31,8 +31,9 @@ from typing import Callable
 
 import torch
 
+from .machine import machine_info
 from .models import mnist_mixture
-from .runner import rmse
+from ..reference import rmse
 
 NAME = "flow-mixture"
 SHIFT = 3.0
@@ -180,7 +181,6 @@ def run(*, quick: bool = False, nfes=None, samples: int | None = None, seed: int
         overhead[("fewstep", solver)] = step_overhead(lambda: FewstepScheduler.from_config(src, solver=solver))
     for r in rows:
         r["overhead_us_per_step"] = overhead.get((r["impl"], r["solver"]))
-    from .solvers import machine_info
     machine = machine_info()
     machine["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     return {"model": {"name": NAME, "description": f"exact MNIST-fitted Gaussian mixture under rectified flow, "

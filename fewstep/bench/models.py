@@ -2,7 +2,9 @@
 its fewstep denoiser.
 
 ``gmm-mnist`` is exact (a Gaussian mixture fitted to MNIST, its denoiser E[x0 | x_t] in closed
-form); ``mnist-teacher`` and fewstep model folders go through ``fewstep.load``; a diffusers
+form, linear betas, eps prediction, guided); ``gmm-sd-v`` and ``gmm-cosine`` are exact too, mixtures
+of a few narrow modes on other beta schedules (scaled-linear with v prediction, cosine with eps), so
+that no default is tuned to one model; ``mnist-teacher`` and fewstep model folders go through ``fewstep.load``; a diffusers
 UNet2DModel folder through ``from_pretrained``. ``load_bench_model`` picks by name or path.
 """
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 from ..denoisers import ClassifierFreeGuidance, ModelDenoiser
 from ..schedules import DiscreteVP, NoiseSchedule, betas_by_name
 
-__all__ = ["BenchArgumentError", "BenchModel", "GMMEpsModel", "mnist_mixture", "gmm_mnist_model",
-           "diffusers_folder_model", "fewstep_model", "load_bench_model", "MODELS", "NULL_LABEL", "GMM_DEFAULT_W"]
+__all__ = ["BenchArgumentError", "BenchModel", "GMMModel", "GMMEpsModel", "mnist_mixture", "gmm_mnist_model",
+           "narrow_mixture", "synthetic_model", "SYNTHETIC", "diffusers_folder_model", "fewstep_model",
+           "load_bench_model", "MODELS", "NULL_LABEL", "GMM_DEFAULT_W"]
 
-MODELS = ("gmm-mnist", "mnist-teacher", "flow-mixture")  # flow-mixture: fewstep.bench.flow
+MODELS = ("gmm-mnist", "gmm-sd-v", "gmm-cosine", "mnist-teacher", "flow-mixture")  # flow-mixture: fewstep.bench.flow
 NULL_LABEL = -1  # the unconditional "class" of the gmm-mnist model
 GMM_DEFAULT_W = 1.0  # guidance_scale 2 (same as the MNIST teacher's previews)
 
@@ -80,9 +83,9 @@ class BenchModel:
         return guided
 
 
-class GMMEpsModel:
-    """An eps-prediction model with discrete timesteps whose x0 is a Gaussian mixture's exact
-    denoiser E[x0 | x_t] (``GaussianMixture.denoiser``): a perfectly trained model.
+class GMMModel:
+    """A model with discrete timesteps whose x0 is a Gaussian mixture's exact denoiser E[x0 | x_t]
+    (``GaussianMixture.denoiser``): a perfectly trained model, giving ``prediction`` ("eps" or "v").
 
     ``model(x, timestep, labels=None)``: timestep n (float allowed) is time t = (n + 1) / N;
     rows labelled ``NULL_LABEL`` use the unconditional mixture. The mixture runs on row
@@ -90,8 +93,10 @@ class GMMEpsModel:
     cache-sized (about 10x faster than one big batch on this project's CPU).
     """
 
-    def __init__(self, mixture, schedule: DiscreteVP, chunk_elements: int = 1 << 18):
-        self.mixture, self.schedule = mixture, schedule
+    def __init__(self, mixture, schedule: DiscreteVP, prediction: str = "eps", chunk_elements: int = 1 << 18):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', got {prediction!r}")
+        self.mixture, self.schedule, self.prediction = mixture, schedule, prediction
         self.exact = mixture.denoiser(schedule)
         self.rows = max(1, chunk_elements // (mixture.num_components * mixture.dim))
 
@@ -105,7 +110,9 @@ class GMMEpsModel:
                         for i in range(0, x.shape[0], self.rows)])
         shape = (-1,) + (1,) * (x.ndim - 1)
         a, s = self.schedule.alpha(t).reshape(shape), self.schedule.sigma(t).reshape(shape)
-        return ((xd - a * x0) / s).to(x.dtype)
+        eps = (xd - a * x0) / s
+        out = eps if self.prediction == "eps" else a * eps - s * x0  # v = alpha eps - sigma x0
+        return out.to(x.dtype)
 
     def _x0(self, x, t, labels):
         if labels is None:
@@ -117,6 +124,13 @@ class GMMEpsModel:
         if (~free).any():
             out[~free] = self.exact(x[~free], t[~free], labels=labels[~free])
         return out
+
+
+class GMMEpsModel(GMMModel):
+    """``GMMModel`` giving eps (the gmm-mnist model)."""
+
+    def __init__(self, mixture, schedule: DiscreteVP, chunk_elements: int = 1 << 18):
+        super().__init__(mixture, schedule, "eps", chunk_elements)
 
 
 def _kmeans(x: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
@@ -177,6 +191,44 @@ def gmm_mnist_model(w: float | None) -> BenchModel:
             "guidance": "x_w = (1 + w) x_cond - w x_uncond, x_uncond = the unconditional mixture"}
     return BenchModel("gmm-mnist", schedule, GMMEpsModel(mixture, schedule), "eps", (1, 28, 28), kw,
                       num_classes=10, null_label=NULL_LABEL, w=w, info=info)
+
+
+def narrow_mixture(dim: int, components: int, std_range: tuple, spread: float, seed: int):
+    """A mixture of ``components`` narrow diagonal Gaussians in ``dim`` dimensions, made from ``seed``:
+    means N(0, spread^2) per value, per-value stds log-uniform in ``std_range``, weights from a flat
+    Dirichlet (so modes of unequal mass and width, as latents of real data have)."""
+    from ..data.gmm import GaussianMixture
+    g = torch.Generator().manual_seed(seed)
+    means = spread * torch.randn(components, dim, generator=g, dtype=torch.float64)
+    lo, hi = math.log(std_range[0]), math.log(std_range[1])
+    stds = torch.exp(lo + (hi - lo) * torch.rand(components, dim, generator=g, dtype=torch.float64))
+    weights = -torch.log(torch.rand(components, generator=g, dtype=torch.float64))
+    return GaussianMixture(means, stds, weights / weights.sum())
+
+
+# name -> (dims as a latent shape, components, std range, spread, seed, beta schedule, betas, prediction)
+SYNTHETIC = {
+    "gmm-sd-v": ((2, 4, 4), 8, (0.02, 0.2), 0.7, 1, "scaled_linear", (0.00085, 0.012), "v"),
+    "gmm-cosine": ((16,), 6, (0.01, 0.3), 0.5, 2, "squaredcos_cap_v2", (0.0001, 0.02), "eps"),
+}
+
+
+def synthetic_model(name: str, w: float | None) -> BenchModel:
+    """An exact unconditional mixture of narrow modes on another beta schedule and prediction type
+    (``SYNTHETIC``): ``gmm-sd-v`` (32 values shaped like a latent, Stable Diffusion's scaled-linear
+    betas, v prediction) and ``gmm-cosine`` (16 values, cosine betas, eps prediction)."""
+    if w not in (None, 0, 0.0):
+        raise BenchArgumentError(f"{name} is unconditional: leave out --w")
+    shape, k, stds, spread, seed, betas, (b0, b1), pred = SYNTHETIC[name]
+    mixture = narrow_mixture(math.prod(shape), k, stds, spread, seed)
+    schedule = DiscreteVP(betas=betas_by_name(betas, 1000, b0, b1))
+    kw = {"num_train_timesteps": 1000, "beta_schedule": betas, "beta_start": b0, "beta_end": b1,
+          "prediction_type": "epsilon" if pred == "eps" else "v_prediction"}
+    info = {"name": name, "description": f"unconditional mixture of {k} narrow diagonal Gaussians in "
+            f"{math.prod(shape)} dims (stds {stds[0]:g}-{stds[1]:g}, seed {seed}); exact denoiser as a "
+            f"{pred}-prediction model, {betas} betas", "components": k, "shape": list(shape),
+            "schedule": f"DiscreteVP, {betas} betas {b0:g}..{b1:g}, N = 1000", "prediction": pred, "w": 0.0}
+    return BenchModel(name, schedule, GMMModel(mixture, schedule, pred), pred, shape, kw, info=info)
 
 
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -283,6 +335,8 @@ def load_bench_model(model: str, w: float | None = None) -> BenchModel:
         raise BenchArgumentError(f"--w must be a finite number, got {w}")
     if model == "gmm-mnist":
         return gmm_mnist_model(w)
+    if model in SYNTHETIC:
+        return synthetic_model(model, w)
     if model == "mnist-teacher":
         return fewstep_model(model, w)
     if os.path.isdir(model):

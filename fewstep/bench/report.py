@@ -7,12 +7,18 @@ from pathlib import Path
 
 from .overhead import OVERHEAD_PAIRS
 
-__all__ = ["check_targets", "best_spacings", "summary_keys", "markdown", "plot"]
+__all__ = ["check_targets", "defaults_check", "DEFAULT_SPACING", "best_spacings", "summary_keys", "markdown", "plot", "DEFAULT_SOLVERS",
+           "DEFAULT_NFES_CHECKED"]
 
 MAIN_PLOT_SOLVERS = ("ddim", "dpmpp_2m", "unipc_bh2_2")  # always on the left panel, beside the 5 best
 # target 1 counts ties within float32 round-off as met: fewstep <= diffusers * (1 + rtol) + atol
 PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-6
 UNRANKED = "†"  # marks an error within 10x of the reference's own error: not ranked
+# the solvers whose defaults (default spacing and final step, no tuning) must never lose to diffusers'
+# default scheduler: fewstep.sample's default and the README's picks
+DEFAULT_SOLVERS = ("dpmpp_2m", "unipc_bh2_2", "unipc_bh2_3", "dpmpp_3m")
+DEFAULT_SPACING = "logsnr"
+DEFAULT_NFES_CHECKED = (4, 5, 6, 8, 10, 15, 20)
 
 
 def floor_of(doc: dict) -> float:
@@ -28,7 +34,37 @@ def check_targets(doc: dict, nfes) -> list[dict]:
     """The three targets of the issue, each {"target", "met" (True/False/None), "summary", "header", "lines"}."""
     rows = doc["results"]
     return [_target_parity(_index(rows), nfes), _target_best(rows, _index(rows), floor_of(doc)),
-            _target_overhead(rows)]
+            defaults_check(rows, nfes, floor_of(doc)), _target_overhead(rows)]
+
+
+def defaults_check(rows, nfes, floor: float = 0.0, baseline=("DPMSolverMultistepScheduler", "default"),
+                   spacing: str = DEFAULT_SPACING) -> dict:
+    """Each of ``DEFAULT_SOLVERS`` on its default grid against diffusers' default scheduler at every NFE of
+    ``DEFAULT_NFES_CHECKED`` measured: ratio <= 1 everywhere and <= 0.5 at NFE 10 (errors below ``floor`` tie)."""
+    idx = _index(rows)
+    lines, ok, seen = [], [], False
+    for solver in DEFAULT_SOLVERS:
+        cells = []
+        for n in nfes:
+            f, d = idx.get(("fewstep", solver, spacing, n)), idx.get(("diffusers", *baseline, n))
+            if f is None or d is None:
+                cells.append("-")
+                continue
+            seen = True
+            ratio = max(f, floor) / max(d, floor)
+            if n in DEFAULT_NFES_CHECKED:
+                ok.append(ratio <= (0.5 if n == 10 else 1.0) * (1 + PARITY_RTOL))
+            cells.append(f"{f:.3g} ({ratio:.2f}x)")
+        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+    base = [idx.get(("diffusers", *baseline, n)) for n in nfes]
+    lines.append(f"| diffusers {baseline[0]} ({baseline[1]}) | " + " | ".join("-" if b is None else f"{b:.3g}"
+                                                                              for b in base) + " |")
+    return {"target": f"every default (solver in {', '.join(DEFAULT_SOLVERS)}, spacing {spacing}, final zero) <= "
+                      f"diffusers' default {baseline[0]} at NFE {', '.join(map(str, DEFAULT_NFES_CHECKED))} and "
+                      "<= 0.5x at NFE 10",
+            "met": (all(ok) if ok else None) if seen else None, "lines": lines,
+            "header": "| fewstep solver (default grid) | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+            "summary": f"RMSE (ratio to diffusers' default); {sum(ok)} of {len(ok)} checks met"}
 
 
 def _target_parity(idx, nfes) -> dict:
@@ -181,6 +217,11 @@ def markdown(doc: dict, extras: dict, png_name: str) -> str:
             "diffusers configuration. A value marked (n) spent n < NFE calls (Heun's 2 steps - 1).", ""]
     floor = floor_of(doc)
     out += _table(rows, summary_keys(rows, floor), nfes, floor) + ["", f"![error vs NFE]({png_name})", ""]
+    for name, other in doc.get("defaults_check", {}).items():
+        c = other["check"]
+        out += [f"## Defaults on {name} ({other['model']['samples']} samples): {_verdict(c['met'])}", "",
+                other["model"].get("description", ""), "", c["summary"], "", c["header"],
+                "|" + "---|" * (c["header"].count(" | ") + 1), *c["lines"], ""]
     adaptive = [r for r in rows if r["spacing"].startswith("adaptive")]
     if adaptive:
         out += ["## Adaptive solvers (NFE chosen by the error control)", "", "| solver | tolerance | NFE | RMSE |",

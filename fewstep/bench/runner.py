@@ -7,6 +7,7 @@ import time
 import torch
 
 from ..sampling import expected_nfe, sample, solver_grid
+from ..reference import rmse  # the one distance every row is judged by (re-exported)
 from ..schedules import time_grid
 from ..solvers import SOLVERS
 from .models import BenchModel
@@ -106,10 +107,6 @@ def diffusers_sample(bm: BenchModel, x_T: torch.Tensor, name: str, extra: dict, 
             calls += 1
             x = s.step(out, t, x).prev_sample
     return x, calls
-
-
-def rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.to(torch.float64) - ref).pow(2).mean().sqrt())
 
 
 # ---------------------------------------------------------------------------

@@ -33,10 +33,7 @@ their rows sweep the tolerance (spacing ``adaptive_rtol=...``).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
-import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,16 +44,14 @@ import torch
 
 from ..solvers import SOLVERS
 from . import flow
-from .models import (GMM_DEFAULT_W, MODELS, NULL_LABEL, BenchArgumentError, BenchModel, GMMEpsModel,  # noqa: F401
-                     load_bench_model, mnist_mixture)
+from .machine import machine_info
+from .models import BenchArgumentError, load_bench_model
 from .overhead import OVERHEAD_PAIRS, QUICK_OVERHEAD_PAIRS, adapter_overhead, measure_overhead
-from .report import check_targets, markdown, plot  # noqa: F401
+from .report import DEFAULT_SOLVERS, DEFAULT_SPACING, defaults_check, markdown, plot
 from .runner import (DIFFUSERS_GRIDS, QUICK_DIFFUSERS_GRIDS, diffusers_sample, fewstep_sample, reference, rmse,
                      tuned_grid)
 
-__all__ = ["BenchArgumentError", "BenchModel", "GMMEpsModel", "mnist_mixture", "load_bench_model",
-           "parse_nfe_list", "fewstep_sample", "diffusers_sample", "measure_overhead", "check_targets",
-           "run", "MODELS", "DEFAULT_NFES", "QUICK_NFES"]
+__all__ = ["BenchArgumentError", "parse_nfe_list", "make_plan", "run", "DEFAULT_NFES", "QUICK_NFES"]
 
 DEFAULT_NFES = (4, 5, 6, 8, 10, 15, 20, 50)
 QUICK_NFES = (5, 10)
@@ -111,13 +106,22 @@ class Plan:
     overhead_repeats: int
 
 
-def make_plan(quick: bool, nfes, samples) -> Plan:
+# samples when --samples is not given: (quick, full) by model; the exact synthetic mixtures are cheap, and their
+# narrow modes make the RMSE a count of the few samples a solver sends to another mode, so they get many samples
+MODEL_SAMPLES = {"gmm-sd-v": (64, 256), "gmm-cosine": (64, 256), "mnist-teacher": (8, 64)}
+DEFAULT_SAMPLES = (16, 64)
+# the defaults check that --quick adds on the exact models it does not run in full (a few seconds each)
+QUICK_DEFAULT_MODELS = ("gmm-sd-v", "gmm-cosine")
+
+
+def make_plan(quick: bool, nfes, samples, model: str = "gmm-mnist") -> Plan:
+    samples = samples or MODEL_SAMPLES.get(model, DEFAULT_SAMPLES)[0 if quick else 1]
     if quick:
-        return Plan(nfes or QUICK_NFES, samples or 16, QUICK_SOLVERS, QUICK_SPACINGS, QUICK_DIFFUSERS_GRIDS,
+        return Plan(nfes or QUICK_NFES, samples, QUICK_SOLVERS, QUICK_SPACINGS, QUICK_DIFFUSERS_GRIDS,
                     QUICK_DIFFUSERS_CONFIGS, (), 32, QUICK_OVERHEAD_PAIRS, 10, 5)
     ode = tuple(n for n, s in SOLVERS.items() if not s.stochastic and s.kind != "adaptive")
     adaptive = tuple(n for n, s in SOLVERS.items() if s.kind == "adaptive")
-    return Plan(nfes or DEFAULT_NFES, samples or 64, ode, SPACINGS, DIFFUSERS_GRIDS, DIFFUSERS_CONFIGS,
+    return Plan(nfes or DEFAULT_NFES, samples, ode, SPACINGS, DIFFUSERS_GRIDS, DIFFUSERS_CONFIGS,
                 adaptive, 128, OVERHEAD_PAIRS, 20, 9)
 
 
@@ -160,20 +164,6 @@ def _diffusers_rows(bm, plan, x_T, x_ref, cond, uncond, log):
     return rows
 
 
-def machine_info() -> dict:
-    import diffusers
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}
-
-
 def run(*, quick: bool = False, json_path=None, model: str = "gmm-mnist", w: float | None = None,
         nfe=None, samples: int | None = None, out_dir="benchmarks/results", seed: int = 0,
         threads: int | None = None, log: Callable[[str], None] | None = None) -> dict:
@@ -192,7 +182,7 @@ def run(*, quick: bool = False, json_path=None, model: str = "gmm-mnist", w: flo
         if w is not None:
             raise BenchArgumentError("the flow-mixture model is unconditional: leave out --w")
         return _run_flow(quick, json_path, nfes, samples, out_dir, seed, threads, log)
-    plan = make_plan(quick, nfes, samples)
+    plan = make_plan(quick, nfes, samples, model)
     stem = "solvers_quick" if quick else "solvers"
     out_dir = Path(out_dir)
     json_path = Path(json_path) if json_path is not None else out_dir / f"{stem}.json"
@@ -268,12 +258,36 @@ def _run(plan: Plan, model: str, w, seed: int, quick: bool, log) -> tuple[dict, 
     log("overhead measured")
     for r in rows:
         r["overhead_us_per_step"] = overhead.get((r["impl"], r["solver"]))
-    machine["wall_time_s"] = round(time.perf_counter() - start, 1)
     bm.info.update(samples=plan.samples, seed=seed)
     doc = {"model": bm.info, "reference": ref_info, "machine": machine, "results": rows}
+    if quick:
+        doc["defaults_check"] = {name: defaults_rows(name, plan.nfes, seed, log)
+                                 for name in QUICK_DEFAULT_MODELS if name != model}
+    machine["wall_time_s"] = round(time.perf_counter() - start, 1)
     extras = {"adapter_overhead_us": adapter, "overhead_steps": plan.overhead_steps,
               "overhead_repeats": plan.overhead_repeats, "quick": quick, "nfes": plan.nfes}
     return doc, extras
+
+
+def defaults_rows(model: str, nfes, seed: int, log, samples: int | None = None) -> dict:
+    """The defaults (``report.DEFAULT_SOLVERS`` on the default grid) and diffusers' default scheduler on one
+    exact model: its rows and the check (``report.defaults_check``)."""
+    bm = load_bench_model(model)
+    n = samples or MODEL_SAMPLES.get(model, DEFAULT_SAMPLES)[0]
+    x_T = torch.randn((n, *bm.shape), generator=torch.Generator().manual_seed(seed))
+    cond, uncond = bm.conditioning(n)
+    x_ref, ref_info = reference(bm, x_T, cond, uncond, 32)
+    rows = []
+    for solver in DEFAULT_SOLVERS:
+        for nfe in nfes:
+            x, spent = fewstep_sample(bm, x_T, solver, DEFAULT_SPACING, nfe, cond, uncond)
+            rows.append(_row("fewstep", solver, DEFAULT_SPACING, spent, rmse(x, x_ref)))
+    for nfe in nfes:
+        x, spent = diffusers_sample(bm, x_T, "DPMSolverMultistepScheduler", {}, nfe, cond, uncond)
+        rows.append(_row("diffusers", "DPMSolverMultistepScheduler", "default", spent, rmse(x, x_ref)))
+    log(f"defaults check on {model}: done")
+    return {"model": {**bm.info, "samples": n, "seed": seed}, "reference": ref_info, "results": rows,
+            "check": defaults_check(rows, nfes, ref_info["unranked_below"])}
 
 
 def _write_outputs(doc, extras, json_path: Path, md_path: Path, png_path: Path) -> None:

@@ -7,12 +7,12 @@ same machine and threads, so the rows can be compared with each other.
 from __future__ import annotations
 
 import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from .machine import machine_info
 
 __all__ = ["speed_rows", "time_row", "run_speed"]
 
@@ -67,18 +67,15 @@ def run_speed(out_dir, *, batches=(1, 256), w: float = 1.0, device: str = "cpu",
     for r in plan:
         model = loaded.setdefault(r["model"], load(r["model"]).to(dev))
         solver, steps = model.check_sampling(r["options"].get("solver"), r["options"].get("steps"), r["w"])
-        nfe = model.nfe(solver, steps, "logsnr")
-        evals = nfe * (2 if (r["w"] and not model.w_input and model.config.get("kind") == "diffusion") else 1)
+        evals = model.evaluations(solver, steps, r["w"], "logsnr")
         for b in batches:
             spi = time_row(model, r["options"], r["w"], b, dev, repeats=3 if b == 1 else 1)
             results.append({"label": r["label"], "model": r["model"], "w": r["w"], "network_evals": evals, "batch": b,
                             "seconds_per_image": spi, "images_per_second": 1.0 / spi})
             log(f"{r['label']}, batch {b}: {1.0 / spi:.1f} images/s ({evals} network evaluations)")
     doc = {"device": str(dev), "w": w, "batches": list(batches), "rows": results,
-           "machine": {"platform": platform.platform(), "machine": platform.machine(),
-                       "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                       "cuda": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
-           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+           "machine": machine_info(dev)}
+    doc["date"] = doc["machine"]["day"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(doc, indent=1) + "\n")

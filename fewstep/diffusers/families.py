@@ -24,11 +24,12 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ..denoisers import to_x0
 from ..schedules import (EDM, DiscreteVP, FlowMatching, NoiseSchedule, ZeroSNRDiscreteVP, betas_by_name,
                          rescale_zero_terminal_snr)
 
 __all__ = ["FAMILIES", "FLOW_CLASSES", "VP_CLASSES", "EDM_CLASSES", "detect_family", "translate_config",
-           "build_schedule", "flow_shift_sigmas", "flow_source_sigmas", "vp_source_timesteps", "edm_source_sigmas"]
+           "build_schedule", "PREDICTION_OF", "Family", "VPFamily", "FlowFamily", "EDMFamily", "family_of", "flow_shift_sigmas", "flow_source_sigmas", "vp_source_timesteps", "edm_source_sigmas"]
 
 logger = logging.getLogger("fewstep.diffusers")
 
@@ -234,13 +235,7 @@ def vp_alphas_cumprod(cfg) -> torch.Tensor:
     return ac
 
 
-def build_schedule(cfg) -> NoiseSchedule:
-    """The fewstep schedule of a FewstepScheduler config (its ``family`` key)."""
-    fam = _get(cfg, "family", "vp") or "vp"
-    if fam == "flow":
-        return FlowMatching()  # grid ends are set per set_timesteps (they depend on the shift and mu)
-    if fam == "edm":
-        return EDM(float(_get(cfg, "sigma_min", 0.002)), float(_get(cfg, "sigma_max", 80.0)))
+def _vp_schedule(cfg) -> NoiseSchedule:
     ac = vp_alphas_cumprod(cfg)
     if _get(cfg, "rescale_betas_zero_snr", False):
         if PREDICTION_OF.get(_get(cfg, "prediction_type", "epsilon")) == "eps":
@@ -257,6 +252,12 @@ def build_schedule(cfg) -> NoiseSchedule:
     return DiscreteVP(alphas_cumprod=ac)
 
 
+def build_schedule(cfg) -> NoiseSchedule:
+    """The fewstep schedule of a FewstepScheduler config (its ``family`` key)."""
+    return FAMILY_CLASSES[_get(cfg, "family", "vp") or "vp"].build_schedule(cfg)
+
+
+# diffusers' prediction_type -> fewstep's prediction name (the one map; each family allows a subset)
 PREDICTION_OF = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 
 
@@ -348,3 +349,275 @@ def edm_source_sigmas(cfg, n: int) -> np.ndarray:
         return np.exp(np.linspace(math.log(smax), math.log(smin), n))
     rho = float(_get(cfg, "rho", 7.0))
     return (smax ** (1 / rho) + ramp * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+
+
+# ---------------------------------------------------------------------------
+# The three families: one object each, used alike by FewstepScheduler and the model adapters
+# ---------------------------------------------------------------------------
+
+def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) on ``like``'s device, to scale a batch of samples."""
+    return v.reshape((-1,) + (1,) * (like.ndim - 1)).to(like.device)
+
+
+class Family:
+    """What one family of diffusers models means in fewstep's time t of its schedule.
+
+    Built from a FewstepScheduler config (:func:`family_of`). The scheduler and the model
+    adapters (``DiffusersDenoiser``, ``DiffusersNet``) ask it, and nothing else branches on the
+    family: the model's timestep input for t and back, the model input scaling, the model
+    output as x0, the noise at the top of the grid, and which grids the source describes.
+
+    cfg: the config (a dict or a FrozenDict); schedule: the schedule to use instead of the
+    config's (``DiffusersNet(unet, DiscreteVP(...))``).
+    """
+    name = ""
+    predictions: tuple = ()  # the diffusers prediction types a model of this family may have
+    default_prediction = "epsilon"
+    default_spacing = "logsnr"  # FewstepScheduler.from_config's spacing when none is asked for
+    spacings: tuple = ("linspace", "source")  # the diffusers-style spacings it builds itself
+    tuned_grids = True  # whether a tuned grid (fewstep.grids) can drive it
+    starts_from_pure_noise = False  # whether sampling starts at t_upper, pure noise (tuned grids, fd.sample)
+    scales_model_input = False  # whether scale_model_input changes x_t (then it needs the step's sigma)
+    scale_noise = False  # whether img2img noises with scale_noise (flow matching) besides add_noise
+
+    def __init__(self, cfg, schedule: NoiseSchedule | None = None):
+        self.cfg = cfg
+        p = _get(cfg, "prediction_type", None) or self.default_prediction
+        if p not in self.predictions:
+            raise ValueError(f"prediction_type {p!r} is not supported for the {self.name} family; supported: "
+                             f"{', '.join(self.predictions)}")
+        self.prediction_type, self.prediction = p, PREDICTION_OF[p]
+        self.schedule = schedule if schedule is not None else self.build_schedule(cfg)
+        self.n_train = int(_get(cfg, "num_train_timesteps", None) or getattr(self.schedule, "N", None) or 1000)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prediction_type={self.prediction_type!r}, schedule={self.schedule!r})"
+
+    @staticmethod
+    def build_schedule(cfg) -> NoiseSchedule:
+        raise NotImplementedError
+
+    # -- time: fewstep's t <-> the model's timestep input -------------------------------------------
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's timestep input at fewstep time t (float64)."""
+        raise NotImplementedError
+
+    def time(self, timestep) -> torch.Tensor:
+        """fewstep's time t (float64, on the CPU) of model timesteps: the inverse of :meth:`timestep`."""
+        raise NotImplementedError
+
+    def alpha_sigma(self, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma), float64 (B,), of x_t = alpha x0 + sigma noise at model timesteps."""
+        t = self.time(timestep)
+        return self.schedule.alpha(t), self.schedule.sigma(t)
+
+    # -- the model's input and output -----------------------------------------------------------
+    def scale_model_input(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """What the model sees of x_t at noise level sigma (a float or (B,)): x_t itself."""
+        return x
+
+    def x0(self, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The model's output at x_t = alpha x0 + sigma noise ((B,) float64 each) as x0_hat."""
+        return to_x0(self.prediction, out, x, alpha, sigma)
+
+    # -- the grid and its noise ---------------------------------------------------------------------
+    def init_noise_sigma(self, top_sigma: float | None) -> float:
+        """diffusers' ``init_noise_sigma``: the std a pipeline gives its initial latents."""
+        return 1.0
+
+    def initial_sigma(self, t_top) -> float:
+        """The std of x_T that fewstep's sampling helper draws at the grid's top time: 1 (VP, flow)."""
+        return 1.0
+
+    def diffusers_sigmas(self, grid: torch.Tensor) -> torch.Tensor:
+        """A grid of times as diffusers' ``scheduler.sigmas``."""
+        return grid
+
+    def grid_ends(self, mu: float | None = None) -> dict:
+        """t_max / t_min of fewstep's spacings, where they are not the schedule's own."""
+        return {}
+
+    def check_mu(self, mu) -> None:
+        if mu is not None:
+            raise ValueError("mu (dynamic shifting) is only meaningful for a flow-matching config")
+
+    def stock_steps(self, sigmas) -> int | None:
+        """A step count n if ``sigmas`` are a pipeline's stock grid that means 'n steps' (None here)."""
+        return None
+
+    def grid_from_sigmas(self, sigmas, mu) -> tuple[torch.Tensor, bool]:
+        """(times, whether they end at 0) of diffusers-style sigmas."""
+        raise NotImplementedError
+
+    def source_times(self, spacing: str, n: int, mu) -> torch.Tensor:
+        """The n times of a diffusers-style spacing (one of ``spacings``), no final point."""
+        raise NotImplementedError
+
+
+class VPFamily(Family):
+    """Discrete-time VP (DDPM, DDIM, Euler, DPM-Solver, UniPC, ...): the model takes the training
+    timestep k = (t - 1/N) N (fractional between steps) and predicts eps, v or x0."""
+    name = "vp"
+    predictions = ("epsilon", "v_prediction", "sample")
+
+    build_schedule = staticmethod(_vp_schedule)
+
+    def timestep(self, t):
+        return self.schedule.model_timestep(t)
+
+    def time(self, timestep):
+        return (torch.as_tensor(timestep, dtype=torch.float64).flatten().cpu() + 1.0) / self.n_train
+
+    def diffusers_sigmas(self, grid):
+        return self.schedule.edm_sigma(grid)  # sigma / alpha, as diffusers' Euler-type schedulers
+
+    def grid_from_sigmas(self, sigmas, mu):
+        sch = self.schedule
+        sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+        if (sig < 0).any():
+            raise ValueError("sigmas must be >= 0")
+        pos = sch.t_of_edm_sigma(sig[sig > 0])
+        if (pos <= sch.t_upper * (1 + 1e-6)).all():  # float32 sigmas overshoot t_max by round-off
+            pos = pos.clamp(max=sch.t_upper)
+        if (sig == 0).any():
+            return torch.cat([pos, torch.zeros(1, dtype=torch.float64)]), True
+        return pos, False
+
+    def source_times(self, spacing, n, mu):
+        N = self.n_train
+        if spacing == "source":
+            ts = torch.as_tensor(vp_source_timesteps(self.cfg, n, N), dtype=torch.float64)
+        else:  # diffusers' default integer timesteps
+            ts = torch.linspace(0, N - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
+            if n >= N:  # rounding would repeat timesteps: use fractional ones instead
+                ts = torch.linspace(N - 1, 0, n, dtype=torch.float64)
+        return (ts + 1.0) / N
+
+
+class FlowFamily(Family):
+    """Flow matching: x_t = (1 - sigma) x0 + sigma noise with t = sigma; the model takes
+    sigma * num_train_timesteps and predicts the velocity noise - x0."""
+    name = "flow"
+    predictions = ("flow_prediction",)
+    default_prediction = "flow_prediction"
+    default_spacing = "shifted_uniform"  # measured: benchmarks/results/flow_solvers.md
+    spacings = ("linspace", "source", "shifted_uniform")
+    starts_from_pure_noise = True  # sigma = 1: the pipeline's latents are pure noise
+    scale_noise = True
+
+    @staticmethod
+    def build_schedule(cfg):
+        return FlowMatching()  # grid ends are set per set_timesteps (they depend on the shift and mu)
+
+    def timestep(self, t):
+        return t * self.n_train  # diffusers' flow models take sigma * N
+
+    def time(self, timestep):
+        return torch.as_tensor(timestep, dtype=torch.float64).flatten().cpu() / self.n_train
+
+    def alpha_sigma(self, timestep):
+        s = self.time(timestep)
+        return 1.0 - s, s
+
+    def grid_ends(self, mu=None):
+        # the model's training sigmas are shift(k / N), k = 1..N: fewstep's spacing runs between the
+        # lowest and the highest one below 1 (the shift translates both in log-SNR)
+        N = self.n_train
+        lo, hi = flow_shift_sigmas([1.0 / N, (N - 1.0) / N], {**dict(self.cfg), "shift_terminal": None}, mu)
+        return {"t_max": float(hi), "t_min": float(lo)}
+
+    def check_mu(self, mu):
+        if _get(self.cfg, "use_dynamic_shifting", False) and mu is None:
+            raise ValueError("this flow-matching config has use_dynamic_shifting=True: pass mu, the log-shift "
+                             "that the pipeline computes from the image size (its calculate_shift)")
+
+    def stock_steps(self, sigmas):
+        base = np.asarray(torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu(), dtype=np.float64)
+        n = len(base)
+        return n if n > 0 and np.allclose(base, np.linspace(1.0, 1.0 / n, n), atol=1e-6) else None
+
+    def grid_from_sigmas(self, sigmas, mu):
+        base = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+        if (base < 0).any() or (base > 1).any():
+            raise ValueError("flow-matching sigmas must lie in [0, 1]")
+        if base[-1] == 0:  # a trailing 0: the final denoising point
+            return torch.cat([torch.as_tensor(flow_shift_sigmas(base[:-1].numpy(), self.cfg, mu)),
+                              torch.zeros(1, dtype=torch.float64)]), True
+        return torch.as_tensor(flow_shift_sigmas(base.numpy(), self.cfg, mu)).to(torch.float64), False
+
+    def source_times(self, spacing, n, mu):
+        # shifted_uniform: uniform in the unshifted time, then shifted (DPM-Solver's flow grid)
+        cfg = {**dict(self.cfg), "source_grid": "dpmsolver"} if spacing == "shifted_uniform" else self.cfg
+        return torch.as_tensor(flow_source_sigmas(cfg, n, mu), dtype=torch.float64)
+
+
+class EDMFamily(Family):
+    """EDM (Karras et al. 2022): alpha = 1, t = sigma; the model sees c_in x and c_noise = log(sigma) / 4
+    and its output F gives D = c_skip x + c_out F (Table 1)."""
+    name = "edm"
+    predictions = ("epsilon", "v_prediction")
+    tuned_grids = False
+    scales_model_input = True
+
+    @staticmethod
+    def build_schedule(cfg):
+        return EDM(float(_get(cfg, "sigma_min", 0.002)), float(_get(cfg, "sigma_max", 80.0)))
+
+    @property
+    def sigma_data(self) -> float:
+        return float(_get(self.cfg, "sigma_data", 0.5))
+
+    def timestep(self, t):
+        return 0.25 * torch.log(t)  # EDM's c_noise (Karras et al. 2022, Table 1)
+
+    def time(self, timestep):
+        return torch.exp(4.0 * torch.as_tensor(timestep, dtype=torch.float64).flatten().cpu())
+
+    def alpha_sigma(self, timestep):
+        s = self.time(timestep)
+        return torch.ones_like(s), s
+
+    def scale_model_input(self, x, sigma):
+        sd = self.sigma_data  # c_in = 1 / sqrt(sigma^2 + sigma_data^2) (Karras et al. 2022, Table 1)
+        if isinstance(sigma, torch.Tensor):
+            sig = _col(sigma.to(torch.float64), x)
+            return x * (1.0 / torch.sqrt(sig ** 2 + sd ** 2)).to(x.dtype)
+        return x / math.sqrt(sigma * sigma + sd * sd)
+
+    def x0(self, out, x, alpha, sigma):
+        # D = c_skip x + c_out F (Karras et al. 2022, eq. 7 and Table 1; diffusers' sign for v_prediction)
+        sig, sd = sigma.to(torch.float64), self.sigma_data
+        c_skip = sd * sd / (sig * sig + sd * sd)
+        c_out = sig * sd / torch.sqrt(sig * sig + sd * sd) * (-1.0 if self.prediction_type == "v_prediction" else 1.0)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return x.to(dtype) * _col(c_skip, x).to(dtype) + out.to(dtype) * _col(c_out, x).to(dtype)
+
+    def init_noise_sigma(self, top_sigma):
+        top = float(_get(self.cfg, "sigma_max", 80.0)) if top_sigma is None else top_sigma
+        return (top ** 2 + 1.0) ** 0.5  # as diffusers' EDM schedulers
+
+    def initial_sigma(self, t_top):
+        return float(t_top)  # VE: x_T = sigma_max noise
+
+    def grid_from_sigmas(self, sigmas, mu):
+        sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+        top = self.schedule.t_max
+        if float(sig.max()) <= top * (1 + 1e-6):  # float32 sigmas overshoot sigma_max by round-off
+            sig = sig.clamp(max=top)
+        return sig, bool(sig[-1] == 0)
+
+    def source_times(self, spacing, n, mu):
+        return torch.as_tensor(edm_source_sigmas(self.cfg, n), dtype=torch.float64)
+
+
+FAMILY_CLASSES = {"vp": VPFamily, "flow": FlowFamily, "edm": EDMFamily}
+
+
+def family_of(cfg, schedule: NoiseSchedule | None = None) -> Family:
+    """The family object of a FewstepScheduler config (its ``family`` key; see :func:`translate_config`
+    for a diffusers scheduler config)."""
+    name = _get(cfg, "family", "vp") or "vp"
+    if name not in FAMILY_CLASSES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {name!r}")
+    return FAMILY_CLASSES[name](cfg, schedule)

@@ -6,13 +6,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..denoisers import ClassifierFreeGuidance, ModelDenoiser
+from ..denoisers import ClassifierFreeGuidance, ModelDenoiser, as_batch_times
 from ..sampling import sample as fewstep_sample
 from ..sampling import solver_grid
 from ..schedules import NoiseSchedule, time_grid
 from ..solvers import randn_like
-from .scheduler import PREDICTION_TYPES
-from .families import PREDICTION_OF, build_schedule, flow_shift_sigmas, translate_config
+from .families import Family, build_schedule, family_of, translate_config
 
 __all__ = ["schedule_from_config", "prediction_from_config", "DiffusersDenoiser", "pipeline_denoiser", "sample",
            "COVERED_TRANSFORMERS"]
@@ -45,11 +44,9 @@ def schedule_from_config(config) -> NoiseSchedule:
 
 
 def prediction_from_config(config) -> str:
-    ours = _our_config(config)
-    p = ours.get("prediction_type", "epsilon")
-    if p not in PREDICTION_OF:
-        raise ValueError(f"prediction_type {p!r} is not supported; supported: {', '.join(PREDICTION_OF)}")
-    return PREDICTION_OF[p]
+    """fewstep's name (eps, v, x0, flow) of the prediction type of a diffusers scheduler config;
+    raises for one its family does not support."""
+    return family_of(_our_config(config)).prediction
 
 
 class DiffusersDenoiser(ModelDenoiser):
@@ -58,59 +55,63 @@ class DiffusersDenoiser(ModelDenoiser):
     SD3Transformer2DModel) as a denoiser.
 
     Conditioning keywords (encoder_hidden_states, pooled_projections, class_labels,
-    added_cond_kwargs, ...) pass through. The family, prediction type, betas / shift / EDM
-    constants come from the pipeline's scheduler config: VP models see the discrete timestep,
-    flow models sigma * num_train_timesteps, EDM models c_in x and c_noise = log(sigma) / 4 (their
-    output is combined as c_skip x + c_out F). A model predicting a learned variance (2C output
+    added_cond_kwargs, ...) pass through; class labels are checked against the model's number of
+    class embeddings. The family (``fewstep.diffusers.families``: VP, flow, EDM), prediction type,
+    betas / shift / EDM constants come from the pipeline's scheduler config, and the family object
+    (``.family``) does the rest: VP models see the discrete timestep, flow models
+    sigma * num_train_timesteps, EDM models c_in x and c_noise = log(sigma) / 4 (their output is
+    combined as c_skip x + c_out F). ``prediction`` is fewstep's name of the config's prediction
+    type (for EDM, eps or v name the sign of F). A model predicting a learned variance (2C output
     channels) keeps the mean half.
     """
 
     def __init__(self, model, scheduler_config, model_dtype: torch.dtype | None = None):
         cfg = _our_config(scheduler_config)
-        self.family, self.cfg = cfg.get("family", "vp"), cfg
-        schedule = build_schedule(cfg)
+        self.family: Family = family_of(cfg)
+        self.cfg = cfg
         out_ch = _get(getattr(model, "config", {}), "out_channels")
         in_ch = _get(getattr(model, "config", {}), "in_channels")
         learned = bool(out_ch and in_ch and out_ch == 2 * in_ch)
-        n_train = int(cfg.get("num_train_timesteps", 1000))
-        if self.family == "flow":
-            prediction, time_input = "flow", (lambda t: t * n_train)  # diffusers' flow models take sigma * N
-        elif self.family == "edm":
-            prediction, time_input = "x0", (lambda t: t)  # _call applies EDM's preconditioning to sigma = t
-        else:
-            p = cfg.get("prediction_type", "epsilon")
-            if p not in PREDICTION_TYPES:
-                raise ValueError(f"prediction_type {p!r} is not supported for a VP model; supported: "
-                                 f"{', '.join(PREDICTION_TYPES)}")
-            prediction, time_input = PREDICTION_TYPES[p], "discrete"
-        super().__init__(self._call, schedule, prediction, time_input=time_input,
+        super().__init__(self._net, self.family.schedule, self.family.prediction, time_input=self.family.timestep,
                          learned_variance=learned, model_dtype=model_dtype or _model_dtype(model))
         self.net = model
+        self.num_classes = _get(getattr(model, "config", {}), "num_class_embeds")
         self._keyword = "hidden_states" in inspect.signature(model.forward).parameters \
             if hasattr(model, "forward") else False
 
-    def _call(self, x, timestep, **cond):
+    def __call__(self, x: torch.Tensor, t, **cond) -> torch.Tensor:
         unknown = set(cond) - set(_COND_KEYS)
         if unknown:
             raise ValueError(f"unknown conditioning {sorted(unknown)} for a diffusers model; use {', '.join(_COND_KEYS)}")
-        if self.family == "edm":
-            sig = timestep.to(torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
-            sd = float(self.cfg.get("sigma_data", 0.5))
-            c_in = (1.0 / torch.sqrt(sig ** 2 + sd ** 2)).to(x.dtype)
-            f = self._net(x * c_in, (0.25 * torch.log(sig.flatten())).to(x.dtype), cond)
-            sign = -1.0 if self.cfg.get("prediction_type") == "v_prediction" else 1.0
-            # D = c_skip x + c_out F (Karras et al. 2022, eq. 7, Table 1)
-            c_skip = sd ** 2 / (sig ** 2 + sd ** 2)
-            c_out = sign * sig * sd / torch.sqrt(sig ** 2 + sd ** 2)
-            return (c_skip * x.double() + c_out * f[:, : x.shape[1]].double()).to(x.dtype)
-        return self._net(x, timestep, cond)
+        if cond.get("class_labels") is not None and self.num_classes:
+            check_labels(cond["class_labels"], self.num_classes, "class_labels")
+        t = as_batch_times(t, x)
+        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+        dtype = self.model_dtype or x.dtype
+        out = self._net(self.family.scale_model_input(x, sigma).to(dtype), self.family.timestep(t).to(dtype), **cond)
+        if self.learned_variance:
+            out = out[:, : x.shape[1]]
+        if out.shape != x.shape:
+            raise ValueError(f"model output shape {tuple(out.shape)} does not match the input {tuple(x.shape)}")
+        return self.family.x0(out, x, alpha, sigma)
 
-    def _net(self, x, timestep, cond):
+    def _net(self, x, timestep, **cond):
         if self._keyword:
             out = self.net(hidden_states=x, timestep=timestep, **cond)
         else:
             out = self.net(x, timestep, **cond)
         return out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+
+
+def check_labels(labels, num_classes: int, what: str = "labels") -> None:
+    """Raise one line if a class label lies outside the model's class embeddings 0..num_classes-1."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{what} must be integer class ids, got dtype {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise ValueError(f"{what} holds class {bad}, but the model has {num_classes} class embeddings "
+                         f"(classes 0..{num_classes - 1}); pass labels in that range")
 
 
 def _model_dtype(model):
@@ -137,14 +138,6 @@ def pipeline_denoiser(pipe) -> DiffusersDenoiser:
                          "pipe.scheduler.config, solver=...) inside the pipeline, or DiffusersDenoiser(model, "
                          "pipe.scheduler.config) for a model called as model(hidden_states=x, timestep=...)")
     return DiffusersDenoiser(net, pipe.scheduler.config)
-
-
-def _flow_grid(den: DiffusersDenoiser, solver: str, steps: int, spacing: str, final: str, mu):
-    """(t_max, t_min) of fewstep's spacing for a flow model: its lowest and highest finite-SNR
-    training sigmas after the shift (as FewstepScheduler)."""
-    n = int(den.cfg.get("num_train_timesteps", 1000))
-    lo, hi = flow_shift_sigmas([1.0 / n, (n - 1.0) / n], {**den.cfg, "shift_terminal": None}, mu)
-    return float(hi), float(lo)
 
 
 @torch.no_grad()
@@ -190,26 +183,23 @@ def sample(pipe, *, solver: str = "dpmpp_2m", steps: int = 20, guidance: float =
         size = (height or size[0], width or size[1])
     device = next(den.net.parameters()).device
     x = randn_like(torch.empty((n, _get(cfg, "in_channels"), *size), device=device, dtype=torch.float32), generator)
-    sch = den.schedule
-    if den.family == "flow":
-        t_max, t_min = _flow_grid(den, solver, steps, spacing, final, mu)
-        if den.cfg.get("use_dynamic_shifting") and mu is None:
-            raise ValueError("this flow-matching pipeline uses dynamic shifting: pass mu (e.g. from the "
-                             "pipeline's calculate_shift for your image size)")
-        # sigma = 1 is pure noise (alpha = 0, lambda = -inf): one DDIM step to the grid's second point,
-        # the exact limit of every solver's first step; the solver then spends the remaining calls
-        x0 = model(x, 1.0, **cond)
+    sch, fam = den.schedule, den.family
+    fam.check_mu(mu)
+    ends = fam.grid_ends(mu)  # flow: between the shifted training sigmas, as FewstepScheduler
+    if fam.starts_from_pure_noise:
+        # the top (flow: sigma = 1) is pure noise (alpha = 0, lambda = -inf): one DDIM step to the grid's
+        # second point, the exact limit of every solver's first step; the solver spends the remaining calls
+        x0 = model(x, sch.t_upper, **cond)
         if steps == 1:
             x = x0
         else:
-            g1 = float(time_grid(sch, steps, spacing, t_max=t_max, t_min=t_min, final=final)[1])
-            x = (1.0 - g1) * x0 + g1 * x  # DDIM from sigma = 1: alpha_s = 0, sigma_s = 1
-            grid, extra = solver_grid(sch, solver, steps - 1, spacing, final, t_max=g1, t_min=t_min)
+            g1 = float(time_grid(sch, steps, spacing, final=final, **ends)[1])
+            x = float(sch.alpha(g1)) * x0 + float(sch.sigma(g1)) * x  # DDIM from alpha = 0, sigma = 1
+            grid, extra = solver_grid(sch, solver, steps - 1, spacing, final, **{**ends, "t_max": g1})
             x = fewstep_sample(model, x, sch, solver=solver, grid=grid, cond=cond or None,
                                generator=generator, progress=progress, **{**extra, **options}).x
     else:
-        if den.family == "edm":
-            x = x * sch.t_max  # VE: x_T = sigma_max noise
+        x = x * fam.initial_sigma(sch.t_max)  # EDM (VE): x_T = sigma_max noise
         x = fewstep_sample(model, x, sch, solver=solver, steps=steps, spacing=spacing, final=final,
                            cond=cond or None, generator=generator, progress=progress, **options).x
     vae = getattr(pipe, "vae", None)

@@ -7,24 +7,21 @@ source config describes (flow matching, discrete VP, EDM) is read in ``families`
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from ..denoisers import dynamic_threshold, to_x0
+from ..denoisers import dynamic_threshold
 from ..sampling import solver_grid
 from ..schedules import SPACINGS
 from ..solvers import SOLVERS, get_solver
 from ..solvers._common import grid_points
 from ..solvers.baseline import ddim_step
-from .families import (FAMILIES, PREDICTION_OF, build_schedule, edm_source_sigmas, flow_shift_sigmas,
-                       flow_source_sigmas, log_unused, source_class, translate_config, vp_source_timesteps)
+from .families import FAMILY_CLASSES, _col, family_of, log_unused, source_class, translate_config
 
-__all__ = ["FewstepScheduler", "PREDICTION_TYPES", "STEPPABLE"]
+__all__ = ["FewstepScheduler", "STEPPABLE"]
 
 
 def _as_tuned(grid):
@@ -33,8 +30,6 @@ def _as_tuned(grid):
         return grid
     return TunedGrid.from_dict(dict(grid)) if isinstance(grid, dict) else load_grid(grid)
 
-# diffusers' prediction_type -> fewstep's
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 STEPPABLE = tuple(n for n, s in SOLVERS.items() if s.step is not None)
 SCHEDULER_SPACINGS = SPACINGS + ("linspace", "source", "shifted_uniform")
 
@@ -97,18 +92,12 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"solver {solver!r} ({spec.kind}) cannot run one model call per step inside a "
                              f"diffusers pipeline; use fewstep.diffusers.sample(pipe, solver={solver!r}) or one of "
                              f"{', '.join(STEPPABLE)}")
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-        allowed = dict(PREDICTION_TYPES) if family == "vp" else {"flow_prediction": "flow"} if family == "flow" \
-            else {"epsilon": "eps", "v_prediction": "v"}
-        if prediction_type not in allowed:
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported by FewstepScheduler for the "
-                             f"{family} family; supported: {', '.join(allowed)}")
+        self.family = family_of(self.config)  # raises for an unknown family or prediction type
         if spacing not in SCHEDULER_SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SCHEDULER_SPACINGS)}")
         if final not in ("zero", "tmin"):
             raise ValueError(f"final must be 'zero' or 'tmin', got {final!r}")
-        if spacing == "shifted_uniform" and family != "flow":
+        if spacing == "shifted_uniform" and spacing not in self.family.spacings:
             raise ValueError("spacing='shifted_uniform' is the flow-matching grid; this config is "
                              f"{family}: use logsnr, time_uniform, time_quadratic, karras, linspace or source")
         if time_shift_type not in ("exponential", "linear"):
@@ -116,18 +105,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if spacing == "source" and source_grid and source_grid.startswith("unsupported:"):
             raise ValueError(f"spacing='source' cannot follow the source's {source_grid.split(':', 1)[1]}=True "
                              "grid; choose one of fewstep's spacings (e.g. 'karras')")
-        self.schedule = build_schedule(self.config)
+        self.schedule = self.family.schedule
         if grid is not None:  # a tuned grid (TunedGrid, its dict or a JSON path), kept in the config as a dict
-            if family == "edm":
-                raise ValueError("a tuned grid is supported for the VP and flow-matching families, not edm")
-            if family == "flow" and use_dynamic_shifting:
+            if not self.family.tuned_grids:
+                raise ValueError(f"a tuned grid is supported for the VP and flow-matching families, not {family}")
+            if use_dynamic_shifting and family == "flow":
                 raise ValueError("a tuned grid fixes the sigmas, but this flow config has use_dynamic_shifting=True "
                                  "(its shift follows the image size): tune at one size with use_dynamic_shifting "
                                  "off, or leave grid out")
             self._tuned = _as_tuned(grid)
             self.register_to_config(grid=self._tuned.to_dict())
             self._tuned.grid_for(self.schedule, solver=solver)  # warns now if fitted elsewhere
-        if family == "vp":
+        if hasattr(self.schedule, "alphas_cumprod"):  # VP: read by some diffusers pipelines
             self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         spec = get_solver(solver)
         options = dict(solver_options or {})
@@ -155,20 +144,17 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             name = source_class(config)
             log_unused(name, unused)
             config = ours
-            if config.get("family") == "flow" and "spacing" not in kwargs and "spacing" not in dict(config):
-                # measured (benchmarks/results/flow_solvers.md): on shifted flow models the log-SNR grid
+            if "spacing" not in kwargs and "spacing" not in dict(config):
+                # flow: measured (benchmarks/results/flow_solvers.md), on shifted flow models the log-SNR grid
                 # gains nothing over FlowMatchEuler; the shifted uniform-in-sigma grid is what helps
-                kwargs["spacing"] = "shifted_uniform"
+                kwargs["spacing"] = FAMILY_CLASSES[config.get("family") or "vp"].default_spacing
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @property
     def init_noise_sigma(self) -> float:
         """Std of the pipeline's initial noise: 1 for VP and flow; EDM: sqrt(sigma_max^2 + 1), as
         diffusers' EDM schedulers."""
-        if self.config.family != "edm":
-            return 1.0
-        top = self._points[0].sigma if self._points else self.config.sigma_max
-        return (top ** 2 + 1.0) ** 0.5
+        return self.family.init_noise_sigma(self._points[0].sigma if self._points else None)
 
     # -- timesteps --------------------------------------------------------
     @property
@@ -196,13 +182,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         dynamic shifting's log-shift (required when the config has ``use_dynamic_shifting``).
         EDM: ``timesteps`` are c_noise = log(sigma) / 4, ``sigmas`` are sigmas.
         """
-        fam = self.config.family
-        if fam == "flow" and sigmas is not None and self.config.spacing not in ("source", "linspace"):
-            base = np.asarray(torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu(), dtype=np.float64)
-            n = len(base)
-            if num_inference_steps in (None, n) and n > 0 and np.allclose(base, np.linspace(1.0, 1.0 / n, n),
-                                                                          atol=1e-6):
-                num_inference_steps, sigmas = n, None  # the pipeline's stock grid: use fewstep's spacing
+        fam = self.family
+        if sigmas is not None and self.config.spacing not in ("source", "linspace"):
+            n = fam.stock_steps(sigmas)  # flow: the pipeline's stock grid means n steps of fewstep's spacing
+            if n is not None and num_inference_steps in (None, n):
+                num_inference_steps, sigmas = n, None
         if sigmas is not None and num_inference_steps is not None:
             if len(torch.as_tensor(sigmas).flatten()) != num_inference_steps:
                 raise ValueError("sigmas must have num_inference_steps entries")
@@ -210,31 +194,39 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         given = [a is not None for a in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps or sigmas")
-        if mu is not None and fam != "flow":
-            raise ValueError("mu (dynamic shifting) is only meaningful for a flow-matching config")
-        if fam == "flow" and self.config.use_dynamic_shifting and mu is None:
-            raise ValueError("this flow-matching config has use_dynamic_shifting=True: pass mu to set_timesteps "
-                             "(the pipeline computes it from the image size)")
-        grid = {"vp": self._vp_grid, "flow": self._flow_grid, "edm": self._edm_grid}[fam](
-            num_inference_steps, timesteps, sigmas, mu)
+        fam.check_mu(mu)
+        grid = self._grid(num_inference_steps, timesteps, sigmas, mu)
         sch = self.schedule
         self._points = grid_points(sch, sch.check_times(grid, "timesteps"))
         if len(self._points) < 2 or any(b.t >= a.t for a, b in zip(self._points, self._points[1:])):
             raise ValueError("timesteps must be strictly decreasing with no repeats")
         self.grid = grid
-        self.timesteps = self._model_timestep(grid[:-1]).float().to(device)
+        self.timesteps = fam.timestep(grid[:-1]).float().to(device)
         # diffusers' sigmas (n + 1 of them): flow sigma, EDM sigma, or VP's sigma / alpha
-        self.sigmas = (grid if fam != "vp" else sch.edm_sigma(grid)).float()
+        self.sigmas = fam.diffusers_sigmas(grid).float()
         self.num_inference_steps = len(self.timesteps)
         self._step_index, self._state = None, None
 
-    def _model_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        fam = self.config.family
-        if fam == "flow":
-            return t * self.config.num_train_timesteps  # diffusers' flow models take sigma * 1000
-        if fam == "edm":
-            return 0.25 * torch.log(t)  # EDM's c_noise (Karras et al. 2022, Table 1)
-        return self.schedule.model_timestep(t)
+    def _grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
+        """The grid of times (with its final point) for one of set_timesteps' three ways."""
+        fam, spacing = self.family, self.config.spacing
+        if timesteps is not None:
+            t = fam.time(timesteps)
+        elif sigmas is not None:
+            t, ends_at_zero = fam.grid_from_sigmas(sigmas, mu)
+            if ends_at_zero:
+                return t
+        elif self.config.grid is not None:
+            t = self._tuned_times(n)
+            if fam.starts_from_pure_noise:
+                t = t.clone()
+                t[0] = self.schedule.t_upper  # run from pure noise, as the pipeline's latents are drawn
+            return t
+        elif spacing in fam.spacings:
+            t = fam.source_times(spacing, self._check_steps(n), mu)
+        else:
+            return self._fewstep_grid(n, **fam.grid_ends(mu))
+        return torch.cat([t, self._final_point(t)])
 
     def _fewstep_grid(self, n: int, **ends) -> torch.Tensor:
         """fewstep's spacing between the model's finite-SNR ends; a pure-noise top (alpha = 0) is
@@ -246,80 +238,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             grid = grid.clone()
             grid[0] = self.schedule.t_upper
         return grid
-
-    def _vp_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
-        sch, n_train = self.schedule, self.config.num_train_timesteps
-        if self.config.grid is not None and timesteps is None and sigmas is None:
-            return self._tuned_times(n)
-        if timesteps is not None:
-            t = (torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu() + 1.0) / n_train
-            return torch.cat([t, self._final_point(t)])
-        if sigmas is not None:
-            sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-            if (sig < 0).any():
-                raise ValueError("sigmas must be >= 0")
-            pos = sch.t_of_edm_sigma(sig[sig > 0])
-            if (pos <= sch.t_upper * (1 + 1e-6)).all():  # float32 sigmas overshoot t_max by round-off
-                pos = pos.clamp(max=sch.t_upper)
-            return torch.cat([pos, torch.zeros(1, dtype=torch.float64)]) if (sig == 0).any() else \
-                torch.cat([pos, self._final_point(pos)])
-        if self.config.spacing in ("linspace", "source"):
-            n = self._check_steps(n)
-            if self.config.spacing == "source":
-                ts = torch.as_tensor(vp_source_timesteps(self.config, n, n_train), dtype=torch.float64)
-            else:
-                ts = torch.linspace(0, n_train - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
-                if n >= n_train:  # rounding would repeat timesteps: use fractional ones instead
-                    ts = torch.linspace(n_train - 1, 0, n, dtype=torch.float64)
-            t = (ts + 1.0) / n_train
-            return torch.cat([t, self._final_point(t)])
-        return self._fewstep_grid(n)
-
-    def _flow_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
-        cfg, n_train = self.config, self.config.num_train_timesteps
-        if cfg.grid is not None and timesteps is None and sigmas is None:
-            t = self._tuned_times(n).clone()
-            t[0] = self.schedule.t_upper  # run from pure noise, as the pipeline's latents are drawn
-            return t
-        if timesteps is not None:
-            t = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu() / n_train
-        elif sigmas is not None:
-            base = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-            if (base < 0).any() or (base > 1).any():
-                raise ValueError("flow-matching sigmas must lie in [0, 1]")
-            if base[-1] == 0:  # a trailing 0: the final denoising point
-                return torch.cat([torch.as_tensor(flow_shift_sigmas(base[:-1].numpy(), cfg, mu)),
-                                  torch.zeros(1, dtype=torch.float64)])
-            t = torch.as_tensor(flow_shift_sigmas(base.numpy(), cfg, mu))
-        elif cfg.spacing in ("source", "linspace"):
-            t = torch.as_tensor(flow_source_sigmas(cfg, self._check_steps(n), mu), dtype=torch.float64)
-        elif cfg.spacing == "shifted_uniform":  # uniform in the unshifted time, then shifted (DPM-Solver's flow grid)
-            t = torch.as_tensor(flow_source_sigmas({**dict(cfg), "source_grid": "dpmsolver"}, self._check_steps(n), mu),
-                                dtype=torch.float64)
-        else:
-            # the model's training sigmas are shift(k / N), k = 1..N: fewstep's spacing runs between the
-            # lowest and the highest one below 1 (the shift translates both in log-SNR)
-            lo, hi = flow_shift_sigmas([1.0 / n_train, (n_train - 1.0) / n_train], {**dict(cfg), "shift_terminal": None}, mu)
-            return self._fewstep_grid(n, t_max=float(hi), t_min=float(lo))
-        t = t.to(torch.float64)
-        return torch.cat([t, self._final_point(t)])
-
-    def _edm_grid(self, n, timesteps, sigmas, mu) -> torch.Tensor:
-        if timesteps is not None:
-            t = torch.exp(4.0 * torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu())
-        elif sigmas is not None:
-            sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-            top = self.schedule.t_max
-            if float(sig.max()) <= top * (1 + 1e-6):  # float32 sigmas overshoot sigma_max by round-off
-                sig = sig.clamp(max=top)
-            if sig[-1] == 0:
-                return sig
-            t = sig
-        elif self.config.spacing in ("source", "linspace"):
-            t = torch.as_tensor(edm_source_sigmas(self.config, self._check_steps(n)), dtype=torch.float64)
-        else:
-            return self._fewstep_grid(n)
-        return torch.cat([t, self._final_point(t)])
 
     def _final_point(self, t: torch.Tensor) -> torch.Tensor:
         if self.config.final == "zero":
@@ -358,14 +276,13 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """VP and flow: the model sees x_t as is. EDM: x_t * c_in, c_in = 1 / sqrt(sigma^2 + sigma_data^2)
         (Karras et al. 2022, Table 1), at the current step's sigma."""
-        if self.config.family != "edm":
+        if not self.family.scales_model_input:  # the identity: no step needed
             return sample
         if self._points is None:
             raise ValueError("call set_timesteps before scale_model_input")
         if self._step_index is None:
             self._init_step_index(timestep)
-        sig = self._points[self._step_index].sigma
-        return sample / math.sqrt(sig * sig + self.config.sigma_data ** 2)
+        return self.family.scale_model_input(sample, self._points[self._step_index].sigma)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, **kwargs):
@@ -399,47 +316,24 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             else:
                 raise ValueError(f"model output shape {tuple(out.shape)} does not fit the sample "
                                  f"{tuple(sample.shape)}")
-        if self.config.family == "edm":
-            # D = c_skip x + c_out F (Karras et al. 2022, eq. 7 and Table 1; diffusers' sign for v_prediction)
-            sig, sd = p.sigma, self.config.sigma_data
-            c_skip = sd * sd / (sig * sig + sd * sd)
-            c_out = sig * sd / math.sqrt(sig * sig + sd * sd) * (-1.0 if self.config.prediction_type == "v_prediction"
-                                                                 else 1.0)
-            dtype = torch.promote_types(sample.dtype, torch.float32)
-            x0 = sample.to(dtype) * c_skip + out.to(dtype) * c_out
-        else:
-            a = torch.full((sample.shape[0],), p.alpha, dtype=torch.float64, device=sample.device)
-            s = torch.full((sample.shape[0],), p.sigma, dtype=torch.float64, device=sample.device)
-            x0 = to_x0(PREDICTION_OF[self.config.prediction_type], out, sample, a, s)
+        a = torch.full((sample.shape[0],), p.alpha, dtype=torch.float64, device=sample.device)
+        s = torch.full((sample.shape[0],), p.sigma, dtype=torch.float64, device=sample.device)
+        x0 = self.family.x0(out, sample, a, s)
         if self.config.thresholding:
             x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         return x0
 
-    def _alpha_sigma_at(self, timesteps, like: torch.Tensor):
-        ts = torch.as_tensor(timesteps, dtype=torch.float64).flatten().cpu()
-        fam = self.config.family
-        if fam == "flow":
-            s = ts / self.config.num_train_timesteps
-            a = 1.0 - s
-        elif fam == "edm":
-            s = torch.exp(4.0 * ts)
-            a = torch.ones_like(s)
-        else:
-            t = (ts + 1.0) / self.config.num_train_timesteps
-            a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        return a.reshape(shape).to(like.device), s.reshape(shape).to(like.device)
-
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t noise at the (integer or fractional) model timesteps
         (flow: sigma = timestep / num_train_timesteps; EDM: sigma = exp(4 timestep))."""
-        a, s = self._alpha_sigma_at(timesteps, original_samples)
+        a, s = self.family.alpha_sigma(timesteps)
+        a, s = _col(a, original_samples), _col(s, original_samples)
         return (a * original_samples.double() + s * noise.double()).to(original_samples.dtype)
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Flow matching's img2img noising, as FlowMatchEulerDiscreteScheduler.scale_noise:
         sigma noise + (1 - sigma) sample at the model timestep(s), sigma = timestep / num_train_timesteps."""
-        if self.config.family != "flow":
+        if not self.family.scale_noise:
             raise ValueError("scale_noise is the flow-matching noising; use add_noise for VP and EDM models")
         return self.add_noise(sample, noise, timestep)
 

@@ -7,7 +7,9 @@ Every distillation objective compares x0 predictions. A *net* is called as
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from dataclasses import replace
 
 import torch
@@ -16,7 +18,18 @@ from ..denoisers import to_x0
 from ..losses import _bcast
 from ..schedules import NoiseSchedule
 
-__all__ = ["NetX0", "GuidedX0", "ddim_jump", "with_w_input", "sample_w", "uses_w"]
+__all__ = ["NetX0", "ddim_jump", "with_w_input", "sample_w", "uses_w", "null_labels", "guidance_null_class",
+           "teacher_mode", "check_prediction", "TRAINED_PREDICTIONS"]
+
+
+TRAINED_PREDICTIONS = ("eps", "v", "x0", "flow")  # output types a trained network can regress (losses.prediction_target)
+
+
+def check_prediction(prediction: str, what: str = "prediction") -> str:
+    """Refuse an output type the distillation objectives cannot train or convert."""
+    if prediction not in TRAINED_PREDICTIONS:
+        raise ValueError(f"unknown {what} {prediction!r}; choose one of {', '.join(TRAINED_PREDICTIONS)}")
+    return prediction
 
 
 def uses_w(net) -> bool:
@@ -31,7 +44,7 @@ class NetX0:
     """``x0_hat(x, t, labels, w)`` from a net of output type ``prediction`` ('eps', 'v', 'x0').
 
     ``w`` is passed to the net only when it has a w input; a net without one ignores it
-    (``GuidedX0`` adds guidance around such a net).
+    (:class:`fewstep.denoisers.ClassifierFreeGuidance` adds guidance around such a net).
     """
 
     def __init__(self, net, schedule: NoiseSchedule, prediction: str):
@@ -44,20 +57,42 @@ class NetX0:
         return to_x0(self.prediction, out, x, _bcast(alpha, x), _bcast(sigma, x))
 
 
-class GuidedX0:
-    """Classifier-free guidance of an x0-predictor in one batched call (cond and uncond stacked):
-    x_w = (1 + w) x_cond - w x_uncond (w = 0: the conditional model; diffusers' scale = 1 + w)."""
+def null_labels(null_class: int):
+    """``uncond`` for :class:`fewstep.denoisers.ClassifierFreeGuidance`: every label replaced by the
+    null class (the class index the teacher was trained with for "no condition")."""
+    if isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0:
+        raise ValueError(f"null_class must be the teacher's unconditional class index (an int >= 0), got {null_class!r}")
+    return lambda cond: {"labels": torch.full_like(cond["labels"], null_class)}
 
-    def __init__(self, x0_fn, null_class: int):
-        self.x0_fn, self.null_class = x0_fn, null_class
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, w) -> torch.Tensor:
-        b = x.shape[0]
-        w = _bcast(torch.as_tensor(w, dtype=torch.float64, device=x.device).expand(b), x).to(x.dtype)
-        both = self.x0_fn(torch.cat([x, x]), torch.cat([t, t]),
-                          torch.cat([labels, torch.full_like(labels, self.null_class)]))
-        x_cond, x_uncond = both[:b], both[b:]
-        return x_cond + w * (x_cond - x_uncond)
+def guidance_null_class(teacher, null_class: int | None, what: str) -> int:
+    """The explicit null class of a guided objective. Without one, the teacher's declared ``null_class``
+    attribute is used with a warning saying so (pass null_class= to silence it); neither: an error."""
+    if null_class is not None:
+        null_labels(null_class)  # validates
+        return null_class
+    declared = getattr(getattr(teacher, "module", teacher), "null_class", None)
+    if declared is None:
+        raise ValueError(f"{what} uses classifier-free guidance and needs the teacher's null class: pass null_class=")
+    warnings.warn(f"{what}: null_class not given, using the teacher's declared null_class={declared}; "
+                  "pass null_class= explicitly", FutureWarning, stacklevel=3)
+    return int(declared)
+
+
+@contextlib.contextmanager
+def teacher_mode(teacher):
+    """Run a frozen teacher: no autograd graph and eval mode for the call, the caller's module left as
+    it was afterwards (its requires_grad flags are never touched, its train/eval flags are restored)."""
+    module = teacher if isinstance(teacher, torch.nn.Module) else None
+    flags = [(m, m.training) for m in module.modules()] if module is not None else []
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 def ddim_jump(x: torch.Tensor, x0: torch.Tensor, schedule: NoiseSchedule, t_from: torch.Tensor,

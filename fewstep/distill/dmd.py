@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import noised, prediction_target, sample_times
+from ..denoisers import ClassifierFreeGuidance
+from ..losses import noised, prediction_target
 from ..schedules import NoiseSchedule
-from ._common import GuidedX0, NetX0
+from ._common import NetX0, check_prediction, guidance_null_class, null_labels, teacher_mode
+from .times import DM_FRACTIONS, dm_time_range, dm_times, generator_times, training_times
 
 __all__ = ["DMDLoss", "FakeScore", "GANHead", "dm_gradient", "dm_loss", "regression_distance",
            "generator_times", "generator_sample", "DISTANCES"]
@@ -74,14 +76,6 @@ def load_lpips(weights: str | None, net: str = "vgg"):
     return model.eval().requires_grad_(False)
 
 
-def generator_times(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
-    """The fixed input times of a ``steps``-step generator: t_max, then evenly spaced down to
-    t_max / steps (e.g. 4 steps: t_max * [1, 3/4, 1/2, 1/4]), float64."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"generator steps must be an integer >= 1, got {steps!r}")
-    return schedule.t_max * torch.arange(steps, 0, -1, dtype=torch.float64) / steps
-
-
 class GANHead(nn.Module):
     """DMD2's discriminator head: conv-GroupNorm-SiLU, global average pool, one logit, on the
     fake denoiser's bottleneck features."""
@@ -108,11 +102,16 @@ class FakeScore(nn.Module):
         self.head = GANHead(net.feature_channels, getattr(net.config, "groups", 8)) if gan_head else None
         self.null_class = getattr(net, "null_class", None)
 
-    def forward(self, x, t, labels=None):
+    def forward(self, x, t, labels=None, logits: bool = False):
+        """The fake denoiser's output; ``logits=True``: the GAN head's logits instead (see :meth:`logits`)."""
+        if logits:
+            return self.logits(x, t, labels)
         return self.net(x, t, labels)
 
     def logits(self, x, t, labels) -> torch.Tensor:
         """Real-vs-generated logits of noisy images x at t."""
+        if self.head is None:
+            raise ValueError("this FakeScore has no GAN head: build it as FakeScore(net, gan_head=True)")
         return self.head(self.net(x, t, labels, return_features=True)[1])
 
 
@@ -139,43 +138,37 @@ def generator_sample(gen_x0, x_T: torch.Tensor, labels, schedule: NoiseSchedule,
 class DMDLoss:
     """The DMD / DMD2 objective over networks ``generator`` and ``fake``.
 
-    teacher: the frozen net ``teacher(x, t, labels)`` of output type ``prediction``; the generator
-      and the fake denoiser are copies of it with the same output type.
-    real_w: classifier-free guidance weight of the real score (x_w = (1 + w) x_c - w x_u; 0 = none).
-    dm_t: the range of u in t = t_min + u (t_max - t_min) for the distribution-matching loss.
+    teacher: the frozen net ``teacher(x, t, labels)`` of output type ``prediction`` ('eps', 'v',
+      'x0' or 'flow'); the generator and the fake denoiser are copies of it with the same output
+      type. The teacher is only called (no grad, eval mode), never modified.
+    real_w: classifier-free guidance weight of the real score (x_w = (1 + w) x_c - w x_u; 0 = none);
+      null_class: the teacher's unconditional class (needed when real_w > 0).
+    dm_t: the DM noise range as fractions (lo, hi) of the training range (DMD: 0.02, 0.98); the
+      times follow :func:`fewstep.distill.times.dm_times` (rho-spaced sigmas for EDM).
     lambda_reg: weight of the regression loss (0 = none, as in DMD2); ``distance`` its metric.
     fake_updates: fake-denoiser updates per generator update (DMD: 1, DMD2: 5).
-    gan_weight_g / gan_weight_d: GAN loss weights for the generator / the head (0 = no GAN).
+    gan_weight_g / gan_weight_d: GAN loss weights for the generator / the head (0 = no GAN); the
+      generator's GAN term needs a head that is trained (gan_weight_d > 0, FakeScore(gan_head=True)).
     gen_steps: generator steps (1 = one-step DMD; > 1 = DMD2's multi-step generator trained with
-      backward simulation, which then uses no regression loss).
+      backward simulation, which then uses no regression loss), at :func:`fewstep.distill.times.generator_times`.
     Batches are dicts with ``z``, ``labels`` (the paired set's noise and classes), ``x_ref`` (the
     teacher's ODE output from z) and, for the GAN, ``x_real`` / ``labels_real``.
     """
 
     def __init__(self, teacher, schedule: NoiseSchedule, prediction: str, *, real_w: float = 0.0,
-                 dm_t: tuple[float, float] = (0.02, 0.98), lambda_reg: float = 0.25, distance: str = "l2",
+                 dm_t: tuple[float, float] = DM_FRACTIONS, lambda_reg: float = 0.25, distance: str = "l2",
                  fake_updates: int = 1, gan_weight_g: float = 0.0, gan_weight_d: float = 0.0, gen_steps: int = 1,
                  null_class: int | None = None, lpips_net=None, use_fake: bool = True):
-        if distance not in DISTANCES:
-            raise ValueError(f"unknown regression distance {distance!r}; choose one of {', '.join(DISTANCES)}")
-        if not 0 <= dm_t[0] < dm_t[1] <= 1:
-            raise ValueError(f"dm_t must satisfy 0 <= lo < hi <= 1, got {dm_t}")
-        if not isinstance(fake_updates, int) or fake_updates < 1:
-            raise ValueError(f"fake_updates must be an integer >= 1, got {fake_updates!r}")
-        if min(lambda_reg, gan_weight_g, gan_weight_d, real_w) < 0:
-            raise ValueError("lambda_reg, gan weights and real_w must be >= 0")
-        if gen_steps > 1 and lambda_reg > 0:
-            raise ValueError("the regression pairs map noise to an image in one step; a multi-step generator "
-                             f"(gen_steps={gen_steps}) is trained without them (DMD2): set lambda_reg=0")
-        if distance == "lpips" and lambda_reg > 0 and lpips_net is None:
-            raise ValueError("distance='lpips' needs lpips_net (fewstep.distill.dmd.load_lpips)")
-        self.teacher = teacher.requires_grad_(False).eval()
-        self.schedule, self.prediction = schedule, prediction
-        null = null_class if null_class is not None else getattr(teacher, "null_class", None)
-        real = NetX0(self.teacher, schedule, prediction)
+        _check_options(distance, fake_updates, lambda_reg, gan_weight_g, gan_weight_d, real_w, gen_steps, lpips_net)
+        dm_time_range(schedule, dm_t)  # validates the fractions and the schedule
+        self.teacher, self.schedule, self.prediction = teacher, schedule, check_prediction(prediction)
         self.real_w = float(real_w)
-        self.real_x0 = GuidedX0(real, null) if self.real_w > 0 else real
-        self.dm_t, self.lambda_reg, self.distance, self.lpips_net = dm_t, float(lambda_reg), distance, lpips_net
+        real = NetX0(teacher, schedule, prediction)
+        if self.real_w > 0:
+            null = guidance_null_class(teacher, null_class, "DMDLoss with real_w > 0")
+            real = ClassifierFreeGuidance(real, self.real_w, null_labels(null))
+        self.real_x0 = real
+        self.dm_t, self.lambda_reg, self.distance, self.lpips_net = tuple(dm_t), float(lambda_reg), distance, lpips_net
         self.fake_updates, self.gan_g, self.gan_d = fake_updates, float(gan_weight_g), float(gan_weight_d)
         self.times = generator_times(schedule, gen_steps)
         self.use_fake = use_fake  # False: the "real score only" ablation (DMD Fig. 3), fake score taken as 0
@@ -187,8 +180,18 @@ class DMDLoss:
             return ["generator"]
         return (["generator"] if step % self.fake_updates == 0 else []) + ["fake"]
 
+    def check_networks(self, models: dict) -> None:
+        """Refuse networks this objective cannot train (called by :func:`fewstep.train.train` before step 1)."""
+        missing = {"generator", "fake"} - set(models)
+        if missing:
+            raise ValueError(f"DMD trains networks 'generator' and 'fake'; missing {sorted(missing)}")
+        if (self.gan_g > 0 or self.gan_d > 0) and getattr(_module(models["fake"]), "head", None) is None:
+            raise ValueError("gan_weight_g / gan_weight_d > 0 need the GAN head: build the fake network as "
+                             "FakeScore(net, gan_head=True), or set both GAN weights to 0")
+
     def __call__(self, models: dict, batch: dict, name: str) -> torch.Tensor:
         self.last_metrics = {}
+        self.check_networks(models)
         if name == "generator":
             return self.generator_loss(models["generator"], models["fake"], batch)
         if name == "fake":
@@ -212,43 +215,50 @@ class DMDLoss:
         return self.gen_x0(generator)(x_in, t, labels)
 
     def dm_times(self, b: int, device) -> torch.Tensor:
-        lo, hi = self.dm_t
-        u = lo + (hi - lo) * torch.rand(b, dtype=torch.float64, device=device)
-        return self.schedule.t_min + u * (self.schedule.t_max - self.schedule.t_min)
+        return dm_times(self.schedule, b, device, self.dm_t)
+
+    def real_and_fake_x0(self, fake, x_t, t, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real (teacher, guided at real_w) and fake denoisers' x0 at x_t, without gradients."""
+        with teacher_mode(self.teacher):
+            x0_real = self.real_x0(x_t, t, labels=labels)
+        with torch.no_grad():
+            if self.use_fake:
+                x0_fake = NetX0(fake, self.schedule, self.prediction)(x_t, t, labels)
+            else:  # a zero fake score: x0 = x_t / alpha
+                x0_fake = x_t / self.schedule.alpha(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return x0_real, x0_fake
 
     def generator_loss(self, generator, fake, batch) -> torch.Tensor:
         z, labels = batch["z"], batch["labels"]
         x = self.generated(generator, torch.randn_like(z), labels)
         t = self.dm_times(x.shape[0], x.device)
         x_t = noised(self.schedule, x.detach(), t, torch.randn_like(x))[0]
-        with torch.no_grad():
-            x0_real = self.real_x0(x_t, t, labels, self.real_w)  # NetX0 ignores w for a net without a w input
-            if self.use_fake:
-                x0_fake = NetX0(fake, self.schedule, self.prediction)(x_t, t, labels)
-            else:  # a zero fake score: x0 = x_t / alpha
-                x0_fake = x_t / self.schedule.alpha(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-            grad = dm_gradient(x, x0_real, x0_fake)
+        grad = dm_gradient(x, *self.real_and_fake_x0(fake, x_t, t, labels))
         loss = dm_loss(x, grad)
         metrics = {"dm": loss.mean().item()}
         if self.lambda_reg > 0:
             x_reg = self.generated(generator, batch["z"], labels)
+            if batch["x_ref"].shape != x_reg.shape:
+                raise ValueError(f"the regression targets x_ref have shape {tuple(batch['x_ref'].shape)} but the "
+                                 f"generator outputs {tuple(x_reg.shape)}: rebuild the regression set for this teacher")
             reg = regression_distance(self.distance, x_reg, batch["x_ref"], self.lpips_net)
             loss = loss + self.lambda_reg * reg
             metrics["reg"] = reg.mean().item()
-        if self.gan_g > 0:
-            t_g = sample_times(self.schedule, x.shape[0], x.device, self.schedule.t_min, self.schedule.t_max)
-            logits = _module(fake).logits(noised(self.schedule, x, t_g, torch.randn_like(x))[0], t_g, labels)
+        if self.gan_g > 0:  # DMD2 eq. 5, generator side: softplus(-D(G(z))), through a frozen head
+            t_g = training_times(self.schedule, x.shape[0], x.device)
+            logits = _frozen_logits(_module(fake), noised(self.schedule, x, t_g, torch.randn_like(x))[0], t_g, labels)
             loss = loss + self.gan_g * F.softplus(-logits)
+            metrics["gan"] = F.softplus(-logits).mean().item()
         self.last_metrics = metrics
         return loss
 
     def fake_loss(self, generator, fake, batch) -> torch.Tensor:
         """The fake denoiser's ordinary denoising loss on (stop-gradient) generator samples, t over the
-        whole range; plus the head's GAN loss on noisy real vs generated images (DMD2)."""
+        whole training range; plus the head's GAN loss on noisy real vs generated images (DMD2 eq. 5)."""
         labels = batch["labels"]
         with torch.no_grad():
             x = self.generated(generator, torch.randn_like(batch["z"]), labels)
-        t = sample_times(self.schedule, x.shape[0], x.device, self.schedule.t_min, self.schedule.t_max)
+        t = training_times(self.schedule, x.shape[0], x.device)
         eps = torch.randn_like(x)
         x_t, alpha, sigma = noised(self.schedule, x, t, eps)
         out = fake(x_t, t, labels)
@@ -258,11 +268,36 @@ class DMDLoss:
                 raise ValueError("the GAN loss needs real images: build the data with real=(x, labels)")
             head = _module(fake)
             x_r, y_r = batch["x_real"], batch["labels_real"]
-            t_r = sample_times(self.schedule, x_r.shape[0], x_r.device, self.schedule.t_min, self.schedule.t_max)
+            t_r = training_times(self.schedule, x_r.shape[0], x_r.device)
             real_logits = head.logits(noised(self.schedule, x_r, t_r, torch.randn_like(x_r))[0], t_r, y_r)
             fake_logits = head.logits(x_t, t, labels)
             loss = loss + self.gan_d * (F.softplus(-real_logits) + F.softplus(fake_logits))
         return loss
+
+
+def _check_options(distance, fake_updates, lambda_reg, gan_weight_g, gan_weight_d, real_w, gen_steps, lpips_net):
+    """DMDLoss's one-line refusals of settings that cannot train."""
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown regression distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    if not isinstance(fake_updates, int) or fake_updates < 1:
+        raise ValueError(f"fake_updates must be an integer >= 1, got {fake_updates!r}")
+    if min(lambda_reg, gan_weight_g, gan_weight_d, real_w) < 0:
+        raise ValueError("lambda_reg, gan weights and real_w must be >= 0")
+    if gan_weight_g > 0 and gan_weight_d == 0:
+        raise ValueError("gan_weight_g > 0 trains the generator against a GAN head that only gan_weight_d > 0 "
+                         "trains: set gan_weight_d > 0 too (DMD2), or gan_weight_g = 0")
+    if gen_steps > 1 and lambda_reg > 0:
+        raise ValueError("the regression pairs map noise to an image in one step; a multi-step generator "
+                         f"(gen_steps={gen_steps}) is trained without them (DMD2): set lambda_reg=0")
+    if distance == "lpips" and lambda_reg > 0 and lpips_net is None:
+        raise ValueError("distance='lpips' needs lpips_net (fewstep.distill.dmd.load_lpips)")
+
+
+def _frozen_logits(fake: FakeScore, x: torch.Tensor, t: torch.Tensor, labels) -> torch.Tensor:
+    """The head's logits of x with the fake network's weights detached: the gradient reaches x (the
+    generator) and never the discriminator, which the generator's loss must not train."""
+    frozen = {k: v.detach() for k, v in fake.named_parameters()}
+    return torch.func.functional_call(fake, frozen, (x, t, labels), {"logits": True})
 
 
 def _module(net):

@@ -1,0 +1,53 @@
+"""Recipes: one documented command reproduces each of fewstep's shipped models.
+
+A recipe is a settings dataclass (its presets are instances of it, e.g. ``MNIST_GUIDED`` or
+``dataclasses.replace(MNIST_DMD, steps=100)``) and a run function
+``run(out, settings, *, name, teacher=None, data=None, resume=False, progress=True, ...)``:
+``teacher`` and ``data`` are providers (zero-argument callables returning the teacher model or
+the training data; by default the shipped ``mnist-teacher`` and the MNIST train split). Every
+stage of a recipe is one run of the one training loop (``fewstep.train.train``) in its own
+folder, with checkpoints and exact resume, exported as a model folder that ``fewstep.load``
+reads. The ``fewstep`` command runs them (``fewstep train``, ``fewstep distill``).
+
+This package sits above ``fewstep.api`` and ``fewstep.distill`` (see the layer contract in
+pyproject.toml): recipes use the library, the library never imports a recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .classifier import MNIST_CLASSIFIER, ClassifierSettings, run_classifier
+from .dmd import DMD_PRESETS, MNIST_DMD, MNIST_DMD2_4, DMDSettings, PairSettings, run_dmd
+from .guided import MNIST_GUIDED, GuidedSettings, run_guided
+from .progressive import MNIST_PROGRESSIVE, ProgressiveSettings, run_progressive
+from .teacher import MNIST_TEACHER, TeacherSettings, run_teacher
+from ._stage import Hyper
+
+__all__ = ["Recipe", "RECIPES", "Hyper", "TeacherSettings", "ClassifierSettings", "GuidedSettings",
+           "ProgressiveSettings", "DMDSettings", "PairSettings", "MNIST_TEACHER", "MNIST_CLASSIFIER", "MNIST_GUIDED",
+           "MNIST_PROGRESSIVE", "MNIST_DMD", "MNIST_DMD2_4", "DMD_PRESETS", "run_teacher", "run_classifier",
+           "run_guided", "run_progressive", "run_dmd"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named preset of a recipe: ``recipe(out, **options)`` runs ``run(out, settings, name=name, **options)``
+    (``recipe(out, settings=replace(recipe.settings, steps=100))`` with changed settings)."""
+    name: str
+    settings: Any
+    run: Callable
+    summary: str
+
+    def __call__(self, out, settings=None, **options):
+        return self.run(out, self.settings if settings is None else settings, name=self.name, **options)
+
+
+RECIPES = {r.name: r for r in (
+    Recipe("mnist-teacher", MNIST_TEACHER, run_teacher, "class-conditional MNIST teacher (v-prediction, CFG)"),
+    Recipe("mnist-classifier", MNIST_CLASSIFIER, run_classifier, "the classifier behind FID/KID/IS"),
+    Recipe("mnist-guided", MNIST_GUIDED, run_guided, "guided distillation: stage 1, rounds 32 -> 1, encoder"),
+    Recipe("mnist-progressive", MNIST_PROGRESSIVE, run_progressive, "plain progressive distillation, 32 -> 4"),
+    Recipe("mnist-dmd-1", MNIST_DMD, run_dmd, "one-step DMD generator with regression"),
+    Recipe("mnist-dmd2-4", MNIST_DMD2_4, run_dmd, "DMD2: four steps, GAN head, no regression"),
+)}
