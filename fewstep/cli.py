@@ -512,11 +512,17 @@ def distill_progressive_cmd(out, resume, threads, progress, until):
 @click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4"]), default="mnist-dmd-1",
               show_default=True, help="mnist-dmd-1: one-step DMD with regression; mnist-dmd2-4: DMD2 (no "
                                       "regression, 5 fake updates per generator update, GAN head, 4 steps).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default: the preset's).")
-def distill_dmd_cmd(out, resume, threads, progress, preset, steps):
+@click.option("--train-steps", "steps", type=click.IntRange(min=1), default=None,
+              help="Training steps (default: the preset's).")
+@click.option("--steps", "old_steps", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Deprecated name of --train-steps (--steps is the budget of model calls elsewhere).")
+def distill_dmd_cmd(out, resume, threads, progress, preset, steps, old_steps):
     """Distribution Matching Distillation of the shipped mnist-teacher into a one-step (or DMD2
     four-step) generator; reproduces mnist-dmd-1 / mnist-dmd2-4."""
     from dataclasses import replace
+    if old_steps is not None:
+        click.echo("fewstep: warning: distill dmd --steps is deprecated; use --train-steps", err=True)
+        steps = old_steps if steps is None else steps
 
     from .recipes import RECIPES
     settings = None if steps is None else replace(RECIPES[preset].settings, steps=steps)

@@ -11,7 +11,11 @@ from .schedules import NoiseSchedule, custom_grid, default_end, time_grid
 from .solvers import SOLVERS, SamplerOutput, fast_orders, get_solver
 from .solvers.dpm_solver import PLACEMENTS, default_placement, singlestep_outer_grid
 
-__all__ = ["sample", "invert", "solver_grid", "expected_nfe"]
+__all__ = ["sample", "invert", "solver_grid", "expected_nfe", "DEFAULT_SOLVER"]
+
+# the default solver: the most accurate on the default grid over the exact benchmark models together
+# (gmm-mnist, gmm-sd-v, gmm-cosine at 4-20 calls; BENCHMARKS.md, "Defaults against diffusers' default")
+DEFAULT_SOLVER = "unipc_bh2_3"
 
 
 def solver_grid(schedule: NoiseSchedule, solver: str, steps: int, spacing: str = "logsnr",
@@ -87,13 +91,13 @@ def expected_nfe(solver: str, grid: torch.Tensor, options: dict | None = None) -
     return None
 
 
-def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m",
+def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, solver: str = DEFAULT_SOLVER,
            steps: int = 10, spacing: str = "logsnr", final: str = "zero", grid=None, cond: dict | None = None,
            thresholding: bool | dict = False, generator=None, callback=None, progress: bool = False,
            placement: str | None = None, **options) -> SamplerOutput:
     """Sample from ``denoiser`` starting at ``x_T`` (noise at the grid's first time).
 
-    solver: a name from ``fewstep.solvers.SOLVERS`` (e.g. ``dpmpp_2m``, ``unipc_bh2_3``).
+    solver: a name from ``fewstep.solvers.SOLVERS`` (e.g. ``dpmpp_2m``); default ``DEFAULT_SOLVER`` (UniPC-3 bh2).
     steps: the budget of model calls (see ``solver_grid``); ignored if ``grid`` is given.
     grid: an explicit decreasing time grid (ending in 0 for a final denoising step).
       or a ``TunedGrid`` (``fewstep.grids.load_grid``; warns when fitted to another solver or schedule).

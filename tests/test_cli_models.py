@@ -69,7 +69,7 @@ def test_sample_writes_a_grid_and_reports_nfe(tiny, tmp_path):
     (["bench", "solvers", "--nfe", "5,1001"], "expected integers from 1 to 1000"),
     (["sample", "--labels", ","], "expected one or more finite class ids"),
     (["tune", "--out", "g.json"], "missing option --steps"),
-    (["distill", "dmd", "--out", "x", "--steps", "0"], "--steps"),
+    (["distill", "dmd", "--out", "x", "--train-steps", "0"], "--train-steps"),
 ])
 def test_misuse_exits_2_with_one_line(args, words):
     r = invoke(*args)
@@ -206,11 +206,14 @@ def test_train_and_distill_run_recipes_through_one_runner(recorded_recipes, tmp_
 def test_distill_dmd_steps_replaces_only_the_training_steps(recorded_recipes, tmp_path):
     from dataclasses import asdict
 
-    from fewstep.recipes import MNIST_DMD2_4
-    r = invoke("distill", "dmd", "--preset", "mnist-dmd2-4", "--steps", "7", "--out", str(tmp_path))
+    from fewstep.recipes import MNIST_DMD, MNIST_DMD2_4
+    r = invoke("distill", "dmd", "--preset", "mnist-dmd2-4", "--train-steps", "7", "--out", str(tmp_path))
     assert r.exit_code == 0, r.output
-    settings = recorded_recipes[0][1]
-    assert asdict(settings) == {**asdict(MNIST_DMD2_4), "steps": 7}
+    assert asdict(recorded_recipes[0][1]) == {**asdict(MNIST_DMD2_4), "steps": 7}
+    r = invoke("distill", "dmd", "--steps", "9", "--out", str(tmp_path))  # the old name still works, with a warning
+    assert r.exit_code == 0 and "--steps is deprecated; use --train-steps" in r.stderr, r.output
+    assert asdict(recorded_recipes[1][1]) == {**asdict(MNIST_DMD), "steps": 9}
+    assert "--train-steps" in invoke("distill", "dmd", "--help").output
 
 
 def test_a_recipe_refusal_is_one_line(recorded_recipes, tmp_path):

@@ -346,7 +346,8 @@ def test_gan_losses_are_the_softplus_terms_of_the_head_logits():
     plain = DMDLoss(teacher, SCHEDULE, "v", lambda_reg=0.0, null_class=3)
     softplus = lambda v: torch.log1p(torch.exp(v))  # noqa: E731 - log(1 + e^v), written out
 
-    d_head = _loss_parts(with_gan, with_gan.fake_loss, gen, fake, batch) - _loss_parts(plain, plain.fake_loss, gen, fake, batch)
+    d_head = _loss_parts(with_gan, with_gan.fake_loss, gen, fake, batch) - \
+        _loss_parts(plain, plain.fake_loss, gen, fake, batch)
     real_logits, fake_logits = logits
     assert real_logits.abs().max() > 1e-3 and (real_logits - fake_logits).abs().max() > 1e-4
     assert torch.allclose(d_head.double(), 0.7 * (softplus(-real_logits) + softplus(fake_logits)), atol=1e-5)
@@ -408,7 +409,8 @@ def test_backward_simulation_renoises_the_generators_own_prediction():
         x = z * SCHEDULE.sigma(loss.times[0]).float()
         for i in range(j):
             x0 = 0.5 * x + 1.0 + float(loss.times[i])
-            x = SCHEDULE.alpha(loss.times[i + 1]).float() * x0 + SCHEDULE.sigma(loss.times[i + 1]).float() * torch.randn(6, 2)
+            a, s = SCHEDULE.alpha(loss.times[i + 1]).float(), SCHEDULE.sigma(loss.times[i + 1]).float()
+            x = a * x0 + s * torch.randn(6, 2)
         inputs.clear()
         torch.manual_seed(seed)
         loss.generated(gen, z, None)

@@ -183,7 +183,7 @@ def test_diffusers_unet_runs_stage1_and_a_resumable_progressive_round(tmp_path):
     from fewstep.schedules import DiscreteVP
     schedule = DiscreteVP.from_name("linear", 1000)
     context = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))  # 3 classes + the null context
-    teacher = DiffusersNet(_tiny_cond_unet(), schedule, label_context=context)
+    teacher = DiffusersNet(_tiny_cond_unet(), schedule, label_context=context, null_class=3)
     for p in teacher.parameters():
         nn.init.normal_(p, std=0.05)
     student = with_w_input(teacher)
@@ -194,7 +194,8 @@ def test_diffusers_unet_runs_stage1_and_a_resumable_progressive_round(tmp_path):
         assert torch.allclose(student(x, t, y, torch.tensor([0.0, 1.0, 2.0, 4.0])), ref, atol=1e-6)
     data = (torch.randn(16, 1, 8, 8).clamp(-1, 1), torch.randint(0, 3, (16,)))
     opts = dict(batch_size=4, lr=1e-3, ckpt_every_minutes=None, progress=False, ema_decay=0.9)
-    r1 = train(GuidedDistillLoss(teacher, schedule, "eps", null_class=3), student, data, steps=2, out_dir=tmp_path / "s1", **opts)
+    r1 = train(GuidedDistillLoss(teacher, schedule, "eps", null_class=3), student, data, steps=2,
+               out_dir=tmp_path / "s1", **opts)
     assert r1.step == 2 and r1.model.unet.time_embedding.cond_proj.weight.abs().sum() > 0  # w is being learnt
 
     def round_run(out, steps, **kw):

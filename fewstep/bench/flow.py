@@ -209,6 +209,30 @@ def summarize(rows, nfes) -> dict:
     return summary
 
 
+# FewstepScheduler.from_config(flow config, solver=...) with no spacing uses "shifted_uniform": the rows
+# labelled "source:dpmsolver" (the same sigmas)
+DEFAULT_ROW_SPACING = "source:dpmsolver"
+
+
+def defaults_lines(doc: dict) -> list[str]:
+    """The defaults (``report.DEFAULT_SOLVERS`` through FewstepScheduler with no spacing) against the flow
+    default FlowMatchEulerDiscreteScheduler: RMSE and ratio by NFE (target: <= 1, and <= 0.5 at NFE 10)."""
+    from .report import DEFAULT_SOLVERS
+    idx = {(r["impl"], r["solver"], r["spacing"], r["nfe"]): r["rmse"] for r in doc["results"]}
+    nfes = doc["nfes"]
+    lines = ["| FewstepScheduler default, solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|" + "---|" * len(nfes)]
+    for solver in DEFAULT_SOLVERS:
+        cells = []
+        for n in nfes:
+            f, d = idx.get(("fewstep", solver, DEFAULT_ROW_SPACING, n)), idx.get(("diffusers", FLOW_EULER, "default", n))
+            cells.append("-" if f is None or d is None else f"{f:.3g} ({f / d:.2f}x)")
+        lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+    lines.append(f"| diffusers {FLOW_EULER} | " + " | ".join(
+        f"{idx[('diffusers', FLOW_EULER, 'default', n)]:.3g}" for n in nfes) + " |")
+    return lines
+
+
 def markdown(doc: dict, png_name: str | None = None) -> str:
     nfes = doc["nfes"]
     lines = [f"# Flow-matching solvers ({doc['model']['description']})", "",
@@ -224,6 +248,7 @@ def markdown(doc: dict, png_name: str | None = None) -> str:
                      f"{s['best_fixed_rmse']:.4g} | {s['best_diffusers']} | {s['best_diffusers_rmse']:.4g} | "
                      f"{s['flowmatch_euler_rmse']:.4g} | {s['ratio_vs_best_diffusers']:.3f} | "
                      f"{s['ratio_vs_flowmatch_euler']:.3f} |")
+    lines += ["", "## Defaults against the flow default (FlowMatchEuler)", ""] + defaults_lines(doc)
     if png_name:
         lines += ["", f"![flow solvers]({png_name})"]
     lines += ["", "## Tuned grids (fit cost and held-out error)", "",

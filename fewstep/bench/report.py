@@ -16,7 +16,7 @@ PARITY_RTOL, PARITY_ATOL = 1e-3, 1e-6
 UNRANKED = "†"  # marks an error within 10x of the reference's own error: not ranked
 # the solvers whose defaults (default spacing and final step, no tuning) must never lose to diffusers'
 # default scheduler: fewstep.sample's default and the README's picks
-DEFAULT_SOLVERS = ("dpmpp_2m", "unipc_bh2_2", "unipc_bh2_3", "dpmpp_3m")
+DEFAULT_SOLVERS = ("unipc_bh2_3", "unipc_bh2_2", "dpmpp_2m", "dpmpp_3m")
 DEFAULT_SPACING = "logsnr"
 DEFAULT_NFES_CHECKED = (4, 5, 6, 8, 10, 15, 20)
 

@@ -106,8 +106,8 @@ class DiffusersDenoiser(ModelDenoiser):
 def check_labels(labels, num_classes: int, what: str = "labels") -> None:
     """Raise one line if a class label lies outside the model's class embeddings 0..num_classes-1."""
     labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"{what} must be integer class ids, got dtype {labels.dtype}")
+    if labels.is_complex() or (labels.is_floating_point() and not torch.equal(labels, labels.round())):
+        raise ValueError(f"{what} must be integer class ids, got {labels.dtype} values that are not whole numbers")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
         raise ValueError(f"{what} holds class {bad}, but the model has {num_classes} class embeddings "
@@ -137,6 +137,10 @@ def pipeline_denoiser(pipe) -> DiffusersDenoiser:
                          f"{', '.join(COVERED_TRANSFORMERS)}); use pipe.scheduler = FewstepScheduler.from_config("
                          "pipe.scheduler.config, solver=...) inside the pipeline, or DiffusersDenoiser(model, "
                          "pipe.scheduler.config) for a model called as model(hidden_states=x, timestep=...)")
+    if getattr(getattr(pipe, "scheduler", None), "config", None) is None:
+        raise ValueError("the pipeline's scheduler is None, and its config says how the model was trained (betas, "
+                         "prediction type, shift): set pipe.scheduler, e.g. from the model folder's scheduler/, or "
+                         "use DiffusersDenoiser(model, scheduler_config)")
     return DiffusersDenoiser(net, pipe.scheduler.config)
 
 

@@ -15,14 +15,14 @@ from dataclasses import replace
 import torch
 
 from ..denoisers import to_x0
-from ..losses import _bcast
+from ..losses import PREDICTIONS, _bcast
 from ..schedules import NoiseSchedule
 
 __all__ = ["NetX0", "ddim_jump", "with_w_input", "sample_w", "uses_w", "null_labels", "guidance_null_class",
            "teacher_mode", "check_prediction", "TRAINED_PREDICTIONS"]
 
 
-TRAINED_PREDICTIONS = ("eps", "v", "x0", "flow")  # output types a trained network can regress (losses.prediction_target)
+TRAINED_PREDICTIONS = PREDICTIONS  # output types a trained network can regress (losses.prediction_target)
 
 
 def check_prediction(prediction: str, what: str = "prediction") -> str:
@@ -41,7 +41,7 @@ def uses_w(net) -> bool:
 
 
 class NetX0:
-    """``x0_hat(x, t, labels, w)`` from a net of output type ``prediction`` ('eps', 'v', 'x0').
+    """``x0_hat(x, t, labels, w)`` from a net of output type ``prediction`` ('eps', 'v', 'x0', 'flow').
 
     ``w`` is passed to the net only when it has a w input; a net without one ignores it
     (:class:`fewstep.denoisers.ClassifierFreeGuidance` adds guidance around such a net).
@@ -61,7 +61,8 @@ def null_labels(null_class: int):
     """``uncond`` for :class:`fewstep.denoisers.ClassifierFreeGuidance`: every label replaced by the
     null class (the class index the teacher was trained with for "no condition")."""
     if isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0:
-        raise ValueError(f"null_class must be the teacher's unconditional class index (an int >= 0), got {null_class!r}")
+        raise ValueError(f"null_class must be the teacher's unconditional class index (an int >= 0), "
+                         f"got {null_class!r}")
     return lambda cond: {"labels": torch.full_like(cond["labels"], null_class)}
 
 

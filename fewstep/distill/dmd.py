@@ -261,8 +261,8 @@ class DMDLoss:
         t = training_times(self.schedule, x.shape[0], x.device)
         eps = torch.randn_like(x)
         x_t, alpha, sigma = noised(self.schedule, x, t, eps)
-        out = fake(x_t, t, labels)
-        loss = (out.float() - prediction_target(self.prediction, x, eps, alpha, sigma).float()).pow(2).flatten(1).mean(1)
+        target = prediction_target(self.prediction, x, eps, alpha, sigma)
+        loss = (fake(x_t, t, labels).float() - target.float()).pow(2).flatten(1).mean(1)
         if self.gan_d > 0:
             if "x_real" not in batch:
                 raise ValueError("the GAN loss needs real images: build the data with real=(x, labels)")

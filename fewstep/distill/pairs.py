@@ -59,8 +59,8 @@ def _read_cache(path: Path, settings: dict) -> tuple[dict | None, str]:
 
 @torch.no_grad()
 def regression_pairs(teacher, path, *, n: int = 2000, solver: str = "dpmpp_2m", steps: int = 20, w: float = 0.0,
-                     seed: int = 0, batch_size: int = 250, progress: bool = False, schedule: NoiseSchedule | None = None,
-                     image_shape=None, prediction: str | None = None, num_classes: int | None = None,
+                     seed: int = 0, batch_size: int = 250, progress: bool = False,
+                     schedule: NoiseSchedule | None = None, image_shape=None, prediction: str | None = None, num_classes: int | None = None,
                      null_class: int | None = None, teacher_id: str | None = None) -> dict:
     """The paired set for DMD's regression loss from any teacher.
 
@@ -101,8 +101,8 @@ def _teacher_source(teacher, w, schedule, image_shape, prediction, num_classes, 
     """What regression_pairs needs of a teacher: denoiser (guided at w), schedule, image shape, classes,
     device, identity (and the extra cache settings of a bare net or denoiser)."""
     if hasattr(teacher, "denoiser") and hasattr(teacher, "net") and hasattr(teacher, "image_shape"):
-        return {"denoiser": teacher.denoiser(w), "schedule": teacher.schedule, "image_shape": tuple(teacher.image_shape),
-                "num_classes": teacher.num_classes, "device": teacher.device, "id": weights_hash(teacher.net),
+        return {"denoiser": teacher.denoiser(w), "schedule": teacher.schedule,
+                "image_shape": tuple(teacher.image_shape), "num_classes": teacher.num_classes, "device": teacher.device, "id": weights_hash(teacher.net),
                 "extra": {}}
     if schedule is None or image_shape is None:
         raise ValueError("a bare net or denoiser teacher needs schedule= and image_shape= (the shape of one sample)")

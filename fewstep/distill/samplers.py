@@ -1,6 +1,7 @@
 """Samplers for distilled N-step students (Meng et al. 2022, Sec. 4.3).
 
-Both run on the student's own grid (:func:`student_grid`, uniform in t, ending at 0)
+Both run on the student's own grid (:func:`student_grid`, ending at 0; uniform in t for VP and
+flow schedules, Karras-spaced for EDM: :mod:`fewstep.distill.times`)
 through the solvers' one-call-per-step loop, one model call per step:
 
 * deterministic: DDIM from grid point to grid point;
