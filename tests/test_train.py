@@ -259,3 +259,25 @@ def test_each_networks_ema_steps_with_its_own_updates(tmp_path):
         got = list(res.emas[name].parameters())
         assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, ema)), name
         assert any((g - p).abs().max() > 1e-4 for g, p in zip(got, after[-1][name]))  # an average, not a copy
+
+
+@pytest.mark.parametrize("warmup, scale", [(0, 1.0), (4, 0.25)])
+def test_first_step_moves_each_weight_by_the_warmed_up_lr(tmp_path, warmup, scale):
+    """AdamW's first step is lr * g / (|g| + eps) (Kingma & Ba 2015, Alg. 1 with bias correction): every
+    weight with a gradient moves by the step's lr, lr * min(1, 1 / warmup) at the first step."""
+    torch.manual_seed(0)
+    net = MLP(dim=2, hidden=8, depth=1)
+    before = [p.detach().clone() for p in net.parameters()]
+    res = train(DenoisingLoss(SCHEDULE), net, torch.randn(64, 2), steps=1, batch_size=16, lr=1e-3, warmup=warmup,
+                out_dir=tmp_path, ckpt_every_minutes=None, progress=False)
+    moved = torch.cat([(a - b).abs().flatten() for a, b in zip(res.model.parameters(), before)])
+    moved = moved[moved > 0]
+    assert moved.numel() > 50 and abs(float(moved.median()) / (1e-3 * scale) - 1) < 1e-3  # |g| >> eps: exactly lr
+    assert float(moved.max()) < 1e-3 * scale * (1 + 1e-3)  # (weights with |g| ~ eps move less)
+
+
+def test_periodic_actions_fall_due_by_steps_or_minutes():
+    from fewstep.train import _due
+    assert _due(10, 5, 0.0, None) and not _due(11, 5, 0.0, None)
+    assert not _due(3, None, 119.0, 2.0) and _due(3, None, 121.0, 2.0)  # every 2 minutes = 120 s
+    assert not _due(3, None, 1e6, None) and not _due(3, 0, 1e6, 0)
