@@ -57,7 +57,7 @@ def row(model, label: str, n: int, w: float, network_evals: int, **kw) -> dict:
     return out
 
 
-def stored_reference(path: Path | None, n: int, w: float) -> dict | None:
+def stored_reference(path: Path | None, n: int, w: float, per_step: int) -> dict | None:
     """The teacher's converged row at w from benchmarks/bench_teacher.py's results (same sampler,
     seed 0 and n), so an expensive 50-evaluation row is not recomputed; None if not there."""
     if path is None or not path.is_file():
@@ -69,7 +69,7 @@ def stored_reference(path: Path | None, n: int, w: float) -> dict | None:
         if r["w"] == w and r.get("seed", 0) == 0 and r.get("spacing", "logsnr") == "logsnr":
             solver, steps = REFERENCE
             out = {"model": f"teacher reference ({solver}, {steps} steps)", "w": w,
-                   "network_evals": steps * (2 if w != 0 else 1), "baseline_fid": None, "source": str(path),
+                   "network_evals": steps * per_step, "baseline_fid": None, "source": str(path),
                    **{k: r[k] for k in ("fid", "kid", "kid_std", "is", "class_accuracy", "seconds_per_image")}}
             print(json.dumps(out), flush=True)
             return out
@@ -81,7 +81,7 @@ def teacher_rows(teacher, n: int, w: float, evals: list[int], stored: Path | Non
     """The teacher at each budget of network evaluations (guided: steps = evals / 2) and its reference
     (read from ``stored`` when it holds this w, else computed)."""
     rows = []
-    per_step = 2 if w != 0 else 1
+    per_step = teacher.evaluations_per_call(w)
     for e in evals:
         steps = e // per_step
         if steps < 1:
@@ -90,7 +90,7 @@ def teacher_rows(teacher, n: int, w: float, evals: list[int], stored: Path | Non
             rows.append(row(teacher, f"teacher {solver} {steps} steps", n, w, steps * per_step, solver=solver,
                             steps=steps))
     solver, steps = REFERENCE
-    rows.append(stored_reference(stored, n, w) or
+    rows.append(stored_reference(stored, n, w, per_step) or
                 row(teacher, f"teacher reference ({solver}, {steps} steps)", n, w, steps * per_step, solver=solver,
                     steps=steps))
     return rows

@@ -434,7 +434,7 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def _warmup_lambda(warmup: int):
-    return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.1
+    return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
 
 
 def _per_net(value, names, what: str) -> dict:

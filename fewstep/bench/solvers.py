@@ -156,7 +156,11 @@ def _diffusers_rows(bm, plan, x_T, x_ref, cond, uncond, log):
     rows, seen = [], set()
     for name, spacing, extra in plan.diffusers_configs:
         for nfe in plan.nfes:
-            x, spent = diffusers_sample(bm, x_T, name, extra, nfe, cond, uncond)
+            try:
+                x, spent = diffusers_sample(bm, x_T, name, extra, nfe, cond, uncond)
+            except (IndexError, ValueError, RuntimeError) as e:  # e.g. Karras sigmas on cosine betas (REFERENCE.md)
+                log(f"diffusers {name} ({spacing}) at NFE {nfe} failed: {type(e).__name__}: {e}")
+                continue
             if (name, spacing, spent) not in seen:
                 seen.add((name, spacing, spent))
                 rows.append(_row("diffusers", name, spacing, spent, rmse(x, x_ref)))

@@ -133,7 +133,7 @@ def thickness_index(images: torch.Tensor, labels, terciles: torch.Tensor = THICK
     terciles = torch.as_tensor(terciles, dtype=torch.float64)
     labels = _check_labels(labels, len(mass), len(terciles))
     lo, hi = terciles[labels, 0], terciles[labels, 1]
-    return (mass > lo).long() + (mass >= hi).long()
+    return (mass >= lo).long() + (mass >= hi).long()
 
 
 def slant_index(images: torch.Tensor, degrees: float = SLANT_DEGREES) -> torch.Tensor:

@@ -83,5 +83,6 @@ def load_tokenizer(folder: str | Path = TEXT_ASSET):
     folder = Path(folder)
     missing = [f for f in ("vocab.json", "merges.txt") if not (folder / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"tokenizer folder {folder} lacks {', '.join(missing)}; write it with write_vocabulary()")
+        raise FileNotFoundError(f"tokenizer folder {folder} lacks {', '.join(missing)}; "
+                                "write it with write_vocabulary()")
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_LENGTH, local_files_only=True)
