@@ -464,7 +464,8 @@ def _run_recipe(name: str, out, threads: int, settings=None, **options):
 
 
 @main.command("train")
-@click.argument("preset", type=click.Choice(["mnist", "mnist-teacher", "mnist-classifier"]))
+@click.argument("preset", type=click.Choice(["mnist", "mnist-teacher", "mnist-classifier", "mnist-vae", "mnist-sd",
+                                                "mnist-sd3"]))
 @_recipe_options("Run folder: checkpoints, log.jsonl, samples/, and the export model/.")
 def train_cmd(preset, out, resume, threads, progress):
     """Train a model from a preset: mnist (= mnist-teacher) or mnist-classifier reproduce the shipped ones."""

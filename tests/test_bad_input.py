@@ -152,6 +152,16 @@ CASES = [
     ("configs", "unknown prediction_type",
      lambda p: _diffusers_config({"_class_name": "DDIMScheduler", "prediction_type": "score"}), ValueError,
      ["prediction_type"]),
+    # -- diffusers models (helpers in tests/_diffusers_cases.py) -----------------------------------
+    ("diffusers", "pipeline_denoiser on a pipeline whose scheduler is None",
+     lambda p: __import__("_diffusers_cases").pipeline_without_scheduler(), ValueError,
+     ["scheduler is None", "pipe.scheduler"]),
+    ("diffusers", "class label >= the UNet's number of class embeddings",
+     lambda p: __import__("_diffusers_cases").class_label_out_of_range(), ValueError,
+     ["class 10", "10 class embeddings", "0..9"]),
+    ("diffusers", "label_context width differs from the UNet's cross-attention width",
+     lambda p: __import__("_diffusers_cases").label_context_of_the_wrong_width(), ValueError,
+     ["label_context", "(4, 3, 10)", "12"]),
     # -- distillation ------------------------------------------------------------------------------
     ("distill", "DMD generator GAN loss against a head nobody trains",
      lambda p: DMDLoss(_den, SCH, "x0", gan_weight_g=0.1), ValueError, ["gan_weight_d > 0"]),

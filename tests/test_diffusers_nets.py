@@ -28,7 +28,8 @@ def gen(seed):
 
 def cond_unet(**overrides):
     cfg = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                cross_attention_dim=12, norm_num_groups=4, attention_head_dim=4)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -123,8 +124,8 @@ def test_null_class_is_explicit():
         net(x, 0.5)
     with_null = DiffusersNet(unet, SCHEDULE, null_class=0)
     with torch.no_grad():
-        assert torch.allclose(with_null(x, 0.5), unet(x, torch.tensor([499.0]), class_labels=torch.zeros(2).long()).sample,
-                              atol=1e-6)
+        null = unet(x, torch.tensor([499.0]), class_labels=torch.zeros(2).long()).sample
+        assert torch.allclose(with_null(x, 0.5), null, atol=1e-6)
     for bad in (10, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"null_class must be a class id in 0\.\.9"):
             DiffusersNet(unet, SCHEDULE, null_class=bad)
@@ -182,7 +183,8 @@ def test_with_w_input_on_a_unet2dmodel(classes, tmp_path):
     assert min((a - b).abs().max() for a, b in zip(outs, outs[1:])) > 1e-4  # every w gives its own output
     with torch.no_grad():
         assert torch.equal(teacher(x, t, labels), ref)  # the teacher is untouched
-        assert torch.equal(student.unet(x, torch.tensor([199.0, 899.0]), class_labels=labels).sample, ref)  # no w: no shift
+        # the UNet called without the net's w: the hook adds nothing
+        assert torch.equal(student.unet(x, torch.tensor([199.0, 899.0]), class_labels=labels).sample, ref)
     # saved and loaded with the net
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(tmp_path / "s.safetensors"))
     state = load_file(str(tmp_path / "s.safetensors"))
@@ -208,7 +210,7 @@ def test_gradient_reaches_the_w_embedding():
     assert last.bias.grad.abs().max() > 0
     assert all(p.requires_grad for p in student.w_embedding.parameters())
     names = {n for n, _ in student.named_parameters()}
-    assert {"w_embedding.mlp.0.weight", "w_embedding.mlp.2.weight"} <= names  # an optimiser over .parameters() trains it
+    assert {"w_embedding.mlp.0.weight", "w_embedding.mlp.2.weight"} <= names  # an optimiser over parameters() has it
 
 
 def test_with_w_input_on_sd3_adds_to_the_time_text_embedding():

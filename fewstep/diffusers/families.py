@@ -14,6 +14,12 @@ are listed once in a debug message. Three families are known:
   prediction type, ``rescale_betas_zero_snr``, CogVideoX's ``snr_shift_scale``.
 * ``edm``: EDM (EDMEulerScheduler, EDMDPMSolverMultistepScheduler): alpha = 1, sigma in
   [sigma_min, sigma_max] with Karras et al.'s preconditioning (c_in, c_noise, c_skip, c_out).
+
+Each family is one object (:class:`VPFamily`, :class:`FlowFamily`, :class:`EDMFamily`, from
+:func:`family_of`): fewstep's time t <-> the model's timestep, the model input scaling, the model
+output -> x0, alpha / sigma at model timesteps, the initial noise and the grid ends. FewstepScheduler,
+DiffusersDenoiser and DiffusersNet all ask it; :data:`PREDICTION_OF` is the one map from diffusers'
+prediction types to fewstep's names.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ from ..schedules import (EDM, DiscreteVP, FlowMatching, NoiseSchedule, ZeroSNRDi
                          rescale_zero_terminal_snr)
 
 __all__ = ["FAMILIES", "FLOW_CLASSES", "VP_CLASSES", "EDM_CLASSES", "detect_family", "translate_config",
-           "build_schedule", "PREDICTION_OF", "Family", "VPFamily", "FlowFamily", "EDMFamily", "family_of", "flow_shift_sigmas", "flow_source_sigmas", "vp_source_timesteps", "edm_source_sigmas"]
+           "build_schedule", "PREDICTION_OF", "Family", "VPFamily", "FlowFamily", "EDMFamily", "family_of",
+           "flow_shift_sigmas", "flow_source_sigmas", "vp_source_timesteps", "edm_source_sigmas"]
 
 logger = logging.getLogger("fewstep.diffusers")
 

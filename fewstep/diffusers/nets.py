@@ -129,7 +129,8 @@ class DiffusersNet(nn.Module):
                              f"{', '.join(COVERED_TRANSFORMERS)}): it packs latents or takes extra ids in its pipeline")
         if getattr(cfg, "addition_embed_type", None) is not None:
             raise ValueError(f"this UNet has addition_embed_type={cfg.addition_embed_type!r} (SDXL-style added "
-                             "conditions), which DiffusersNet cannot feed; use DiffusersDenoiser with added_cond_kwargs")
+                             "conditions), which DiffusersNet cannot feed; use DiffusersDenoiser with "
+                             "added_cond_kwargs")
         self.num_classes = self._check_context(unet, label_context, pooled_context)
         self.register_buffer("label_context", label_context, persistent=False)
         self.register_buffer("pooled_context", pooled_context, persistent=False)
@@ -137,7 +138,8 @@ class DiffusersNet(nn.Module):
             if self.num_classes is None:
                 raise ValueError("null_class is given, but this model takes no class labels (no num_class_embeds, "
                                  "no cross-attention); leave null_class out")
-            if isinstance(null_class, bool) or not isinstance(null_class, int) or not 0 <= null_class < self.num_classes:
+            if isinstance(null_class, bool) or not isinstance(null_class, int) or \
+                    not 0 <= null_class < self.num_classes:
                 raise ValueError(f"null_class must be a class id in 0..{self.num_classes - 1}, got {null_class!r}")
         self.null_class = null_class
         self.use_w = getattr(cfg, "time_cond_proj_dim", None) is not None
@@ -243,7 +245,8 @@ class DiffusersNet(nn.Module):
             unet = cls.from_config({**cfg, "time_cond_proj_dim": time_cond_proj_dim})
             missing, unexpected = unet.load_state_dict(self.unet.state_dict(), strict=False)
             if unexpected or any("cond_proj" not in k for k in missing):
-                raise ValueError(f"cannot copy the UNet's weights into a guidance-conditioned one: {unexpected or missing}")
+                raise ValueError("cannot copy the UNet's weights into a guidance-conditioned one: "
+                                 f"{unexpected or missing}")
             nn.init.zeros_(unet.time_embedding.cond_proj.weight)
             unet.to(next(self.unet.parameters()).device)
             return DiffusersNet(unet, schedule, **kw)

@@ -52,6 +52,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
       ``snr_shift_scale``.
     * EDM (``family="edm"``): sigma_min/max, sigma_data, rho; the model input is scaled by c_in.
 
+    ``scheduler.family`` is the family object (``fewstep.diffusers.families``) that maps times to
+    model timesteps, scales the model input and turns its output into x0, for the scheduler and
+    the model adapters alike.
+
     spacing: ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras`` (fewstep's grids, between
     the model's lowest and highest finite-SNR training noise levels; flow: after the shift), or
     ``source``: the source scheduler's own timesteps (its ``timestep_spacing`` / shift / Karras

@@ -22,6 +22,7 @@ from .dmd import DMD_PRESETS, MNIST_DMD, MNIST_DMD2_4, DMDSettings, PairSettings
 from .guided import MNIST_GUIDED, GuidedSettings, run_guided
 from .progressive import MNIST_PROGRESSIVE, ProgressiveSettings, run_progressive
 from .teacher import MNIST_TEACHER, TeacherSettings, run_teacher
+from .textbed import MNIST_SD, MNIST_SD3, MNIST_VAE, SD3Settings, SDSettings, VAESettings, run_sd, run_sd3, run_vae
 from ._stage import Hyper
 
 __all__ = ["Recipe", "RECIPES", "Hyper", "TeacherSettings", "ClassifierSettings", "GuidedSettings",
@@ -50,4 +51,7 @@ RECIPES = {r.name: r for r in (
     Recipe("mnist-progressive", MNIST_PROGRESSIVE, run_progressive, "plain progressive distillation, 32 -> 4"),
     Recipe("mnist-dmd-1", MNIST_DMD, run_dmd, "one-step DMD generator with regression"),
     Recipe("mnist-dmd2-4", MNIST_DMD2_4, run_dmd, "DMD2: four steps, GAN head, no regression"),
+    Recipe("mnist-vae", MNIST_VAE, run_vae, "AutoencoderKL for 32x32 digits -> 4x8x8 latents (text-to-image test bed)"),
+    Recipe("mnist-sd", MNIST_SD, run_sd, "StableDiffusionPipeline on MNIST captions (VP, scaled_linear, CFG)"),
+    Recipe("mnist-sd3", MNIST_SD3, run_sd3, "StableDiffusion3Pipeline on MNIST captions (rectified flow, no T5)"),
 )}
