@@ -250,3 +250,25 @@ def test_w_is_required_exactly_when_there_is_a_w_input():
         net.with_w_input()(x, 0.5)
     with pytest.raises(ValueError, match=r"w must be a scalar or have shape \(2,\)"):
         net.with_w_input()(x, 0.5, None, torch.ones(3))
+
+
+def test_a_unet2dmodel_student_learns_w_in_guided_stage1(tmp_path):
+    """Through the one training loop: the w embedding leaves zero, and the EMA copy's output follows its
+    own w embedding (the hook belongs to each copy)."""
+    from fewstep.distill import GuidedDistillLoss, with_w_input
+    from fewstep.train import train
+    teacher = DiffusersNet(tiny_unet(num_class_embeds=4, in_channels=1, out_channels=1), SCHEDULE, null_class=3)
+    student = with_w_input(teacher)
+    data = (torch.randn(16, 1, 8, 8, generator=gen(14)).clamp(-1, 1), torch.randint(0, 3, (16,), generator=gen(15)))
+    torch.manual_seed(0)
+    r = train(GuidedDistillLoss(teacher, SCHEDULE, "eps", null_class=3), student, data, steps=2,
+              out_dir=tmp_path, batch_size=4, lr=1e-3, ckpt_every_minutes=None, progress=False, ema_decay=0.9)
+    assert r.step == 2 and r.model.w_embedding.mlp[2].weight.abs().sum() > 0
+    x, t, y = torch.randn(2, 1, 8, 8, generator=gen(16)), torch.tensor([0.5, 0.5]), torch.tensor([0, 1])
+    with torch.no_grad():
+        for net in (r.model, r.ema):
+            assert (net(x, t, y, 0.0) - net(x, t, y, 4.0)).abs().max() > 1e-4
+        ema_copy = copy.deepcopy(r.ema)
+        ema_copy.w_embedding.load_state_dict(r.model.w_embedding.state_dict())
+        ema_copy.unet.load_state_dict(r.model.unet.state_dict())
+        assert torch.equal(ema_copy(x, t, y, 4.0), r.model(x, t, y, 4.0))

@@ -94,7 +94,8 @@ def test_one_repeated_token_equals_the_pipelines_256_zero_rows():
         want = m(hidden_states=z, encoder_hidden_states=full, pooled_projections=pooled, timestep=t).sample
         m.set_attn_processor(RepeatedTokenJointAttnProcessor(256))
         got = m(hidden_states=z, encoder_hidden_states=full[:, :17], pooled_projections=pooled, timestep=t).sample
-        wrong = m(hidden_states=z, encoder_hidden_states=full[:, :18], pooled_projections=pooled, timestep=t).sample
+        m.set_attn_processor(RepeatedTokenJointAttnProcessor(1))  # the zero row counted once
+        wrong = m(hidden_states=z, encoder_hidden_states=full[:, :17], pooled_projections=pooled, timestep=t).sample
     assert torch.allclose(got, want, atol=1e-4 * want.abs().max())
     assert (wrong - want).abs().max() > 1e-2 * want.abs().max()  # the count matters
     with pytest.raises(ValueError, match="positive integer"):
@@ -166,7 +167,7 @@ def test_stable_diffusion_folder_loads_and_samples_with_plain_diffusers(trained)
     pil = pipe(["a thin one", ""], num_inference_steps=2, guidance_scale=2).images
     assert pil[0].size == (32, 32) and pil[0].mode == "L"
     info = json.loads((folder / "fewstep.json").read_text())
-    assert info["train_steps"] == 3 and info["captions"] == 13  # 12 distinct captions + ""
+    assert info["train_steps"] == 3 and info["captions"] == len(set(tiny_data()[1])) + 1  # and ""
 
 
 def test_sd3_folder_loads_without_t5_and_samples_with_plain_diffusers(trained):
@@ -213,7 +214,9 @@ def test_shifted_times_are_the_schedulers():
     from diffusers import FlowMatchEulerDiscreteScheduler
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
     u = torch.linspace(1, 1e-3, 1000, dtype=torch.float64)
-    assert torch.allclose(shift_sigmas(u, 3.0).float(), sched.sigmas[:-1], atol=1e-6)
+    assert len(sched.sigmas) == 1000
+    assert torch.allclose(shift_sigmas(u, 3.0).float(), sched.sigmas, atol=1e-6)
+    assert not torch.allclose(shift_sigmas(u, 1.0).float(), sched.sigmas, atol=1e-3)
 
 
 def test_resume_continues_the_step_count(tmp_path):
@@ -241,3 +244,26 @@ def test_recipes_are_registered_and_bad_settings_refused(tmp_path):
         run_vae(tmp_path, TINY_VAE, data=lambda: torch.zeros(4, 1, 28, 28))
     with pytest.raises(ValueError, match="one caption string per image"):
         run_sd(tmp_path, TINY_SD, data=lambda: (torch.zeros(4, 1, 32, 32), ["a thin one"]))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_vp_targets_are_the_schedulers(prediction):
+    """A UNet answering diffusers' own target (noise, or PNDMScheduler.get_velocity) has zero loss."""
+    from fewstep.recipes.textbed import VPLatentLoss, _Latents, sd_scheduler
+    sched = sd_scheduler(replace(MNIST_SD, prediction=prediction))
+    z = torch.randn(6, 4, 8, 8)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, z_t, t, context):
+            a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+            eps = (z_t - a.sqrt() * z) / (1 - a).sqrt()
+            assert torch.allclose(sched.add_noise(z, eps, t), z_t, atol=1e-5)
+            out = eps if prediction == "epsilon" else sched.get_velocity(z, eps, t)
+            return type("Out", (), {"sample": out})()
+
+    embeds = torch.randn(3, 16, 64)
+    batch = (z, torch.zeros_like(z), torch.tensor([0, 1, 2, 0, 1, 2]))
+    for p, want_zero in ((prediction, True), ("v_prediction" if prediction == "epsilon" else "epsilon", False)):
+        loss = VPLatentLoss(sched.alphas_cumprod, embeds, 2, 0.1, p, _Latents(1.0, 0.0))(Oracle(), batch)
+        assert loss.shape == (6,)
+        assert (loss.max() < 1e-8) if want_zero else (loss.max() > 1e-3)

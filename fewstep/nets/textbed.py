@@ -7,18 +7,19 @@ call. The defaults are sized to train on a 2-core CPU (parameter counts from
 :func:`param_count`, torch 2.13, diffusers 0.42, transformers 5.25):
 
 * :func:`build_vae`: ``AutoencoderKL`` for 32x32 one-channel digits in [-1, 1] -> 4x8x8 latents
-  (three blocks = two downsamplings, factor 4); 1.23M parameters. ``out_channels = 1``: the
+  (three blocks = two downsamplings, factor 4; 16 channels at full resolution, the costly part);
+  0.68M parameters. ``out_channels = 1``: the
   pipelines' image processors map [-1, 1] to [0, 1] per channel and write one-channel PIL images
   as grayscale ("L"), so no channel replication is needed.
 * :func:`build_text_encoder`: ``CLIPTextModel`` (SD) or ``CLIPTextModelWithProjection`` (SD3,
   pooled ``text_embeds``) over the tokenizer of :mod:`fewstep.data.text` (vocabulary size and
   special-token ids read from it, 16 positions); 0.11M parameters at width 64, 2 layers.
 * :func:`build_unet`: ``UNet2DConditionModel`` on 4x8x8 latents, cross-attention at 8x8, 4x4 and
-  in the 4x4 middle block, ``cross_attention_dim`` = the text encoder's width; 2.04M parameters.
+  in the 4x4 middle block, ``cross_attention_dim`` = the text encoder's width; 2.38M parameters.
 * :func:`build_sd3_transformer`: ``SD3Transformer2DModel`` on 4x8x8 latents, patch size 2 (16
   image tokens), width 128 (4 heads of 32), 4 joint blocks; ``joint_attention_dim`` = the two
   CLIP widths side by side, ``pooled_projection_dim`` = their two projections side by side, as
-  StableDiffusion3Pipeline concatenates them; 2.14M parameters.
+  StableDiffusion3Pipeline concatenates them; 2.30M parameters.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ __all__ = ["VAE_CONFIG", "TEXT_CONFIG", "UNET_CONFIG", "SD3_CONFIG", "build_vae"
            "RepeatedTokenJointAttnProcessor"]
 
 VAE_CONFIG = {"in_channels": 1, "out_channels": 1, "latent_channels": 4, "sample_size": 32,
-              "block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 16,
+              "block_out_channels": [16, 32, 64], "layers_per_block": 1, "norm_num_groups": 8,
               "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}
 TEXT_CONFIG = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
                "projection_dim": 64}

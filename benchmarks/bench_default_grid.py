@@ -1,0 +1,210 @@
+"""Scan of default-grid rules (issue 20): which log-SNR grid of K calls ending in 0 never loses to diffusers'
+default DPMSolverMultistepScheduler on the exact benchmark models.
+
+    python benchmarks/bench_default_grid.py                      # every rule, every model, unipc_bh2_3
+    python benchmarks/bench_default_grid.py --rules current,data --solvers unipc_bh2_3,dpmpp_2m
+    python benchmarks/bench_default_grid.py --models gmm-cosine --samples 1024
+
+Each rule maps (schedule, K) to K + 1 times (t_max, K - 1 real points, 0). The RMSE of the solver on that
+grid is divided by the RMSE of diffusers' default scheduler on the same noise (both against the RK4
+reference of ``fewstep.bench.runner.reference``); the table prints the ratio by model and NFE, the
+worst ratio over NFE 4-20 and the ratio at NFE 10 (targets: <= 1 everywhere, <= 0.5 at 10).
+Writes ``benchmarks/results/default_grid.{json,md}``. The flow-matching model is not scanned: its
+FewstepScheduler default is the shifted-uniform flow grid, not a log-SNR grid (``bench solvers
+--model flow-mixture`` measures it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from fewstep.bench.models import load_bench_model
+from fewstep.bench.runner import diffusers_sample, reference, rmse
+from fewstep.sampling import sample
+from fewstep.schedules import time_grid
+
+NFES = (4, 5, 6, 8, 10, 15, 20)
+SAMPLES = {"gmm-mnist": 32, "gmm-sd-v": 256, "gmm-cosine": 256}
+F64 = torch.float64
+
+
+def loglinear(schedule, K: int, lam_top: float, h_max: float | None, lam_end: float | None = None) -> torch.Tensor:
+    """t_max, then K - 1 points uniform in lambda: lam_top + h k (k = 1..K-1) with h = (lam_end - lam_top) / K
+    (lam_end: the schedule's t_min unless given) capped at h_max; then 0."""
+    lam_lo = float(schedule.lambda_(torch.tensor(schedule.t_min, dtype=F64))) if lam_end is None else lam_end
+    h = (lam_lo - lam_top) / K
+    h = h if h_max is None else min(h, h_max)
+    lam = lam_top + h * torch.arange(1, K, dtype=F64)
+    t = schedule.t_of_lambda(lam) if K > 1 else torch.zeros(0, dtype=F64)
+    return torch.cat([torch.tensor([schedule.t_max], dtype=F64), t, torch.zeros(1, dtype=F64)])
+
+
+def lam_max_of(schedule) -> float:
+    return float(schedule.lambda_(torch.tensor(schedule.t_max, dtype=F64)))
+
+
+def capped(top: float, h_max: float | None):
+    """Uniform part starting no higher than EDM sigma ``top`` (the pre-scan rule: top 30, h_max 1)."""
+    return lambda s, K: loglinear(s, K, max(lam_max_of(s), -math.log(top)), h_max)
+
+
+def schedule_top(h_max: float | None, frac: float = 1.0):
+    """The first real point where the schedule's own uniform-time grid of K steps puts it (diffusers'
+    linspace: t = t_max (K - frac) / K), then uniform in lambda towards t_min (0 replacing it), h <= h_max."""
+    def rule(s, K):
+        if K == 1:
+            return torch.tensor([s.t_max, 0.0], dtype=F64)
+        t1 = torch.tensor(s.t_max * (K - frac) / K, dtype=F64)
+        lam1 = float(s.lambda_(t1))
+        lam_lo = float(s.lambda_(torch.tensor(s.t_min, dtype=F64)))
+        h = (lam_lo - lam1) / (K - 1)
+        h = h if h_max is None else min(h, h_max)
+        lam = lam1 + h * torch.arange(0, K - 1, dtype=F64)
+        return torch.cat([torch.tensor([s.t_max], dtype=F64), s.t_of_lambda(lam), torch.zeros(1, dtype=F64)])
+    return rule
+
+
+def blend(w: float, spacing: str = "time_uniform"):
+    """Geometric blend of two default grids ending in 0: sigma_k = sigma_k(spacing)^(1 - w) sigma_k(logsnr)^w
+    (w = 0: ``spacing``, w = 1: the log-SNR default)."""
+    def rule(s, K):
+        g0, g1 = time_grid(s, K, spacing), time_grid(s, K)
+        lam = (1 - w) * s.lambda_(g0[1:-1]) + w * s.lambda_(g1[1:-1])
+        return torch.cat([g0[:1], s.t_of_lambda(lam), g0[-1:]])
+    return rule
+
+
+RULES = {
+    "blend0.25": blend(0.25),
+    "blend0.5": blend(0.5),
+    "blend0.75": blend(0.75),
+    "current": lambda s, K: time_grid(s, K),
+    "time_uniform": lambda s, K: time_grid(s, K, "time_uniform"),
+    "karras": lambda s, K: time_grid(s, K, "karras"),
+    "sched_top_h1": schedule_top(1.0),
+    "sched_top_h0.8": schedule_top(0.8),
+    "sched_top_h1.2": schedule_top(1.2),
+    "sched_top_none": schedule_top(None),
+    "top30_h1": capped(30.0, 1.0),
+    "top10_h1": capped(10.0, 1.0),
+    "top20_h1": capped(20.0, 1.0),
+    "top30_h0.8": capped(30.0, 0.8),
+    "top10_h0.8": capped(10.0, 0.8),
+}
+
+
+def _load(name: str, samples: int, cache: Path):
+    """Model, noise, conditioning, reference and diffusers' default errors; cached on disk."""
+    bm = load_bench_model(name)
+    n = samples or SAMPLES[name]
+    path = cache / f"{name}_{n}.pt"
+    x_T = torch.randn((n, *bm.shape), generator=torch.Generator().manual_seed(0))
+    cond, uncond = bm.conditioning(n)
+    if path.is_file():
+        saved = torch.load(path)
+        return bm, x_T, cond, uncond, saved["x_ref"], saved["diffusers"]
+    x_ref, _ = reference(bm, x_T, cond, uncond, 64)
+    theirs = {}
+    for K in NFES:
+        x, _ = diffusers_sample(bm, x_T, "DPMSolverMultistepScheduler", {}, K, cond, uncond)
+        theirs[K] = rmse(x, x_ref)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"x_ref": x_ref, "diffusers": theirs}, path)
+    return bm, x_T, cond, uncond, x_ref, theirs
+
+
+def scan(models, rules, solvers, samples, cache, log=print) -> list[dict]:
+    rows = []
+    for name in models:
+        bm, x_T, cond, uncond, x_ref, theirs = _load(name, samples, cache)
+        den = bm.denoiser(uncond)
+        for rule in rules:
+            for solver in solvers:
+                ratios = {}
+                for K in NFES:
+                    grid = RULES[rule](bm.schedule, K)
+                    out = sample(den, x_T, bm.schedule, solver=solver, grid=grid, cond=cond)
+                    assert out.nfe == K, (rule, K, out.nfe)
+                    ratios[K] = rmse(out.x, x_ref) / theirs[K]
+                rows.append({"model": name, "rule": rule, "solver": solver, "ratios": ratios,
+                             "worst": max(ratios.values()), "at10": ratios[10]})
+                log(f"{name:10s} {rule:14s} {solver:12s} " + " ".join(f"{ratios[K]:5.2f}" for K in NFES)
+                    + f"  worst {rows[-1]['worst']:.2f}")
+    return rows
+
+
+def ends_grid(s, K: int, sigma_a: float, sigma_b: float) -> torch.Tensor:
+    """t_max, then K - 1 points uniform in lambda from EDM sigma ``sigma_a`` down to ``sigma_b``, then 0."""
+    sig = torch.exp(torch.linspace(math.log(sigma_a), math.log(sigma_b), K - 1, dtype=F64))
+    return torch.cat([torch.tensor([s.t_max], dtype=F64), s.t_of_edm_sigma(sig), torch.zeros(1, dtype=F64)])
+
+
+def scan_ends(models, solver, samples, cache, nfes=(4, 5, 6, 8, 10), tops=(2, 3, 5, 8, 12, 20, 30, 50),
+              ends=(0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2), log=print) -> list[dict]:
+    """Ratio to diffusers' default for the grid with first real point ``a`` and last real point ``b``."""
+    rows = []
+    for name in models:
+        bm, x_T, cond, uncond, x_ref, theirs = _load(name, samples, cache)
+        den = bm.denoiser(uncond)
+        for K in nfes:
+            for a in tops:
+                line = []
+                for b in ends:
+                    if not b < a or a >= float(bm.schedule.edm_sigma(torch.tensor(bm.schedule.t_max, dtype=F64))):
+                        line.append(None)
+                        continue
+                    out = sample(den, x_T, bm.schedule, solver=solver, grid=ends_grid(bm.schedule, K, a, b), cond=cond)
+                    line.append(rmse(out.x, x_ref) / theirs[K])
+                rows.append({"model": name, "nfe": K, "a": a, "ratios": dict(zip(ends, line))})
+                log(f"{name:10s} K={K:2d} a={a:4g} " + " ".join("  -  " if v is None else f"{v:5.2f}" for v in line))
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = ["| model | rule | solver | " + " | ".join(f"NFE {K}" for K in NFES) + " | worst | met |",
+             "|---|---|---|" + "---|" * (len(NFES) + 2)]
+    for r in rows:
+        met = r["worst"] <= 1.0 and r["at10"] <= 0.5
+        lines.append(f"| {r['model']} | {r['rule']} | {r['solver']} | "
+                     + " | ".join(f"{r['ratios'][K]:.2f}" for K in NFES) + f" | {r['worst']:.2f} | {'yes' if met else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(SAMPLES))
+    p.add_argument("--rules", default=",".join(RULES))
+    p.add_argument("--solvers", default="unipc_bh2_3")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--cache", default="/tmp/fewstep_default_grid")
+    p.add_argument("--out", default="benchmarks/results/default_grid")
+    p.add_argument("--ends", action="store_true", help="scan the first and last real points instead of the rules")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    from diffusers.utils import logging as dlog
+    dlog.set_verbosity_error()
+    start = time.perf_counter()
+    if a.ends:
+        rows = scan_ends(a.models.split(","), a.solvers.split(",")[0], a.samples, Path(a.cache))
+        if a.out:
+            Path(a.out + "_ends.json").write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        print(f"{time.perf_counter() - start:.0f} s")
+        return
+    rows = scan(a.models.split(","), a.rules.split(","), a.solvers.split(","), a.samples, Path(a.cache))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out + ".json").write_text(json.dumps({"nfes": NFES, "rows": rows, "seconds": time.perf_counter() - start},
+                                                    indent=1) + "\n")
+        Path(a.out + ".md").write_text(markdown(rows))
+    print(f"{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
