@@ -1,11 +1,17 @@
-"""Mutation testing of the solver core: how many small, plausible bugs does the suite catch?
+"""Mutation testing: how many small, plausible bugs does the suite catch?
 
-    python benchmarks/mutation.py [--sample N] [--seed S] [--timeout SECONDS] [--out STEM]
+    python benchmarks/mutation.py [--suite solvers|distill] [--sample N] [--seed S] [--shard I/N]
+                                  [--timeout SECONDS] [--out STEM]
     python benchmarks/mutation.py --rerun benchmarks/results/mutation.json --out mutation_rerun
 
 Run it in a copy of the tree (it edits files): cp -r . /tmp/mut && cd /tmp/mut && python benchmarks/mutation.py
 
-Mutants: in fewstep/solvers/*.py, fewstep/schedules.py and fewstep/denoisers.py, one change per
+Suites: ``solvers`` (default) mutates fewstep/solvers/*.py, fewstep/schedules.py and fewstep/denoisers.py
+and runs the solver-core tests; ``distill`` mutates fewstep/distill/*.py, fewstep/losses.py and
+fewstep/train.py and runs tests/test_distill_*.py and tests/test_train.py. ``--shard I/N`` runs every
+N-th drawn mutant starting at I (0-based), so N copies of the tree can share one draw.
+
+Mutants: one change per
 mutant on a code line (not comments or docstrings): a float literal scaled by 1.1, an integer
 literal +1, '+' <-> '-' and '*' <-> '/' between operands, '<' <-> '<=' and '>' <-> '>='. Each
 mutant is applied to the working tree, the solver-core tests run (stopping at the first failure),
@@ -25,10 +31,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = sorted((ROOT / "fewstep" / "solvers").glob("*.py")) + [ROOT / "fewstep" / "schedules.py",
-                                                                  ROOT / "fewstep" / "denoisers.py"]
-TESTS = ["tests/test_solvers.py", "tests/test_solver_singlestep.py", "tests/test_parity_diffusers.py", "tests/test_solver_sde.py",
-         "tests/test_schedules.py", "tests/test_denoisers.py", "tests/test_testbed.py"]
+SUITES = {
+    "solvers": (sorted((ROOT / "fewstep" / "solvers").glob("*.py")) + [ROOT / "fewstep" / "schedules.py",
+                                                                     ROOT / "fewstep" / "denoisers.py"],
+                ["tests/test_solvers.py", "tests/test_solver_singlestep.py", "tests/test_parity_diffusers.py",
+                 "tests/test_solver_sde.py", "tests/test_schedules.py", "tests/test_denoisers.py",
+                 "tests/test_testbed.py"]),
+    "distill": (sorted((ROOT / "fewstep" / "distill").glob("*.py")) + [ROOT / "fewstep" / "losses.py",
+                                                                     ROOT / "fewstep" / "train.py"],
+                sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_distill_*.py"))
+                + ["tests/test_train.py"]),
+}
 OUT = ROOT / "benchmarks" / "results"
 
 RULES = [
@@ -60,8 +73,8 @@ def code_lines(text: str):
         yield i
 
 
-def mutants():
-    for path in TARGETS:
+def mutants(targets):
+    for path in targets:
         lines = path.read_text().splitlines()
         for i in code_lines(path.read_text()):
             code = lines[i].split("#")[0]
@@ -82,7 +95,7 @@ def _same_value(before: str, after: str) -> bool:
         return False
 
 
-def run_one(mut: dict, timeout: int) -> dict:
+def run_one(mut: dict, timeout: int, tests: list[str]) -> dict:
     path = ROOT / mut["file"]
     original = path.read_text()
     lines = original.splitlines(keepends=True)
@@ -91,7 +104,7 @@ def run_one(mut: dict, timeout: int) -> dict:
     path.write_text("".join(lines))
     t0 = time.time()
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
                            cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
         status = "survived" if r.returncode == 0 else "killed"
@@ -106,6 +119,8 @@ def run_one(mut: dict, timeout: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="solvers", help="what to mutate and which tests judge")
+    p.add_argument("--shard", default="0/1", help="I/N: run every N-th drawn mutant from the I-th (0-based)")
     p.add_argument("--sample", type=int, default=40, help="mutants drawn at random (0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=int, default=900)
@@ -113,21 +128,24 @@ def main(argv=None) -> int:
                    help="run again the survivors of an earlier mutation.json (after adding tests)")
     p.add_argument("--out", default="mutation", help="stem of the result files in benchmarks/results")
     args = p.parse_args(argv)
-    every = list(mutants())
+    targets, tests = SUITES[args.suite]
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    every = list(mutants(targets))
     if args.rerun:
         old = [r for r in json.loads(args.rerun.read_text())["results"] if r["status"] == "survived"]
         keys = {(r["file"], r["line"], r["rule"], r["start"]) for r in old}
         chosen = [m for m in every if (m["file"], m["line"], m["rule"], m["start"]) in keys]
     else:
         chosen = every if args.sample == 0 else random.Random(args.seed).sample(every, min(args.sample, len(every)))
+        chosen = chosen[shard::shards]
     results = []
     for k, mut in enumerate(chosen):
-        results.append(run_one(mut, args.timeout))
+        results.append(run_one(mut, args.timeout, tests))
         r = results[-1]
         print(f"[{k + 1}/{len(chosen)}] {r['status']:9s} {r['file']}:{r['line']} {r['rule']}: {r['after']}", flush=True)
     killed = sum(r["status"].startswith("killed") for r in results)
     doc = {"total_mutants": len(every), "run": len(results), "killed": killed,
-           "kill_rate": killed / max(1, len(results)), "seed": args.seed, "results": results,
+           "kill_rate": killed / max(1, len(results)), "seed": args.seed, "suite": args.suite, "shard": args.shard, "results": results,
            "date": time.strftime("%Y-%m-%d", time.gmtime())}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.out}.json").write_text(json.dumps(doc, indent=1) + "\n")

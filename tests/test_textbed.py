@@ -248,9 +248,11 @@ def test_recipes_are_registered_and_bad_settings_refused(tmp_path):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_vp_targets_are_the_schedulers(prediction):
-    """A UNet answering diffusers' own target (noise, or PNDMScheduler.get_velocity) has zero loss."""
+    """A UNet answering diffusers' own target (noise, or DDPMScheduler.get_velocity on the same betas) has
+    zero loss."""
+    from diffusers import DDPMScheduler
     from fewstep.recipes.textbed import VPLatentLoss, _Latents, sd_scheduler
-    sched = sd_scheduler(replace(MNIST_SD, prediction=prediction))
+    sched = DDPMScheduler.from_config(sd_scheduler(replace(MNIST_SD, prediction=prediction)).config)
     z = torch.randn(6, 4, 8, 8)
 
     class Oracle(torch.nn.Module):

@@ -43,7 +43,6 @@ MNIST train split padded to 32x32 and captioned by :func:`fewstep.data.captions.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
