@@ -80,7 +80,37 @@ def blend(w: float, spacing: str = "time_uniform"):
     return rule
 
 
+def _lam(s, t) -> float:
+    return float(s.lambda_(torch.as_tensor(t, dtype=F64)))
+
+
+def end_rule(top: float, end: str, h_max: float | None = None):
+    """Uniform in lambda from a virtual top at EDM sigma ``top`` (its point replaced by t_max) to the last real
+    point b, K intervals in all. b: ``tu`` = where the schedule's uniform-time grid of K steps ends
+    (t = t_min + (t_max - t_min) / K, diffusers' last real point); ``cur`` = the pre-scan rule's; ``min`` the
+    lower of the two; ``gm`` their geometric mean."""
+    def rule(s, K):
+        if K == 1:
+            return torch.tensor([s.t_max, 0.0], dtype=F64)
+        lam_top = max(_lam(s, s.t_max), -math.log(top))
+        b_tu = _lam(s, s.t_min + (s.t_max - s.t_min) / K)
+        b_cur = _lam(s, time_grid(s, K)[-2])
+        lam_b = {"tu": b_tu, "cur": b_cur, "min": max(b_tu, b_cur), "gm": 0.5 * (b_tu + b_cur)}[end]
+        h = (lam_b - lam_top) / (K - 1)
+        if h_max is not None and h > h_max:
+            h = h_max
+        lam = lam_top + h * torch.arange(1, K, dtype=F64)
+        return torch.cat([torch.tensor([s.t_max], dtype=F64), s.t_of_lambda(lam), torch.zeros(1, dtype=F64)])
+    return rule
+
+
 RULES = {
+    "top30_tu": end_rule(30.0, "tu"),
+    "top30_min": end_rule(30.0, "min"),
+    "top30_gm": end_rule(30.0, "gm"),
+    "top20_min": end_rule(20.0, "min"),
+    "top15_min": end_rule(15.0, "min"),
+    "top10_min": end_rule(10.0, "min"),
     "blend0.25": blend(0.25),
     "blend0.5": blend(0.5),
     "blend0.75": blend(0.75),

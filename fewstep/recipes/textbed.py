@@ -423,7 +423,8 @@ class FlowLatentLoss:
     training times), the model's timestep 1000 s; per-sample mean squared error."""
 
     def __init__(self, prompt_embeds, pooled, null, caption_dropout, latents, shift, sampling, m=0.0, s=1.0):
-        self.embeds, self.pooled, self.null, self.p, self.latents = prompt_embeds, pooled, null, caption_dropout, latents
+        self.embeds, self.pooled, self.null, self.p = prompt_embeds, pooled, null, caption_dropout
+        self.latents = latents
         self.shift, self.sampling, self.m, self.s = shift, sampling, m, s
 
     def __call__(self, transformer, batch) -> torch.Tensor:
