@@ -113,6 +113,8 @@ def test_caption_forms():
     assert caption(7, None, "left") == "a seven slanted left"
     assert caption(7, "thick", "right") == "a thick seven slanted right"
     assert caption(0) == "a handwritten zero" and caption(torch.tensor(9)) == "a handwritten nine"
+    assert caption(8, None, "left") == "an eight slanted left" and caption(8) == "a handwritten eight"
+    assert parse_caption("an eight slanted left") == (8, None, "left") == parse_caption("a eight slanted left")
     for bad in [dict(label=10), dict(label=1.0), dict(label=1, thickness="fat"), dict(label=1, slant="up")]:
         with pytest.raises(ValueError):
             caption(**bad)

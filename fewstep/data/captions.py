@@ -30,7 +30,8 @@ Grammar (:func:`caption`, :func:`parse_caption`, :func:`check_prompt`)
 ---------------------------------------------------------------------
 ::
 
-    prompt    := "" | "a" [adjective] DIGIT ["slanted" side]
+    prompt    := "" | article [adjective] DIGIT ["slanted" side]
+    article   := "a" | "an"   ("an" right before "eight"; the writer follows English, the reader takes either)
     adjective := "handwritten" | "thin" | "thick"
     DIGIT     := "zero" | "one" | ... | "nine"
     side      := "left" | "right"
@@ -57,7 +58,7 @@ NUM_CLASSES = 10
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 THICKNESS = ("thin", None, "thick")
 SLANT = ("left", None, "right")
-VOCABULARY = ("a", "handwritten", "thin", "thick", *DIGITS, "slanted", "left", "right")
+VOCABULARY = ("a", "an", "handwritten", "thin", "thick", *DIGITS, "slanted", "left", "right")
 SLANT_DEGREES = 10.0
 
 # Per-class (lo, hi) terciles of the ink mass on the 28x28 training split (400 digits per class),
@@ -151,7 +152,8 @@ def caption_images(images: torch.Tensor, labels, terciles: torch.Tensor = THICKN
 
 
 def caption(label: int, thickness: str | None = None, slant: str | None = None) -> str:
-    """"a [thin|thick|handwritten] <digit> [slanted left|right]": see the grammar in the module docstring."""
+    """"a [thin|thick|handwritten] <digit> [slanted left|right]" ("an eight slanted left"): see the grammar in
+    the module docstring."""
     try:
         index = operator.index(label)
     except TypeError:
@@ -163,7 +165,8 @@ def caption(label: int, thickness: str | None = None, slant: str | None = None) 
     if slant not in SLANT:
         raise ValueError(f"slant must be 'left', 'right' or None, got {slant!r}")
     adjective = thickness or ("handwritten" if slant is None else None)
-    words = ["a", adjective, DIGITS[index]] + (["slanted", slant] if slant else [])
+    first = adjective or DIGITS[index]
+    words = ["an" if first == "eight" else "a", adjective, DIGITS[index]] + (["slanted", slant] if slant else [])
     return " ".join(w for w in words if w)
 
 
@@ -177,7 +180,7 @@ def parse_caption(prompt: str) -> tuple[int, str | None, str | None] | None:
     for w in words:
         if w not in VOCABULARY:
             raise ValueError(f"unknown word {w!r} in prompt {prompt!r}; the vocabulary is: {' '.join(VOCABULARY)}")
-    rest = words[1:] if words[0] == "a" else None
+    rest = words[1:] if words[0] in ("a", "an") else None
     if rest and rest[0] in ("handwritten", "thin", "thick"):
         adjective, rest = rest[0], rest[1:]
     else:
