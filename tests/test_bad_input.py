@@ -215,7 +215,31 @@ CLI_CASES = [
     ("distill dmd --out /proc/xx", lambda p: ["distill", "dmd", "--out", "/proc/xx"], ["cannot write"]),
     ("demo into an existing demo folder without --force",
      lambda p: ((p / "table.json").write_text("{}"), ["demo", "--out", str(p)])[1], ["--force"]),
+    ("bench solvers on a UNet folder without its scheduler",
+     lambda p: ["bench", "solvers", "--model", _unet_folder_without_scheduler(p)], ["without its scheduler"]),
+    ("bench solvers on a text-to-image pipeline folder",
+     lambda p: ["bench", "solvers", "--model", _text_to_image_pipeline_folder(p)], ["needs prompts", "FewstepScheduler"]),
 ]
+
+
+def _unet_folder_without_scheduler(p: Path) -> str:
+    from _tiny_models import tiny_unet
+    tiny_unet().save_pretrained(p / "unet-only")
+    return str(p / "unet-only")
+
+
+def _text_to_image_pipeline_folder(p: Path) -> str:
+    """The layout of a StableDiffusionPipeline folder (configs only: the bench refuses it before loading weights)."""
+    import json
+    root = p / "sd-pipe"
+    for sub, cfg in {"unet": {"_class_name": "UNet2DConditionModel", "cross_attention_dim": 8},
+                     "scheduler": {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear"}}.items():
+        (root / sub).mkdir(parents=True)
+        name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        (root / sub / name).write_text(json.dumps(cfg))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"]}))
+    return str(root)
 
 
 @pytest.mark.parametrize("what, args, words", CLI_CASES, ids=[c[0] for c in CLI_CASES])
@@ -224,7 +248,7 @@ def test_cli_misuse_exits_2_with_one_line(tmp_path, what, args, words):
 
     from fewstep.cli import main
     argv = args(tmp_path)
-    before = {f: f.read_bytes() for f in tmp_path.iterdir()}
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
     r = CliRunner().invoke(main, argv)
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2, (what, r.output)

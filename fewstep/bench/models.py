@@ -241,6 +241,7 @@ def diffusers_folder_model(path: str, w: float | None) -> BenchModel:
     (``unet/``, ``scheduler/``) or one folder holding both configs."""
     p = Path(path)
     unet_dir = p / "unet" if (p / "unet" / "config.json").is_file() else p
+    _check_unet2d(p, unet_dir)
     sched_files = [f for f in (p / "scheduler" / "scheduler_config.json", p / "scheduler_config.json") if f.is_file()]
     if not (unet_dir / "config.json").is_file() or not sched_files:
         raise BenchArgumentError(f"{path} is not a diffusers model folder: it needs config.json (or unet/config.json) "
@@ -269,6 +270,21 @@ def diffusers_folder_model(path: str, w: float | None) -> BenchModel:
             "num_class_embeds": classes, "scheduler_config": {k: v for k, v in kw.items() if k != "trained_betas"}}
     return BenchModel(str(path), schedule, _unet_fn(unet, shape[0]), _PREDICTIONS[kw["prediction_type"]], shape, kw,
                       num_classes=classes, info=info)
+
+
+def _check_unet2d(folder: Path, unet_dir: Path) -> None:
+    """The solver bench samples unconditional / class-conditional ``UNet2DModel`` folders; say so in one
+    line for a text-to-image pipeline (its denoiser needs prompts) or any other model class."""
+    index = folder / "model_index.json"
+    pipeline = json.loads(index.read_text()).get("_class_name", "a pipeline") if index.is_file() else None
+    config = unet_dir / "config.json"
+    cls = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    if cls in (None, "UNet2DModel") and not (pipeline and cls is None):
+        return
+    what = f"{pipeline} (its {cls or 'denoiser'} needs prompts)" if pipeline else f"a {cls} folder"
+    raise BenchArgumentError(f"{folder} is {what}; `fewstep bench solvers` runs UNet2DModel folders (unconditional "
+                             "or class-conditional): run a text-to-image pipeline with "
+                             "FewstepScheduler.from_config(pipe.scheduler.config) in the pipeline call")
 
 
 def _unet_fn(unet, channels: int) -> Callable:
@@ -343,6 +359,14 @@ def load_bench_model(model: str, w: float | None = None) -> BenchModel:
         p = Path(model)
         if any((p / f).is_file() for f in ("scheduler_config.json", "scheduler/scheduler_config.json")):
             return diffusers_folder_model(model, w)
+        if (p / "model_index.json").is_file():
+            return diffusers_folder_model(model, w)  # a pipeline folder without a scheduler: refused there
+        diffusers_cls = json.loads((p / "config.json").read_text()).get("_class_name") if (
+            p / "config.json").is_file() else None
+        if diffusers_cls:
+            raise BenchArgumentError(f"{model} holds a diffusers {diffusers_cls} without its scheduler: put the "
+                                     "scheduler_config.json it was trained with beside config.json, or give the "
+                                     "pipeline folder (unet/ and scheduler/)")
         if any((p / f).is_file() for f in ("config.json", "model/config.json")):
             return fewstep_model(model, w)
         raise BenchArgumentError(f"{model} is neither a diffusers model folder (scheduler_config.json or "
