@@ -38,7 +38,7 @@ def run_cli_case(what, args, words) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp)
         argv = args(p)
-        before = {f: f.read_bytes() for f in p.iterdir()}
+        before = {f: f.read_bytes() for f in p.rglob("*") if f.is_file()}
         r = CliRunner().invoke(main, argv)
         lost = {f: f.read_bytes() for f in before} != before
     lines = [line for line in r.output.splitlines() if line.strip()]

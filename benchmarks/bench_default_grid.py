@@ -95,7 +95,8 @@ def end_rule(top: float, end: str, h_max: float | None = None):
         lam_top = max(_lam(s, s.t_max), -math.log(top))
         b_tu = _lam(s, s.t_min + (s.t_max - s.t_min) / K)
         b_cur = _lam(s, time_grid(s, K)[-2])
-        lam_b = {"tu": b_tu, "cur": b_cur, "min": max(b_tu, b_cur), "gm": 0.5 * (b_tu + b_cur)}[end]
+        lam_b = {"tu": b_tu, "cur": b_cur, "min": max(b_tu, b_cur), "gm": 0.5 * (b_tu + b_cur),
+                 "min_gm": max(b_tu, 0.5 * (b_tu + b_cur))}[end]
         h = (lam_b - lam_top) / (K - 1)
         if h_max is not None and h > h_max:
             h = h_max
@@ -111,6 +112,9 @@ RULES = {
     "top20_min": end_rule(20.0, "min"),
     "top15_min": end_rule(15.0, "min"),
     "top10_min": end_rule(10.0, "min"),
+    "top30_min_gm": end_rule(30.0, "min_gm"),
+    "top20_min_gm": end_rule(20.0, "min_gm"),
+    "top15_min_gm": end_rule(15.0, "min_gm"),
     "blend0.25": blend(0.25),
     "blend0.5": blend(0.5),
     "blend0.75": blend(0.75),
