@@ -30,7 +30,7 @@ from fewstep.sampling import sample
 from fewstep.schedules import time_grid
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
-SAMPLES = {"gmm-mnist": 32, "gmm-sd-v": 256, "gmm-cosine": 256}
+SAMPLES = {"gmm-mnist": 64, "gmm-sd-v": 1024, "gmm-cosine": 1024}  # the full bench's counts
 F64 = torch.float64
 
 
@@ -109,6 +109,7 @@ RULES = {
     "top30_tu": end_rule(30.0, "tu"),
     "top30_min": end_rule(30.0, "min"),
     "top30_gm": end_rule(30.0, "gm"),
+    "top25_min": end_rule(25.0, "min"),
     "top20_min": end_rule(20.0, "min"),
     "top15_min": end_rule(15.0, "min"),
     "top10_min": end_rule(10.0, "min"),
@@ -118,14 +119,14 @@ RULES = {
     "blend0.25": blend(0.25),
     "blend0.5": blend(0.5),
     "blend0.75": blend(0.75),
-    "current": lambda s, K: time_grid(s, K),
+    "chosen": lambda s, K: time_grid(s, K),  # fewstep's default now (= top20_min)
     "time_uniform": lambda s, K: time_grid(s, K, "time_uniform"),
     "karras": lambda s, K: time_grid(s, K, "karras"),
     "sched_top_h1": schedule_top(1.0),
     "sched_top_h0.8": schedule_top(0.8),
     "sched_top_h1.2": schedule_top(1.2),
     "sched_top_none": schedule_top(None),
-    "top30_h1": capped(30.0, 1.0),
+    "top30_h1": capped(30.0, 1.0),  # the rule before this scan
     "top10_h1": capped(10.0, 1.0),
     "top20_h1": capped(20.0, 1.0),
     "top30_h0.8": capped(30.0, 0.8),
@@ -213,7 +214,7 @@ def markdown(rows) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(SAMPLES))
-    p.add_argument("--rules", default=",".join(RULES))
+    p.add_argument("--rules", default="top30_h1,top10_h1,time_uniform,top30_min,top25_min,top20_min,top15_min,chosen")
     p.add_argument("--solvers", default="unipc_bh2_3")
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--cache", default="/tmp/fewstep_default_grid")

@@ -432,15 +432,22 @@ def time_grid(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr", *,
     return _check_decreasing(t)
 
 
-# The default grid ending in 0 (``final="zero"`` without t_min), measured on three exact models of
-# different character (``fewstep bench solvers --model gmm-mnist | gmm-sd-v | gmm-cosine``; BENCHMARKS.md):
-# the log-SNR grid starts its uniform part no higher than EDM sigma TOP_SIGMA (a cosine schedule's
-# sigma_max ~ 2e4 otherwise spends half the calls where the ODE is nearly linear; the first step still
-# starts at t_max) and its steps are at most MAX_H in log-SNR (few-call grids then stop at a larger
-# sigma, as diffusers' do, instead of making a long last step). Scanned: TOP_SIGMA 5, 10, 30, 80, none;
-# MAX_H 0.8, 1, 1.2, none. TOP_SIGMA = 10 suits the cosine model at 4-5 calls but loses to diffusers on
-# the guided gmm-mnist at 6-10 calls (1.3-1.7x); 30 wins there and loses on cosine at 4-5 calls.
-TOP_SIGMA = 30.0
+# The default grid ending in 0 (``final="zero"`` without t_min), chosen by a scan on three exact models of
+# different character (``python benchmarks/bench_default_grid.py``; gmm-mnist: linear betas, eps, guided;
+# gmm-sd-v: scaled-linear, v; gmm-cosine: cosine betas, eps; BENCHMARKS.md) and checked by ``fewstep bench
+# solvers`` on each. The log-SNR grid is uniform in lambda between two ends:
+#   top: EDM sigma TOP_SIGMA at most (data of unit scale: above it x is E[x0] plus noise and the ODE is nearly
+#        linear; a cosine schedule's sigma_max is 2e4). The top point itself is replaced by t_max.
+#   end: the lower (in sigma) of (a) where the log-SNR grid from the top with steps of at most MAX_H stops, and
+#        (b) where the schedule's own uniform-time grid of K steps stops, t_min + (t_max - t_min) / K (diffusers'
+#        default's last point). (a) keeps few-call grids from one long final jump on a linear schedule; (b) makes
+#        the final jump to 0 never longer than the schedule's own grid's: a cosine schedule puts its end at a
+#        lower sigma (0.43 at 4 calls against 0.96 for linear betas), and so does this grid now.
+# Scanned (RMSE ratio to diffusers' default at 4-20 calls): TOP_SIGMA 10, 15, 20, 25, 30 with and without (b);
+# MAX_H 0.8, 1, 1.2; the schedule's uniform-time grid; geometric blends of the two. Without (b), cosine lost at
+# 4-5 calls (2.4x, 1.45x); TOP_SIGMA 15 or less loses the guided gmm-mnist's 0.5x at 10 calls, 25-30 lose on
+# cosine at 4 calls (1.02-1.07x) and 20 calls (1.04-1.27x, 1024 samples).
+TOP_SIGMA = 20.0
 MAX_H = 1.0
 
 
@@ -449,8 +456,9 @@ def default_end(schedule: NoiseSchedule, steps: int, spacing: str = "logsnr", t_
     """The last real time of the default grid of ``steps`` intervals ending in 0 (``time_grid(final="zero")``).
 
     Every spacing: ``steps + 1`` points from t_max to the schedule's t_min, the last replaced by 0 (so
-    no call is spent between t_min and 0). ``logsnr`` also caps the uniform part's top at EDM sigma
-    ``TOP_SIGMA`` and its step at ``MAX_H`` (see above).
+    no call is spent between t_min and 0). ``logsnr`` instead runs from a top at EDM sigma ``TOP_SIGMA`` to
+    an end no later than the log-SNR grid with steps of ``MAX_H`` and no earlier than the schedule's own
+    uniform-time grid of ``steps`` steps (see above).
     """
     return float(_zero_grid(schedule, steps, spacing, schedule.t_max if t_max is None else float(t_max), rho)[-2])
 
@@ -464,10 +472,13 @@ def _zero_grid(schedule, steps, spacing, t_hi, rho) -> torch.Tensor:
         t = _spaced(schedule, spacing, t_hi, schedule.t_min, u, rho)
         t[0] = t_hi
         return torch.cat([t, zero])
-    lam_hi, lam_lo = schedule.lambda_(torch.tensor([t_hi, schedule.t_min], dtype=torch.float64)).tolist()
+    t_lo = schedule.t_min
+    lam_hi, lam_lo, lam_uniform_t = schedule.lambda_(
+        torch.tensor([t_hi, t_lo, t_lo + (t_hi - t_lo) / steps], dtype=torch.float64)).tolist()
     lam_a = max(lam_hi, -math.log(TOP_SIGMA)) if lam_lo > -math.log(TOP_SIGMA) else lam_hi
-    h = min((lam_lo - lam_a) / steps, MAX_H)
-    lam = lam_a + h * torch.arange(steps, dtype=torch.float64)
+    lam_end = lam_a + (steps - 1) * min((lam_lo - lam_a) / steps, MAX_H)  # (a): steps of at most MAX_H
+    lam_end = max(lam_end, min(lam_uniform_t, lam_lo))  # (b): no higher than the uniform-time grid's end
+    lam = lam_a + (lam_end - lam_a) / (steps - 1) * torch.arange(steps, dtype=torch.float64)
     t = schedule.t_of_lambda(lam)
     t[0] = t_hi  # the first step starts at t_max (a longer first step when the top is capped)
     return torch.cat([t, zero])

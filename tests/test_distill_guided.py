@@ -92,10 +92,11 @@ def test_progressive_target_reproduces_two_teacher_ddim_steps_exactly():
     teacher = ExactTeacher()
     loss = ProgressiveLoss(teacher, SCHEDULE, 4, "x0", w_range=None)
     x_t, _, y = _noisy_batch(64, seed=2)
-    grid = student_grid(SCHEDULE, 4).flip(0)
     i = torch.randint(1, 5, (64,), generator=torch.Generator().manual_seed(3))
-    t, t_next = grid[i], grid[i - 1]
-    x_two = loss.two_teacher_steps(x_t.double(), t, t_next, y, None)
+    t, t_mid, t_next = loss.step_times(i)
+    grid = student_grid(SCHEDULE, 4).flip(0)
+    assert torch.equal(t, grid[i]) and torch.equal(t_next, grid[i - 1])
+    x_two = loss.two_teacher_steps(x_t.double(), t, t_mid, t_next, y, None)
     target = progressive_target(x_t.double(), x_two, SCHEDULE, t, t_next)
     one = ddim_jump(x_t.double(), target, SCHEDULE, t, t_next)
     assert (one - x_two).abs().max() < 1e-9

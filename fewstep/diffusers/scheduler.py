@@ -80,7 +80,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 solver: str = "dpmpp_2m", spacing: str = "logsnr", final: str = "zero",
+                 solver: str = "unipc_bh2_3", spacing: str = "logsnr", final: str = "zero",
                  lower_order_final: bool = True, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                  solver_options: dict | None = None, family: str = "vp", source_grid: str | None = None,

@@ -87,10 +87,9 @@ class ProgressiveLoss:
             u, u_next = 1.0 - u, 1.0 - u_next
         return self.time_of(u), self.time_of(0.5 * (u + u_next)), self.time_of(u_next)
 
-    def two_teacher_steps(self, x_t, t, t_next, labels, w, t_mid=None):
+    def two_teacher_steps(self, x_t, t, t_mid, t_next, labels, w):
         """x at t_next after two teacher DDIM steps (t -> t_mid -> t_next) from x_t at t
-        (t_mid defaults to the midpoint in t, the 2N grid point of a t-linear schedule)."""
-        t_mid = 0.5 * (t + t_next) if t_mid is None else t_mid
+        (``step_times`` gives the three times: t_mid is the 2N-step grid point between t and t_next)."""
         with teacher_mode(self.teacher):
             x_mid = ddim_jump(x_t, self.teacher_x0(x_t, t, labels, w), self.schedule, t, t_mid)
             return ddim_jump(x_mid, self.teacher_x0(x_mid, t_mid, labels, w), self.schedule, t_mid, t_next)
@@ -102,7 +101,7 @@ class ProgressiveLoss:
         t, t_mid, t_next = self.step_times(i)
         w = None if self.w_range is None else sample_w(b, *self.w_range, x0.device)
         x_t, alpha, sigma = noised(self.schedule, x0, t, torch.randn_like(x0))
-        x_two = self.two_teacher_steps(x_t, t, t_next, labels, w, t_mid)
+        x_two = self.two_teacher_steps(x_t, t, t_mid, t_next, labels, w)
         x0_student = NetX0(student, self.schedule, self.student_prediction)(x_t, t, labels, w)
         if self.direction == "encode":
             x_one = ddim_jump(x_t, x0_student, self.schedule, t, t_next)
