@@ -86,6 +86,20 @@ def test_progressive_teacher_steps_meet_on_the_2n_grid_on_edm():
         assert b == pytest.approx(float(fine[k + 1]), rel=1e-12)  # the 8-step point after it
 
 
+@pytest.mark.parametrize("schedule", [CosineVP(), EDM(SMIN, SMAX)], ids=["cosine", "edm"])
+def test_encoder_rounds_step_up_the_encoder_grid_through_its_2n_points(schedule):
+    """direction='encode': student step i of N goes from encoder point N-i up to N-i+1 (the grid
+    runs t_min -> t_max), through the 2N-step encoder grid's point between them."""
+    n = 4
+    loss = ProgressiveLoss(lambda x, t, labels=None: x, schedule, n, "x0", w_range=None, direction="encode")
+    coarse, fine = encoder_times(schedule, n), encoder_times(schedule, 2 * n)
+    for i in range(1, n + 1):
+        t, t_mid, t_next = (float(v) for v in loss.step_times(torch.tensor([i])))
+        k = n - i
+        assert t == pytest.approx(float(coarse[k]), rel=1e-12) and t_next == pytest.approx(float(coarse[k + 1]), rel=1e-12)
+        assert t_mid == pytest.approx(float(fine[2 * k + 1]), rel=1e-12) and t < t_mid < t_next
+
+
 def test_schedules_without_defined_fractions_are_refused():
     class Custom(NoiseSchedule):
         t_min, t_max = 0.01, 5.0
