@@ -4,6 +4,7 @@ default DPMSolverMultistepScheduler on the exact benchmark models.
     python benchmarks/bench_default_grid.py                      # the table in BENCHMARKS.md (unipc_bh2_3)
     python benchmarks/bench_default_grid.py --rules chosen,top30_h1 --solvers unipc_bh2_3,dpmpp_2m --out ""
     python benchmarks/bench_default_grid.py --ends --models gmm-cosine --samples 256   # first/last real point map
+    python benchmarks/bench_default_grid.py --flow --solvers unipc_bh2_3,dpmpp_2m,dpmpp_3m,unipc_bh2_2  # flow defaults
 
 Each rule maps (schedule, K) to K + 1 times (t_max, K - 1 real points, 0). The RMSE of the solver on that
 grid is divided by the RMSE of diffusers' default scheduler on the same noise (both against the RK4
@@ -206,13 +207,38 @@ def scan_ends(models, solver, samples, cache, nfes=(4, 5, 6, 8, 10), tops=(2, 3,
     return rows
 
 
+def flow_defaults(solvers, samples: int = 64, log=print) -> list[dict]:
+    """The flow-matching model of ``bench solvers --model flow-mixture`` without its grid tuning: FewstepScheduler
+    with no spacing (the flow default, shifted-uniform) for each solver, against FlowMatchEulerDiscreteScheduler
+    (SD3 / Flux's default), RMSE to the bench's reference (unipc_bh2_3, 1,000 steps)."""
+    from fewstep.bench import flow
+    from fewstep.diffusers import FewstepScheduler
+    model = flow.FlowMixture(flow.mnist_mixture())
+    x_T = torch.randn((samples, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    src = flow.diffusers_schedulers()[flow.FLOW_EULER]().config
+    ref, _ = flow.run_scheduler(FewstepScheduler.from_config(src, solver="unipc_bh2_3"), model, x_T.clone(), 1000)
+    theirs = {K: rmse(flow.run_scheduler(flow.diffusers_schedulers()[flow.FLOW_EULER](), model, x_T.clone(), K)[0], ref)
+              for K in NFES}
+    rows = []
+    for solver in solvers:
+        ratios = {}
+        for K in NFES:
+            x, _ = flow.run_scheduler(FewstepScheduler.from_config(src, solver=solver), model, x_T.clone(), K)
+            ratios[K] = rmse(x, ref) / theirs[K]
+        rows.append({"model": "flow-mixture", "rule": "FewstepScheduler default (shifted_uniform)", "solver": solver,
+                     "ratios": ratios, "worst": max(ratios.values()), "at10": ratios[10]})
+        log(f"flow-mixture {solver:12s} " + " ".join(f"{ratios[K]:5.2f}" for K in NFES))
+    return rows
+
+
 def markdown(rows) -> str:
     lines = ["| model | rule | solver | " + " | ".join(f"NFE {K}" for K in NFES) + " | worst | met |",
              "|---|---|---|" + "---|" * (len(NFES) + 2)]
     for r in rows:
         met = r["worst"] <= 1.0 and r["at10"] <= 0.5
         lines.append(f"| {r['model']} | {r['rule']} | {r['solver']} | "
-                     + " | ".join(f"{r['ratios'][K]:.2f}" for K in NFES) + f" | {r['worst']:.2f} | {'yes' if met else 'no'} |")
+                     + " | ".join(f"{r['ratios'][K]:.2f}" for K in NFES)
+                     + f" | {r['worst']:.2f} | {'yes' if met else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +250,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--cache", default="/tmp/fewstep_default_grid")
     p.add_argument("--out", default="benchmarks/results/default_grid")
+    p.add_argument("--flow", action="store_true", help="the flow model's FewstepScheduler defaults instead")
     p.add_argument("--ends", action="store_true", help="scan the first and last real points instead of the rules")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -231,6 +258,13 @@ def main(argv=None):
     from diffusers.utils import logging as dlog
     dlog.set_verbosity_error()
     start = time.perf_counter()
+    if a.flow:
+        rows = flow_defaults(a.solvers.split(","), a.samples or 64)
+        if a.out:
+            Path(a.out + "_flow.json").write_text(json.dumps({"nfes": NFES, "rows": rows}, indent=1) + "\n")
+            Path(a.out + "_flow.md").write_text(markdown(rows))
+        print(f"{time.perf_counter() - start:.0f} s")
+        return
     if a.ends:
         rows = scan_ends(a.models.split(","), a.solvers.split(",")[0], a.samples, Path(a.cache))
         if a.out:
@@ -240,8 +274,8 @@ def main(argv=None):
     rows = scan(a.models.split(","), a.rules.split(","), a.solvers.split(","), a.samples, Path(a.cache))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out + ".json").write_text(json.dumps({"nfes": NFES, "rows": rows, "seconds": time.perf_counter() - start},
-                                                    indent=1) + "\n")
+        doc = {"nfes": NFES, "rows": rows, "seconds": time.perf_counter() - start}
+        Path(a.out + ".json").write_text(json.dumps(doc, indent=1) + "\n")
         Path(a.out + ".md").write_text(markdown(rows))
     print(f"{time.perf_counter() - start:.0f} s")
 

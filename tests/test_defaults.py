@@ -48,8 +48,8 @@ def test_default_grid_has_one_real_interval_per_call(name, spacing):
 @pytest.mark.parametrize("name", list(VP_SCHEDULES))
 def test_every_call_moves_the_sample(name, solver):
     """On the closed-form single Gaussian, the last of the K calls' intervals moves x by at least 5% of the
-    mean move (and every other one moves it). The former grid (t_max .. t_min, then 0) spent its last call between t_min and 0: that
-    interval moved x by 0.0-1% of the mean (measured), which this check sees."""
+    mean move (and every other one moves it). The former grid (t_max .. t_min, then 0) spent its last call
+    between t_min and 0: that interval moved x by 0.0-1% of the mean (measured), which this check sees."""
     s = VP_SCHEDULES[name]
     for steps in (2, 3, 4, 5, 6):
         moves, nfe = _moves(s, solver, steps)

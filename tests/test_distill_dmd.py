@@ -491,3 +491,15 @@ def test_regression_pairs_from_a_bare_net_and_a_denoiser(tmp_path):
         regression_pairs(lambda x, t, labels=None: x, tmp_path / "c.safetensors", **kw)
     with pytest.raises(ValueError, match="prediction="):
         regression_pairs(net, tmp_path / "d.safetensors", **kw)
+
+
+def test_without_a_fake_network_the_fake_x0_is_x_over_alpha_per_sample():
+    """use_fake=False (the zero fake score): x0_fake = x_t / alpha(t), each sample at its own t, for
+    image-shaped batches whose size differs from the channel count."""
+    teacher = lambda x, t, labels=None: torch.zeros_like(x)  # noqa: E731 - an x0 net
+    loss = DMDLoss(teacher, SCHEDULE, "x0", use_fake=False, null_class=None)
+    x_t = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.float64)
+    _, x0_fake = loss.real_and_fake_x0(None, x_t, t, None)
+    for i in range(5):
+        assert torch.allclose(x0_fake[i], x_t[i] / float(SCHEDULE.alpha(t[i:i + 1])), rtol=1e-12)

@@ -281,3 +281,10 @@ def test_periodic_actions_fall_due_by_steps_or_minutes():
     assert _due(10, 5, 0.0, None) and not _due(11, 5, 0.0, None)
     assert not _due(3, None, 119.0, 2.0) and _due(3, None, 121.0, 2.0)  # every 2 minutes = 120 s
     assert not _due(3, None, 1e6, None) and not _due(3, 0, 1e6, 0)
+
+
+@pytest.mark.parametrize("t_min, t_max", [(0.5, 0.5), (0.0, 0.5), (0.6, 0.5)])
+def test_denoising_loss_refuses_an_empty_or_reversed_time_range(t_min, t_max):
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        DenoisingLoss(SCHEDULE, t_min=t_min, t_max=t_max)
+    assert DenoisingLoss(SCHEDULE, t_min=0.4, t_max=0.5).t_max == 0.5
