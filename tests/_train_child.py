@@ -41,7 +41,7 @@ def build(kind: str):
     if kind == "teacher":
         return DenoisingLoss(SCHEDULE, "v"), net, toy_sampler(SPEC), {}
     if kind == "guided":
-        return GuidedDistillLoss(ExactTeacher(), SCHEDULE, "x0", "v"), with_w_input(net), toy_sampler(SPEC), {}
+        return GuidedDistillLoss(ExactTeacher(), SCHEDULE, "x0", "v", null_class=2), with_w_input(net), toy_sampler(SPEC), {}
     if kind == "progressive":
         teacher = with_w_input(copy.deepcopy(net))
         return ProgressiveLoss(teacher, SCHEDULE, 4, "v"), with_w_input(net), toy_sampler(SPEC), {}
