@@ -8,7 +8,8 @@ Run it in a copy of the tree (it edits files): cp -r . /tmp/mut && cd /tmp/mut &
 
 Suites: ``solvers`` (default) mutates fewstep/solvers/*.py, fewstep/schedules.py and fewstep/denoisers.py
 and runs the solver-core tests; ``distill`` mutates fewstep/distill/*.py, fewstep/losses.py and
-fewstep/train.py and runs tests/test_distill_*.py and tests/test_train.py. ``--shard I/N`` runs every
+fewstep/train.py and runs tests/test_distill_*.py, tests/test_train.py and tests/test_distributed.py
+(the loop's multi-process paths). ``--shard I/N`` runs every
 N-th drawn mutant starting at I (0-based), so N copies of the tree can share one draw.
 
 Mutants: one change per
@@ -40,7 +41,7 @@ SUITES = {
     "distill": (sorted((ROOT / "fewstep" / "distill").glob("*.py")) + [ROOT / "fewstep" / "losses.py",
                                                                      ROOT / "fewstep" / "train.py"],
                 sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_distill_*.py"))
-                + ["tests/test_train.py"]),
+                + ["tests/test_train.py", "tests/test_distributed.py"]),
 }
 OUT = ROOT / "benchmarks" / "results"
 
