@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/vae"))
     args = p.parse_args(argv)
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=torch.float32).eval()  # shipped weights are fp16
     x, y = load_mnist32("heldout")
     t0 = time.perf_counter()
     rec = reconstruct(vae, x)
