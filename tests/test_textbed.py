@@ -269,3 +269,27 @@ def test_vp_targets_are_the_schedulers(prediction):
         loss = VPLatentLoss(sched.alphas_cumprod, embeds, 2, 0.1, p, _Latents(1.0, 0.0))(Oracle(), batch)
         assert loss.shape == (6,)
         assert (loss.max() < 1e-8) if want_zero else (loss.max() > 1e-3)
+
+
+def test_shipped_vae_loads_offline_and_keeps_the_digits():
+    """fewstep/assets/mnist-vae (fp16) loads with plain diffusers; its scaling factor is 1/std of the latents
+    it recorded; the shipped classifier reads its reconstructions of 200 held-out digits as their labels."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    import fewstep
+    from fewstep.data.captions import load_mnist32
+    from fewstep.metrics import class_accuracy
+    folder = Path(fewstep.__file__).parent / "assets" / "mnist-vae"
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    info = json.loads((folder / "fewstep.json").read_text())
+    assert abs(vae.config.scaling_factor * info["latent_std"] - 1) < 1e-6
+    x, y = load_mnist32("heldout")
+    x, y = x[::5], y[::5]
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    assert rec.shape == x.shape and (rec - x).abs().mean() < 0.03
+    acc = class_accuracy(fewstep.load("mnist-classifier"), rec[:, :, 2:30, 2:30], y)
+    assert acc >= 0.95, acc
