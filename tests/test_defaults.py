@@ -92,15 +92,6 @@ def _fewstep_scheduler(bm, x_T, solver: str, steps: int) -> torch.Tensor:
     return x
 
 
-@pytest.fixture
-def one_thread():
-    """The exact mixtures run ~5x faster on one torch thread than on two oversubscribed ones (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("model, samples", [("gmm-sd-v", 256), ("gmm-cosine", 1024)])
 def test_defaults_beat_diffusers_default_at_5_calls(model, samples, one_thread):
     """Exact mixtures of narrow modes (scaled-linear betas + v prediction; cosine betas + eps): fewstep.sample's
