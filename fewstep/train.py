@@ -37,8 +37,10 @@ the training randomness.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -686,7 +688,19 @@ def _make_accelerator(mixed_precision: str, cpu: bool | None):
         raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate sees "
                            f"{accelerator.num_processes}; check the launcher's device settings (e.g. "
                            "ACCELERATE_USE_CPU=true on machines without GPUs)")
+    if launched > 1:
+        _close_process_group_at_exit()
     return accelerator
+
+
+@functools.cache
+def _close_process_group_at_exit() -> None:
+    """Destroy the process group before the interpreter exits: a gloo group left open aborts the
+    process at teardown ("terminate called without an active exception") after a finished run."""
+    def close():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    atexit.register(close)
 
 
 class _Shards:
