@@ -3,9 +3,17 @@
 A model folder holds ``model.safetensors`` + ``config.json``. Shipped models live in
 ``fewstep/assets/<name>/`` and load by name; a training run's folder loads through
 its ``model/`` export.
+
+Diffusers folders load too: a pipeline folder (``model_index.json``: the text-to-image test bed's
+``mnist-sd`` / ``mnist-sd3``, or any diffusers pipeline) comes back as the diffusers pipeline itself, a
+model folder (``config.json`` with ``_class_name``: ``mnist-vae``) as the diffusers model.
+``generate(pipe, prompts=[...])`` samples a text-to-image pipeline with any fewstep solver.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -15,11 +23,12 @@ import torch
 from .distributed import gather_batches, my_batches, process_group, sample_generators
 from .denoisers import ClassifierFreeGuidance, ModelDenoiser
 from .nets import load_net, read_config
-from .sampling import expected_nfe, sample, solver_grid
+from .sampling import DEFAULT_SOLVER, expected_nfe, sample, solver_grid
 from .schedules import schedule_from_config
 from .solvers import SamplerOutput
 
-__all__ = ["SHIPPED", "CATALOGUE", "ASSETS", "load", "generate", "NetworkModel", "DiffusionModel", "StudentModel",
+__all__ = ["SHIPPED", "CATALOGUE", "DIFFUSERS_CATALOGUE", "DIFFUSERS_SHIPPED", "ASSETS", "load", "generate",
+           "is_pipeline", "generate_from_prompts", "check_prompts", "encode_prompts", "pipeline_calls", "NetworkModel", "DiffusionModel", "StudentModel",
            "GeneratorModel", "EncoderModel", "sample_generators"]
 
 ASSETS = Path(__file__).parent / "assets"
@@ -35,9 +44,26 @@ CATALOGUE = {
     "mnist-dmd-1": "DMD one-step generator (guidance w = 1 baked in)",
     "mnist-dmd2-4": "DMD2 four-step generator (backward simulation, GAN, guidance w = 1 baked in)",
 }
-# the catalogue's models whose weights are in this installation (the others are still training)
-SHIPPED = {name: what for name, what in CATALOGUE.items() if (ASSETS / name / "config.json").is_file()}
-RECIPE_OF = {"mnist-guided": "fewstep distill guided --out DIR", "mnist-dmd": "fewstep distill dmd --out DIR"}
+# diffusers folders shipped by name (the text-to-image test bed): load() returns the diffusers object itself
+DIFFUSERS_CATALOGUE = {
+    "mnist-vae": "AutoencoderKL for 32x32 digits -> 4x8x8 latents (the text-to-image test bed's VAE)",
+    "mnist-sd": "text-to-image StableDiffusionPipeline on MNIST captions ('a thick seven slanted left')",
+    "mnist-sd3": "text-to-image StableDiffusion3Pipeline (no T5) on MNIST captions",
+}
+TEXT_BED_RECIPES = ("mnist-sd", "mnist-sd3")  # their prompts follow fewstep.data.captions' grammar
+
+
+def _installed(folder: Path) -> bool:
+    """Whether ``folder`` holds a model: fewstep's or diffusers' config.json, or a pipeline's model_index.json."""
+    return (folder / "config.json").is_file() or (folder / "model_index.json").is_file()
+
+
+# the catalogues' models whose weights are in this installation (the others are still training); fewstep's
+# own models and the diffusers folders are kept apart: SHIPPED's folders are fewstep model folders
+SHIPPED = {name: what for name, what in CATALOGUE.items() if _installed(ASSETS / name)}
+DIFFUSERS_SHIPPED = {name: what for name, what in DIFFUSERS_CATALOGUE.items() if _installed(ASSETS / name)}
+RECIPE_OF = {"mnist-guided": "fewstep distill guided --out DIR", "mnist-dmd": "fewstep distill dmd --out DIR",
+             **{name: f"fewstep train {name} --out DIR" for name in DIFFUSERS_CATALOGUE}}
 
 
 class NetworkModel:
@@ -237,22 +263,29 @@ class GeneratorModel(_FixedSteps, DiffusionModel):
         return SamplerOutput(x0, self.default_steps, self.times)
 
 
+def _shipped_names() -> list[str]:
+    """Every catalogue name whose folder is in this installation now (a folder added later counts)."""
+    return [name for name in (*CATALOGUE, *DIFFUSERS_CATALOGUE) if _installed(ASSETS / name)]
+
+
 def _resolve(name_or_path) -> Path:
     name = str(name_or_path)
-    if name in CATALOGUE and name not in SHIPPED and not Path(name).exists():
-        recipe = next((cmd for prefix, cmd in RECIPE_OF.items() if name.startswith(prefix)), "its recipe")
-        raise FileNotFoundError(f"{name!r} is not shipped in this version yet (its training is in progress); "
-                                f"make it with `{recipe}` and load DIR/{name}")
-    if name in SHIPPED:
+    if name in CATALOGUE or name in DIFFUSERS_CATALOGUE:
         folder = ASSETS / name
-        if not (folder / "config.json").is_file():
+        if _installed(folder):
+            return folder
+        if name in SHIPPED or name in DIFFUSERS_SHIPPED:
             raise FileNotFoundError(f"shipped model {name!r} is not in this installation ({folder} is missing)")
-        return folder
+        if not Path(name).exists():
+            recipe = RECIPE_OF.get(name) or next((cmd for prefix, cmd in RECIPE_OF.items() if name.startswith(prefix)),
+                                                 "its recipe")
+            raise FileNotFoundError(f"{name!r} is not shipped in this version yet (its training is in progress); "
+                                    f"make it with `{recipe}` and load DIR/{name}")
     folder = Path(name_or_path)
     if not folder.exists():
-        raise FileNotFoundError(f"no model named {name!r}: not a shipped model ({', '.join(SHIPPED)}) "
+        raise FileNotFoundError(f"no model named {name!r}: not a shipped model ({', '.join(_shipped_names())}) "
                                 "and no such folder")
-    if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
+    if not _installed(folder) and (folder / "model" / "config.json").is_file():
         folder = folder / "model"  # a training run's export
     return folder
 
@@ -283,10 +316,93 @@ def check_config(cfg: dict, folder) -> None:
                          "fix the name or remove it")
 
 
-def load(name_or_path, device: str | torch.device = "cpu"):
-    """Load a shipped model by name (``mnist-teacher``, ``mnist-classifier``) or a fewstep
-    model folder. Diffusion models come back as ``DiffusionModel``; classifiers as the network."""
+def _diffusers_class(folder: Path) -> str | None:
+    """The diffusers class a folder holds (a pipeline's model_index.json or a model's config.json
+    ``_class_name``), or None for a fewstep model folder."""
+    for name in ("model_index.json", "config.json"):
+        try:
+            cfg = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(cfg, dict) and "_class_name" in cfg:
+            return cfg["_class_name"]
+    return None
+
+
+def _absent_components(folder: Path) -> dict:
+    """``name=None`` for every component model_index.json lists as [null, null] (e.g. SD3 saved without its
+    T5 encoder: text_encoder_3, tokenizer_3), so from_pretrained does not look for them."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[-1] is None}
+
+
+def _dtype_keyword() -> str:
+    """from_pretrained's precision keyword: ``dtype`` in recent diffusers (``torch_dtype`` there warns)."""
+    from diffusers.utils import deprecation_utils
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """diffusers' and transformers' loading progress bars and import-time warnings off while a folder loads
+    (a load takes well under a second; the command line keeps stderr for errors)."""
+    from diffusers.utils import logging as diffusers_logging
+    loggers = [diffusers_logging]
+    try:
+        from transformers.utils import logging as transformers_logging
+        loggers.append(transformers_logging)
+    except ImportError:  # a pipeline without text encoders, or a VAE, loads without transformers
+        pass
+    bars = [(m, m.is_progress_bar_enabled()) for m in loggers]
+    levels = [(m, m.get_verbosity()) for m in loggers]
+    for m, _ in bars:
+        m.disable_progress_bar()
+    for m, _ in levels:
+        m.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for m, enabled in bars:
+            if enabled:
+                m.enable_progress_bar()
+        for m, level in levels:
+            m.set_verbosity(level)
+
+
+def _load_diffusers(folder: Path, cls_name: str, device, dtype):
+    """The diffusers pipeline or model of ``folder`` (``from_pretrained``, offline) on ``device``."""
+    import diffusers
+    dtype = torch.float32 if dtype is None else dtype
+    pipeline = (folder / "model_index.json").is_file()
+    cls = diffusers.DiffusionPipeline if pipeline else getattr(diffusers, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ValueError(f"{folder}/config.json names {cls_name!r}, which is not a diffusers model class")
+    extra = {**(_absent_components(folder) if pipeline else {}), _dtype_keyword(): dtype}
+    try:
+        with _quiet_loading():
+            obj = cls.from_pretrained(str(folder), local_files_only=True, **extra)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        reason = " ".join(str(e).split())
+        raise ValueError(f"cannot load the diffusers {cls_name} in {folder}: {reason}") from None
+    return obj.to(device)
+
+
+def load(name_or_path, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None):
+    """Load a shipped model by name (``mnist-teacher``, ``mnist-classifier``, ``mnist-sd``, ...) or a model folder.
+
+    fewstep model folders: diffusion models come back as ``DiffusionModel`` (students, generators and
+    encoders as their subclasses); classifiers as the network. Diffusers folders come back as the diffusers
+    object itself: a pipeline folder (``model_index.json``; ``mnist-sd``, ``mnist-sd3``) as the pipeline
+    (``DiffusionPipeline.from_pretrained``; components saved as absent, such as SD3's T5, stay None; its
+    ``name_or_path`` is the folder), a model folder (``mnist-vae``) as the model. They load in float32 unless
+    ``dtype`` is given (the shipped ones are stored in float16); ``dtype`` is for diffusers folders only."""
     folder = _resolve(name_or_path)
+    cls_name = _diffusers_class(folder)
+    if cls_name is not None:
+        return _load_diffusers(folder, cls_name, device, dtype)
+    if dtype is not None:
+        raise ValueError(f"dtype= is for diffusers folders; {name_or_path} is a fewstep model (float32): leave dtype "
+                         "out, or use torch.autocast")
     cfg = read_config(folder)
     check_config(cfg, folder)
     net = load_net(folder).to(device)
@@ -321,8 +437,13 @@ def _check_generates(model) -> None:
         raise TypeError(f"cannot generate with a {type(model).__name__}; load a diffusion model or student")
 
 
+def is_pipeline(model) -> bool:
+    """Whether ``model`` is a diffusers pipeline (what ``load`` returns for a pipeline folder)."""
+    return hasattr(model, "components") and hasattr(model, "scheduler") and not isinstance(model, NetworkModel)
+
+
 @torch.no_grad()
-def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver: str | None = None,
+def generate(model, labels=None, *, prompts=None, n: int | None = None, w: float = 0.0, solver: str | None = None,
              steps: int | None = None, spacing: str = "logsnr", seed: int = 0, batch_size: int = 256,
              progress: bool = False, **options) -> torch.Tensor:
     """Generate images in [-1, 1], shape (N, C, H, W).
@@ -330,9 +451,13 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     labels: class ids (N,) for a conditional model, or None with ``n`` for unconditional
       samples. Image i depends only on (seed, i), not on the batch size (equal up to float round-off,
       ~1e-6, since batched kernels may sum in another order).
-    w: classifier-free guidance weight (x_w = (1 + w) x_cond - w x_uncond).
+    prompts: for a text-to-image diffusers pipeline (``mnist-sd``, ``mnist-sd3``, a loaded pipeline or its
+      folder) instead of labels: a prompt or a list of them; image i gets ``prompts[i % len(prompts)]``
+      (``n`` defaults to ``len(prompts)``). See ``generate_from_prompts``.
+    w: classifier-free guidance weight (x_w = (1 + w) x_cond - w x_uncond; diffusers' guidance_scale is 1 + w).
     solver / steps / spacing: any fewstep solver and its budget of model calls (default
-      dpmpp_2m, 20); distilled students and DMD generators use their own sampler and step count.
+      dpmpp_2m, 20; for a pipeline ``fewstep.sampling.DEFAULT_SOLVER``, unipc_bh2_3, and 20); distilled
+      students and DMD generators use their own sampler and step count.
       ``spacing="tuned"``: the model's shipped tuned grid for (solver, steps, w) (``<model>/grids/``;
       an error names the grids there when none matches); ``grid=`` a ``fewstep.grids.TunedGrid`` (warns
       when fitted to another model, w, solver or schedule) or a tensor of times.
@@ -342,7 +467,17 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
     """
     if isinstance(model, (str, Path)):
         model = load(model)
+    if is_pipeline(model):
+        if labels is not None:
+            raise ValueError(f"{_pipeline_name(model)} is a text-to-image pipeline: pass prompts=[...] (e.g. "
+                             "prompts=['a handwritten seven']), not labels")
+        return generate_from_prompts(model, prompts, n=n, w=w, solver=solver, steps=steps, spacing=spacing,
+                                     seed=seed, batch_size=batch_size, progress=progress, **options)
     _check_generates(model)
+    if prompts is not None:
+        what = "class-conditional: pass labels= (class ids)" if model.num_classes else "unconditional: pass n="
+        raise ValueError(f"prompts= is for text-to-image pipelines (mnist-sd, mnist-sd3, a diffusers pipeline folder); "
+                         f"{model.source or 'this model'} is {what}")
     w = float(w)
     if not np.isfinite(w):
         raise ValueError(f"guidance w must be finite, got {w}")
@@ -376,3 +511,148 @@ def generate(model, labels=None, *, n: int | None = None, w: float = 0.0, solver
                                  progress=progress, **options)
         outs.append(out.x.float().clamp(-1, 1).cpu())
     return torch.cat(gather_batches(outs, world))
+
+
+# ---------------------------------------------------------------------------
+# Text-to-image pipelines
+# ---------------------------------------------------------------------------
+
+def _pipeline_folder(pipe) -> str:
+    return str(getattr(pipe, "name_or_path", "") or "")
+
+
+def _pipeline_name(pipe) -> str:
+    return Path(_pipeline_folder(pipe)).name or type(pipe).__name__
+
+
+def _pipeline_record(pipe) -> dict:
+    """The ``fewstep.json`` a fewstep recipe wrote beside its exported pipeline ({} for other pipelines)."""
+    folder = _pipeline_folder(pipe)
+    if not folder:
+        return {}
+    try:
+        return json.loads((Path(folder) / "fewstep.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_prompt_words(prompts: list[str], words: list[str], tokenizer) -> None:
+    """Refuse a prompt with a word the pipeline never saw in its training captions (one line)."""
+    from .data.text import split_words
+    known = set(words)
+    for prompt in prompts:
+        unknown = [w for w in split_words(prompt, tokenizer) if w not in known]
+        if unknown:
+            shown = " ".join(sorted(known)[:40]) + (" ..." if len(known) > 40 else "")
+            raise ValueError(f"unknown word {unknown[0]!r} in prompt {prompt!r}: this pipeline was trained on captions "
+                             f"with the words: {shown}")
+
+
+def check_prompts(pipe, prompts) -> list[str]:
+    """``prompts`` as a list of strings, checked against what the pipeline was trained on: the test bed's
+    pipelines (recipe mnist-sd / mnist-sd3 on the MNIST captions) by the caption grammar
+    (``fewstep.data.captions.check_prompt``), a test-bed pipeline trained on your own captions by their words;
+    other pipelines' prompts are not checked. The empty prompt is the unconditional one."""
+    from .data.captions import check_prompt
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+    if not prompts:
+        raise ValueError("give prompts=[...] with at least one prompt, e.g. prompts=['a handwritten seven']")
+    bad = next((p for p in prompts if not isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(f"a prompt is a string, got {type(bad).__name__} {bad!r}")
+    record = _pipeline_record(pipe)
+    if "caption_words" in record:
+        _check_prompt_words(prompts, record["caption_words"], getattr(pipe, "tokenizer", None))
+    elif record.get("recipe") in TEXT_BED_RECIPES:
+        for prompt in prompts:
+            check_prompt(prompt)
+    return prompts
+
+
+def encode_prompts(pipe, prompts: list[str], device, guided: bool) -> dict:
+    """The pipeline's own ``encode_prompt`` of ``prompts`` (and, when ``guided``, of the empty negative prompt)
+    as ``fewstep.diffusers.sample`` keywords: prompt_embeds / negative_prompt_embeds, plus SD3's pooled ones
+    (its T5 part at the pipeline's default max_sequence_length, zero rows without T5)."""
+    if not hasattr(pipe, "encode_prompt"):
+        raise ValueError(f"{type(pipe).__name__} has no text encoder (encode_prompt); sample it with "
+                         "fewstep.diffusers.sample(pipe, ...)")
+    params = inspect.signature(pipe.encode_prompt).parameters
+    negative = [""] * len(prompts)
+    if "prompt_3" in params:  # SD3: two CLIP encoders and T5
+        e, ne, pooled, npooled = pipe.encode_prompt(prompts, None, None, device=device,
+                                                    do_classifier_free_guidance=guided, negative_prompt=negative)
+        return {"prompt_embeds": e, "negative_prompt_embeds": ne, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": npooled}
+    if "prompt_2" in params or getattr(getattr(pipe, "unet", None), "config", {}).get("addition_embed_type"):
+        raise ValueError(f"generate(prompts=) runs Stable Diffusion 1.x/2.x-style and SD3 pipelines, not "
+                         f"{type(pipe).__name__}; use pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler"
+                         ".config, solver=...) and call the pipeline")
+    e, ne = pipe.encode_prompt(prompts, device, 1, guided, negative_prompt=negative)
+    return {"prompt_embeds": e, "negative_prompt_embeds": ne}
+
+
+def _check_pipeline_sampling(solver, steps, spacing, batch_size, options) -> tuple[str, int]:
+    """The (solver, steps) for a pipeline (defaults: DEFAULT_SOLVER, 20); refuses what only fewstep models take."""
+    if spacing == "tuned" or options.get("grid") is not None:
+        raise ValueError("tuned grids (spacing='tuned', grid=) are for fewstep models; leave them out for a "
+                         "diffusers pipeline")
+    if "stochastic" in options:
+        raise ValueError("stochastic= is for distilled students; pick a stochastic solver (e.g. sde_dpmpp_2m) instead")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return (DEFAULT_SOLVER if solver is None else solver), (DiffusionModel.default_steps if steps is None else steps)
+
+
+@torch.no_grad()
+def generate_from_prompts(pipe, prompts, *, n: int | None = None, w: float = 0.0, solver: str | None = None,
+                          steps: int | None = None, spacing: str = "logsnr", seed: int = 0, batch_size: int = 256,
+                          progress: bool = False, **options) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] from a text-to-image diffusers pipeline (a UNet pipeline such as
+    StableDiffusionPipeline, or StableDiffusion3Pipeline) sampled by a fewstep solver.
+
+    Prompts are checked first (``check_prompts``), then encoded by the pipeline's own ``encode_prompt``, with
+    the empty prompt as the negative one; the pipeline's model is sampled with ``fewstep.diffusers.sample``
+    and decoded by its VAE. Image i gets ``prompts[i % len(prompts)]`` (``n`` defaults to ``len(prompts)``)
+    and its own noise seeded by (seed, i), so the images do not depend on ``batch_size`` or the number of
+    processes.
+    w: guidance weight, x_w = (1 + w) x_cond - w x_uncond: ``w`` here is diffusers' ``guidance_scale - 1``
+      (w = 2 is ``pipe(..., guidance_scale=3)``); w = 0 (the default) is the conditional model alone, one
+      network evaluation per call.
+    solver / steps: default ``fewstep.sampling.DEFAULT_SOLVER`` (unipc_bh2_3, also FewstepScheduler's) and 20
+      model calls; ``spacing`` and solver options as for ``fewstep.diffusers.sample``.
+    """
+    prompts = check_prompts(pipe, prompts)
+    w = float(w)
+    if not np.isfinite(w):
+        raise ValueError(f"guidance w must be finite, got {w}")
+    n = len(prompts) if n is None else n
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1 (images; prompts repeat in turn), got {n!r}")
+    solver, steps = _check_pipeline_sampling(solver, steps, spacing, batch_size, options)
+    from .diffusers import sample as pipeline_sample
+    device = pipe.device
+    world, rank = process_group()
+    outs = []
+    for start in my_batches(range(0, n, batch_size), world, rank):
+        count = min(batch_size, n - start)
+        batch = [prompts[i % len(prompts)] for i in range(start, start + count)]
+        cond = encode_prompts(pipe, batch, device, guided=w != 0)
+        x = pipeline_sample(pipe, solver=solver, steps=steps, guidance=w, spacing=spacing, progress=progress,
+                            generator=sample_generators(seed, start, count, device=device), **cond, **options)
+        outs.append(x.float().cpu())
+    return torch.cat(gather_batches(outs, world))
+
+
+def pipeline_calls(pipe, solver: str | None = None, steps: int | None = None, spacing: str = "logsnr") -> int | None:
+    """Model calls per image that ``generate_from_prompts`` spends with (solver, steps) (None for adaptive
+    solvers); a guided call (w > 0) is one batched cond + uncond call. Flow pipelines (SD3) spend the first
+    call on their exact first step from pure noise, as ``fewstep.diffusers.sample`` does."""
+    from .diffusers import pipeline_denoiser
+    solver, steps = _check_pipeline_sampling(solver, steps, spacing, 1, {})
+    den = pipeline_denoiser(pipe)
+    first = 1 if den.family.starts_from_pure_noise else 0
+    if first and steps == 1:
+        return 1
+    grid, extra = solver_grid(den.schedule, solver, steps - first, spacing)
+    calls = expected_nfe(solver, grid, extra)
+    return None if calls is None else first + calls

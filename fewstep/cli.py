@@ -13,7 +13,9 @@ before any work), ``_run_recipe`` (``train`` and ``distill``: every recipe of
 """
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -276,6 +278,9 @@ def list_solvers():
 @_sampling_options
 @click.option("--labels", type=CommaList(int, noun="class ids"), metavar="LIST",
               help="Comma-separated class ids (default: 0..9 repeated).")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Text-to-image pipelines (mnist-sd, mnist-sd3, a diffusers pipeline folder): the prompt; repeat "
+                   "it for several (the images take them in turn). Default solver there: unipc_bh2_3.")
 @click.option("-n", "--num", "n", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N (where a GPU is present).")
@@ -286,18 +291,22 @@ def list_solvers():
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--singles", type=click.Path(file_okay=False), default=None, help="Also write single PNGs here.")
 @click.option("--progress/--no-progress", default=True)
-def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels, n, batch_size, device, dtype, out,
-               force, singles, progress):
-    """Generate images with a model and a solver; write a PNG grid."""
+def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels, prompts, n, batch_size, device, dtype,
+               out, force, singles, progress):
+    """Generate images with a model and a solver (a text-to-image pipeline: with --prompt); write a PNG grid."""
     import contextlib
     import time
 
     import torch
 
-    from .api import generate
+    from .api import generate, is_pipeline
     from .images import save_image_grid, save_images
     dev = _check_device(device)
     m = _load_model(model)
+    if prompts or is_pipeline(m):
+        return _sample_prompts(m, model, list(prompts), labels=labels, w=w, solver=solver, steps=steps, spacing=spacing,
+                               grid=grid, seed=seed, stochastic=stochastic, n=n, batch_size=batch_size, dev=dev,
+                               dtype=dtype, out=out, force=force, singles=singles, progress=progress)
     if not hasattr(m, "sample_batch"):
         raise click.UsageError(f"{model!r} is not a generative model")
     _check_writable(out, file=True, force=force)  # before any sampling
@@ -328,6 +337,57 @@ def sample_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, labels,
     cfg_call = m.evaluations_per_call(w) == 2
     click.echo(f"wrote {path} ({len(images)} images); NFE {nfe if nfe is not None else 'adaptive'}"
                f"{' (each a batched cond+uncond call)' if cfg_call else ''}; {seconds / len(images):.4f} s/image")
+
+
+def _check_prompt_options(m, model: str, prompts, labels, grid, stochastic) -> None:
+    """--prompt goes with a text-to-image pipeline, --labels / --grid / --stochastic with a fewstep model."""
+    from .api import is_pipeline
+    if not is_pipeline(m):
+        raise click.UsageError(f"--prompt is for text-to-image pipelines (mnist-sd, mnist-sd3, a diffusers pipeline "
+                               f"folder); {model!r} is a fewstep model: pass --labels (class ids) instead")
+    if not prompts:
+        raise click.UsageError(f"{model!r} is a text-to-image pipeline: give --prompt TEXT (repeatable), e.g. "
+                               "--prompt \"a handwritten seven\"")
+    for given, option in ((labels, "--labels"), (grid, "--grid"), (stochastic, "--stochastic")):
+        if given:
+            raise click.UsageError(f"{option} is for fewstep models; a text-to-image pipeline takes --prompt, "
+                                   "--solver, --steps, --spacing and --w")
+
+
+def _sample_prompts(m, model: str, prompts: list[str], *, labels, w, solver, steps, spacing, grid, seed, stochastic, n,
+                    batch_size, dev, dtype, out, force, singles, progress):
+    """``sample --prompt``: a text-to-image pipeline through fewstep.generate(prompts=); writes the PNG grid
+    (one column per prompt when the images fill whole rows)."""
+    import contextlib
+    import time
+
+    import torch
+
+    from .api import generate, pipeline_calls
+    from .images import save_image_grid, save_images
+    _check_prompt_options(m, model, prompts, labels, grid, stochastic)
+    _check_writable(out, file=True, force=force)  # before any sampling
+    if singles:
+        _check_writable(singles)
+    m.to(dev)
+    try:
+        t0 = time.perf_counter()
+        precision = (torch.autocast(dev.type, dtype=getattr(torch, DTYPES[dtype])) if DTYPES[dtype]
+                     else contextlib.nullcontext())
+        with precision:
+            images = generate(m, prompts=prompts, n=n, w=w, solver=solver, steps=steps, spacing=spacing, seed=seed,
+                              batch_size=batch_size, progress=progress)
+        seconds = time.perf_counter() - t0
+        calls = pipeline_calls(m, solver, steps, spacing)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    nrow = len(prompts) if len(prompts) > 1 and len(images) % len(prompts) == 0 else None
+    path = save_image_grid(images, out, nrow=nrow)
+    if singles:
+        save_images(images, singles)
+    click.echo(f"wrote {path} ({len(images)} images, {len(prompts)} prompt(s)); NFE "
+               f"{calls if calls is not None else 'adaptive'}{' (each a batched cond+uncond call)' if w else ''}; "
+               f"{seconds / len(images):.4f} s/image")
 
 
 @main.command("demo")
@@ -385,25 +445,74 @@ def app_cmd(port, threads):
         raise click.UsageError(f"cannot serve on 127.0.0.1{f':{port}' if port else ''} ({e}); choose another --port")
 
 
+def _eval_options(f):
+    """eval's --steps takes a comma list (each value evaluated) where sample and tune take one budget; its
+    --model also names diffusers text pipelines."""
+    for p in f.__click_params__:
+        if p.name == "steps":
+            p.type, p.metavar = CommaList(int, min=1), "K[,K...]"
+            p.help = ("Budget(s) of model calls, comma-separated (a list is a sweep; default 20 or a distilled model's "
+                      "own); text pipelines: num_inference_steps (default 25).")
+        if p.name == "model":
+            p.help = ("A shipped model name, a fewstep model folder, or a diffusers text-to-image pipeline: mnist-sd, "
+                      "mnist-sd3 or a folder with model_index.json (then the 90-prompt suite is evaluated).")
+    return f
+
+
+def _scheduler_names(ctx, param, value):
+    """--scheduler: comma-separated names that fewstep.evaluate.make_scheduler knows."""
+    if value is None:
+        return None
+    from .evaluate import check_scheduler_name
+    try:
+        return [check_scheduler_name(v) for v in value.replace(",", " ").split()] or None
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
 @main.command("eval")
+@_eval_options
 @_sampling_options
 @click.option("-n", "--num", "n", type=click.IntRange(min=20), default=2000, show_default=True,
-              help="Samples (class-balanced); at most 2000 (two disjoint real sets of n are needed).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True)
+              help="Samples (class-balanced); at most 2000 for fewstep models (two disjoint real sets of n are "
+                   "needed); text pipelines: rounded up to a multiple of the 90 prompts (2000 -> 2070).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Images per batch (text pipelines: default 90, one of each prompt; the seed is per batch).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the JSON here.")
 @click.option("--sweep-steps", type=CommaList(int, min=1), default=None, metavar="LIST",
               help="Comma-separated step budgets: evaluate each (with every --sweep-w); writes JSON, a markdown "
                    "table (.md) and a plot of FID against NFE (.png) beside --json.")
 @click.option("--sweep-w", type=CommaList(float, min=0), default=None, metavar="LIST",
               help="Comma-separated guidance weights (>= 0) for the sweep.")
-def eval_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_size, json_path, sweep_steps,
-             sweep_w):
+@click.option("--scheduler", "schedulers", default=None, metavar="LIST", callback=_scheduler_names,
+              help="Text pipelines: comma-separated schedulers: stock (the pipeline's own), dpmsolver, unipc, "
+                   "fewstep (FewstepScheduler's default solver), fewstep:<solver>; default stock.")
+@click.option("--guidance-scale", "guidance_scales", type=CommaList(float, min=1), default=None, metavar="LIST",
+              help="Text pipelines: comma-separated guidance_scale values (diffusers' 1 + w); default 3.")
+@click.pass_context
+def eval_cmd(ctx, model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_size, json_path, sweep_steps,
+             sweep_w, schedulers, guidance_scales):
     """FID, KID, IS, class accuracy, NFE and seconds per image, beside the real-vs-real baseline;
-    with --sweep-steps / --sweep-w, for every (steps, w) with a table and a plot."""
+    with --sweep-steps / --sweep-w, for every (steps, w) with a table and a plot. A diffusers text
+    pipeline (mnist-sd, mnist-sd3, a pipeline folder): the 90-prompt suite for every (guidance scale,
+    scheduler, steps), with prompted-digit accuracy and thickness / slant adherence."""
     import json
     from pathlib import Path
 
-    from .evaluate import evaluate, evaluate_grid, grid_markdown, plot_grid
+    from .evaluate import evaluate, evaluate_grid, grid_markdown, plot_grid, text_pipeline_folder
+    if steps and sweep_steps:
+        raise click.UsageError("give the step budgets once: --steps 4,8,16 (or --sweep-steps 4,8,16)")
+    try:
+        is_pipeline = text_pipeline_folder(model) is not None
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from None
+    if is_pipeline:
+        return _eval_prompts(ctx, model, steps=steps or sweep_steps, seed=seed, n=n, json_path=json_path,
+                             schedulers=schedulers, guidance_scales=guidance_scales)
+    if schedulers or guidance_scales:
+        raise click.UsageError(f"--scheduler and --guidance-scale are for diffusers text pipelines (mnist-sd, mnist-sd3 "
+                               f"or a pipeline folder), not {model}; for a fewstep model use --solver and --w")
+    sweep_steps, steps = (steps, None) if steps and len(steps) > 1 else (sweep_steps, steps[0] if steps else None)
     if json_path:
         _check_writable(json_path, file=True)  # eval results are meant to be refreshed
     m = _load_model(model)
@@ -437,6 +546,45 @@ def eval_cmd(model, w, solver, steps, spacing, grid, seed, stochastic, n, batch_
     click.echo(text)
 
 
+def _eval_prompts(ctx, model, *, steps, seed, n, json_path, schedulers, guidance_scales):
+    """eval of a diffusers text pipeline: fewstep.evaluate.evaluate_prompts_grid; with --json, also .md and .png."""
+    import json
+    from pathlib import Path
+
+    from click.core import ParameterSource
+
+    from .evaluate import (DEFAULT_GUIDANCE_SCALE, evaluate_prompts_grid, load_text_pipeline, plot_prompts,
+                           prompts_markdown, suite_size)
+    given = lambda name: ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE  # noqa: E731
+    fewstep_only = [f"--{k.replace('_', '-')}" for k in ("solver", "w", "spacing", "grid", "stochastic", "sweep_w")
+                    if given(k)]
+    if fewstep_only:
+        raise click.UsageError(f"{', '.join(fewstep_only)}: for fewstep models; a text pipeline takes --scheduler, "
+                               "--steps and --guidance-scale (= 1 + w)")
+    try:
+        suite_size(n)
+    except ValueError as e:
+        raise click.UsageError(f"-n {n}: {e}") from None
+    if json_path:
+        _check_writable(json_path, file=True)
+    try:
+        pipe = load_text_pipeline(model)
+        doc = evaluate_prompts_grid(pipe, schedulers=schedulers or ["stock"], steps_list=steps or [25],
+                                    guidance_scales=guidance_scales or [DEFAULT_GUIDANCE_SCALE], n=n, seed=seed,
+                                    batch_size=ctx.params["batch_size"] if given("batch_size") else 90,
+                                    log=lambda msg: click.echo(msg, err=True))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    doc["model"] = str(model)
+    click.echo(prompts_markdown(doc))
+    if json_path:
+        path = Path(json_path)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        path.with_suffix(".md").write_text(prompts_markdown(doc))
+        plot_prompts(doc, path.with_suffix(".png"))
+        click.echo(f"wrote {path}, {path.with_suffix('.md')} and {path.with_suffix('.png')}")
+
+
 def _recipe_options(out_help: str):
     """The options of every command that runs a recipe (``train``, ``distill ...``)."""
     def add(f):
@@ -448,8 +596,8 @@ def _recipe_options(out_help: str):
     return add
 
 
-def _run_recipe(name: str, out, threads: int, settings=None, **options):
-    """Run recipe ``name`` of ``fewstep.recipes.RECIPES`` (with ``settings`` instead of its preset, if given)
+def _run_recipe(recipe: str, out, threads: int, settings=None, **options):
+    """Run recipe ``recipe`` of ``fewstep.recipes.RECIPES`` (with ``settings`` instead of its preset, if given)
     into run folder ``out`` (checked first) with ``threads`` torch threads; its refusals (ValueError, an
     existing run) become one-line usage errors."""
     import torch
@@ -458,7 +606,7 @@ def _run_recipe(name: str, out, threads: int, settings=None, **options):
     out = _check_writable(out)
     torch.set_num_threads(threads)
     try:
-        return RECIPES[name](out, settings, **options)
+        return RECIPES[recipe](out, settings, **options)
     except (ValueError, FileExistsError) as e:
         raise click.UsageError(str(e)) from None
 
@@ -467,9 +615,82 @@ def _run_recipe(name: str, out, threads: int, settings=None, **options):
 @click.argument("preset", type=click.Choice(["mnist", "mnist-teacher", "mnist-classifier", "mnist-vae", "mnist-sd",
                                                 "mnist-sd3"]))
 @_recipe_options("Run folder: checkpoints, log.jsonl, samples/, and the export model/.")
-def train_cmd(preset, out, resume, threads, progress):
-    """Train a model from a preset: mnist (= mnist-teacher) or mnist-classifier reproduce the shipped ones."""
-    _run_recipe("mnist-teacher" if preset == "mnist" else preset, out, threads, resume=resume, progress=progress)
+@click.option("--vae", default=None, help="mnist-sd / mnist-sd3: reuse this AutoencoderKL (a folder, or the shipped "
+                                          "name mnist-vae) instead of training one first.")
+@click.option("--data", type=click.Path(), default=None, metavar="DIR",
+              help="mnist-vae / mnist-sd / mnist-sd3: train on your own images (any size; made grayscale 32x32) "
+                   "instead of MNIST.")
+@click.option("--captions", type=click.Path(), default=None, metavar="FILE",
+              help="With --data: the captions, a metadata.jsonl (lines {\"file_name\": ..., \"text\": ...}, names "
+                   "relative to DIR) or a CSV with columns file_name,text (default: DIR/metadata.jsonl).")
+def train_cmd(preset, out, resume, threads, progress, vae, data, captions):
+    """Train a model from a preset: mnist (= mnist-teacher) or mnist-classifier reproduce the shipped ones;
+    mnist-vae / mnist-sd / mnist-sd3 also train on your own captioned images (--data)."""
+    options = {}
+    if vae is not None:
+        if preset not in ("mnist-sd", "mnist-sd3"):
+            raise click.UsageError(f"--vae is for mnist-sd and mnist-sd3 (they train on its latents), not {preset}")
+        folder = _vae_folder(vae)
+        options["vae"] = lambda: folder
+    if data is not None or captions is not None:
+        options["data"] = _own_data(preset, data, captions)
+    _run_recipe("mnist-teacher" if preset == "mnist" else preset, out, threads, resume=resume, progress=progress,
+                **options)
+
+
+def _own_data(preset: str, data, captions):
+    """train --data DIR [--captions FILE]: the recipe's data provider, the folder read (and refused in one line)
+    before any training starts."""
+    from .recipes.textbed import folder_data
+    if preset not in ("mnist-vae", "mnist-sd", "mnist-sd3"):
+        raise click.UsageError(f"--data is for mnist-vae, mnist-sd and mnist-sd3 (the text-to-image test bed), not "
+                               f"{preset}")
+    if data is None:
+        raise click.UsageError("--captions goes with --data DIR (the image folder the captions describe)")
+    provider = folder_data(data, captions, need_captions=preset != "mnist-vae")
+    try:
+        images, texts = provider()
+    except (FileNotFoundError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"--data {data}: {len(images)} images" + (f", {len(set(texts))} distinct captions" if texts else ""),
+               err=True)
+    return provider
+
+
+def _vae_folder(name_or_path: str) -> Path:
+    """A diffusers AutoencoderKL folder from a shipped name or a path (a test-bed run folder's mnist-vae too)."""
+    from .api import ASSETS
+    for folder in (ASSETS / name_or_path, Path(name_or_path), Path(name_or_path) / "mnist-vae"):
+        if (folder / "config.json").is_file() and \
+                json.loads((folder / "config.json").read_text()).get("_class_name") == "AutoencoderKL":
+            return folder
+    raise click.BadParameter(f"{name_or_path!r} is neither a shipped VAE (mnist-vae) nor a folder holding a diffusers "
+                             "AutoencoderKL (config.json with _class_name AutoencoderKL)", param_hint="--vae")
+
+
+def _teacher_options(f):
+    """--teacher and --prompts of every distill command."""
+    f = click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+                     help="Text-to-image teachers: a file of prompts, one per line, to distill over (default for the "
+                          "shipped mnist-sd / mnist-sd3: the test bed's 90-prompt suite).")(f)
+    return click.option("--teacher", default=None,
+                        help="The teacher: a shipped name (mnist-teacher, mnist-sd, mnist-sd3), a fewstep model folder "
+                             "or a diffusers pipeline folder (model_index.json). Default: the preset's.")(f)
+
+
+def _teacher_provider(teacher, prompts) -> dict:
+    """The recipe's ``teacher=`` provider for --teacher / --prompts (checked now: one-line errors before any work)."""
+    if teacher is None and prompts is None:
+        return {}
+    from .recipes.teachers import read_prompts, teacher_from
+    try:
+        texts = read_prompts(prompts) if prompts is not None else None
+        if teacher is None:
+            raise ValueError("--prompts needs a text-to-image --teacher (e.g. --teacher mnist-sd or a pipeline folder)")
+        made = teacher_from(teacher, texts)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+    return {"teacher": lambda: made}
 
 
 @main.group()
@@ -488,10 +709,21 @@ _distill_options = _recipe_options("Run folder: one sub-folder per stage (checkp
 @click.option("--part", type=click.Choice(["all", "decoder", "encoder"]), default="all", show_default=True,
               help="decoder: stage 1 and the sampling rounds; encoder: stage 1 and the distilled encoder's rounds "
                    "(the two can run at once in two processes on the same --out).")
-def distill_guided_cmd(out, resume, threads, progress, until, part):
-    """Guided distillation of the shipped mnist-teacher: stage 1 (w-conditioned student), then progressive
-    rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1 steps. Reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1."""
-    exports = _run_recipe("mnist-guided", out, threads, resume=resume, progress=progress, until=until, part=part)
+@_teacher_options
+def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts):
+    """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
+    steps. Of the shipped mnist-teacher by default (reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1); of a
+    diffusers pipeline with --teacher (mnist-sd: reproduces mnist-sd-guided-4 with --until 4), exported to
+    DIR/export/<name>-<N> as pipelines stock diffusers runs (guidance_scale = 1 + w)."""
+    from dataclasses import replace
+
+    from .recipes import RECIPES, teacher_recipe_name
+    preset = "mnist-sd-guided" if teacher == "mnist-sd" else "mnist-guided"
+    settings = RECIPES[preset].settings
+    settings = replace(settings, teacher=teacher) if teacher not in (None, settings.teacher) else None
+    name = preset if settings is None else teacher_recipe_name(teacher, "guided")
+    exports = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, until=until, part=part,
+                          name=name, **_teacher_provider(teacher, prompts))
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -500,35 +732,54 @@ def distill_guided_cmd(out, resume, threads, progress, until, part):
 @_distill_options
 @click.option("--until", type=click.IntRange(min=1), default=None,
               help="Stop after the round that reaches this many steps (default: down to 4).")
-def distill_progressive_cmd(out, resume, threads, progress, until):
-    """Plain progressive distillation (Salimans & Ho 2022) of the shipped mnist-teacher's conditional
-    model: rounds 32 -> 16 -> 8 -> 4 steps, exported as mnist-progressive-<N> students."""
-    exports = _run_recipe("mnist-progressive", out, threads, resume=resume, progress=progress, until=until)
+@_teacher_options
+def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts):
+    """Plain progressive distillation (Salimans & Ho 2022) of the teacher's conditional model (default: the
+    shipped mnist-teacher; any fewstep model or diffusers pipeline folder with --teacher): rounds 32 -> 16 -> 8
+    -> 4 steps, exported as <name>-<N> students (a pipeline teacher's: DIR/export/<name>-<N> pipelines)."""
+    from dataclasses import replace
+
+    from .recipes import RECIPES, teacher_recipe_name
+    settings = RECIPES["mnist-progressive"].settings
+    settings = replace(settings, teacher=teacher) if teacher not in (None, settings.teacher) else None
+    name = "mnist-progressive" if settings is None else teacher_recipe_name(teacher, "progressive")
+    exports = _run_recipe("mnist-progressive", out, threads, settings, resume=resume, progress=progress, until=until,
+                          name=name, **_teacher_provider(teacher, prompts))
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
 
 @distill.command("dmd")
 @_distill_options
-@click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4"]), default="mnist-dmd-1",
-              show_default=True, help="mnist-dmd-1: one-step DMD with regression; mnist-dmd2-4: DMD2 (no "
-                                      "regression, 5 fake updates per generator update, GAN head, 4 steps).")
-@click.option("--train-steps", "steps", type=click.IntRange(min=1), default=None,
+@click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd3-dmd-1"]),
+              default=None, help="mnist-dmd-1 (the default): one-step DMD with regression; mnist-dmd2-4: DMD2 (no "
+                                 "regression, 5 fake updates per generator update, GAN head, 4 steps); mnist-sd-dmd-1 / "
+                                 "mnist-sd3-dmd-1: one-step DMD of the text-to-image test bed's pipelines.")
+@_teacher_options
+@click.option("--w", type=float, default=None, callback=_guidance_w,
+              help="Guidance weight of the teacher's score, baked into the generator (default: the preset's).")
+@click.option("--train-steps", "--max-train-steps", "steps", type=click.IntRange(min=1), default=None,
               help="Training steps (default: the preset's).")
 @click.option("--steps", "old_steps", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated name of --train-steps (--steps is the budget of model calls elsewhere).")
-def distill_dmd_cmd(out, resume, threads, progress, preset, steps, old_steps):
-    """Distribution Matching Distillation of the shipped mnist-teacher into a one-step (or DMD2
-    four-step) generator; reproduces mnist-dmd-1 / mnist-dmd2-4."""
+def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, w, steps, old_steps):
+    """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
+    mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
+    mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
     from dataclasses import replace
     if old_steps is not None:
         click.echo("fewstep: warning: distill dmd --steps is deprecated; use --train-steps", err=True)
         steps = old_steps if steps is None else steps
 
-    from .recipes import RECIPES
-    settings = None if steps is None else replace(RECIPES[preset].settings, steps=steps)
-    folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress)
-    click.echo(f"{preset}: {folder}")
+    from .recipes import RECIPES, teacher_recipe_name
+    preset = preset or {"mnist-sd": "mnist-sd-dmd-1", "mnist-sd3": "mnist-sd3-dmd-1"}.get(teacher, "mnist-dmd-1")
+    settings = RECIPES[preset].settings
+    changes = {k: v for k, v in (("steps", steps), ("real_w", w), ("teacher", teacher)) if v is not None}
+    settings = replace(settings, **changes) if changes else None
+    name = preset if teacher in (None, RECIPES[preset].settings.teacher) else teacher_recipe_name(teacher, "dmd-1")
+    folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
+                         **_teacher_provider(teacher, prompts))
+    click.echo(f"{name}: {folder}")
 
 
 @main.command("translate")

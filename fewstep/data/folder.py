@@ -8,9 +8,17 @@ With ``size`` set, each image is resized (shorter side -> size, bicubic) and
 centre-cropped to size x size; with ``size=None`` all images must already share
 one size. Items are float32 tensors (C, H, W) in [-1, 1] (C = 3 for ``mode="RGB"``,
 1 for ``mode="L"``), paired with an int label when the folder has classes.
+
+Captioned folders (:func:`load_captioned_folder`, for text-to-image training) follow Hugging Face's
+imagefolder convention: ``root/metadata.jsonl`` with one JSON object per line,
+``{"file_name": "0001.png", "text": "a thick seven"}``, or a CSV file with the columns
+``file_name,text``; file names are relative to ``root`` (sub-folders allowed). A file listed twice is
+trained on with each of its captions.
 """
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +26,8 @@ import torch
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 MODES = {"RGB": 3, "L": 1}
+METADATA = "metadata.jsonl"
+CAPTION_FORMATS = 'metadata.jsonl lines {"file_name": ..., "text": ...} or a CSV with columns file_name,text'
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -123,3 +133,108 @@ class ImageFolder(torch.utils.data.Dataset):
         """Every image stacked (N, C, H, W) (and labels (N,) int64 when the folder has classes)."""
         x = torch.stack([load_image(p, self.size, self.mode) for p in self.paths])
         return x if self.labels is None else (x, torch.tensor(self.labels, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------
+# Captioned folders (text-to-image training)
+# ---------------------------------------------------------------------------
+
+def images_under(root) -> list[Path]:
+    """Every image file under ``root``, sub-folders included, sorted; one-line errors for a missing folder or none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory; give an existing "
+                                "folder of images")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(EXTENSIONS)}) found in {root} or its sub-folders")
+    return paths
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not JSON ({e.msg}); each line is "
+                             '{"file_name": ..., "text": ...}') from None
+        if not isinstance(row, dict):
+            raise ValueError(f'{path} line {number} is not a JSON object; each line is {{"file_name": ..., "text": ...}}')
+        rows.append({**row, "_line": number})
+    return rows
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("file_name", "text") if c not in (reader.fieldnames or [])]
+        if missing and reader.fieldnames:
+            raise ValueError(f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(reader.fieldnames)}); "
+                             "its header row must name file_name and text")
+        return [{**row, "_line": number} for number, row in enumerate(reader, 2)]
+
+
+def read_captions(path) -> list[tuple[str, str]]:
+    """(file_name, text) rows of a caption file: ``.jsonl`` (Hugging Face imagefolder's metadata.jsonl) or
+    ``.csv`` (columns file_name, text); one-line errors for a missing, empty or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {str(path)!r} does not exist; give {CAPTION_FORMATS}")
+    readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows}
+    if path.suffix.lower() not in readers:
+        raise ValueError(f"caption file {path} must end in .jsonl or .csv ({CAPTION_FORMATS})")
+    rows = readers[path.suffix.lower()](path)
+    if not rows:
+        raise ValueError(f"caption file {path} holds no captions; give one line per image ({CAPTION_FORMATS})")
+    out = []
+    for row in rows:
+        name, text = row.get("file_name"), row.get("text")
+        if not isinstance(name, str) or not name or not isinstance(text, str):
+            raise ValueError(f"{path} line {row['_line']} needs a file_name and a text (strings), got "
+                             f"file_name={name!r}, text={text!r}")
+        out.append((name, text))
+    return out
+
+
+def _check_every_image_captioned(images: list[Path], listed: set[Path], root: Path, captions: Path) -> None:
+    bare = [p for p in images if p.resolve() not in listed]
+    if bare:
+        raise ValueError(f"{len(bare)} of {len(images)} images in {root} have no caption in {captions} (first: "
+                         f"{str(bare[0].relative_to(root))!r}); give each image a line or remove it")
+
+
+def captioned_files(root, captions=None) -> tuple[list[Path], list[str]]:
+    """(image paths, captions), one pair per caption row, of an image folder and its caption file (by default
+    ``root/metadata.jsonl``). Every listed image must exist and every image under ``root`` must be listed."""
+    root = Path(root)
+    images = images_under(root)
+    if captions is None:
+        if not (root / METADATA).is_file():
+            raise FileNotFoundError(f"{root} has no {METADATA}; give a caption file ({CAPTION_FORMATS})")
+        captions = root / METADATA
+    rows = read_captions(captions)
+    paths = [root / name for name, _ in rows]
+    absent = next((name for (name, _), p in zip(rows, paths) if not p.is_file()), None)
+    if absent is not None:
+        raise FileNotFoundError(f"{captions} lists {absent!r}, which is not in {root}; fix its file_name or add the "
+                                "image")
+    _check_every_image_captioned(images, {p.resolve() for p in paths}, root, Path(captions))
+    return paths, [text for _, text in rows]
+
+
+def load_captioned_folder(root, captions=None, *, size: int = 32, mode: str = "L",
+                          need_captions: bool = True) -> tuple[torch.Tensor, list[str] | None]:
+    """(images float32 (N, C, size, size) in [-1, 1], their N captions) of a captioned image folder (see the
+    module docstring): each image resized (shorter side -> size, bicubic) and centre-cropped, in ``mode``
+    ("L": grayscale). ``need_captions=False`` (an autoencoder): every image under ``root``, captions None."""
+    if not need_captions:
+        return torch.stack([load_image(p, size, mode) for p in images_under(root)]), None
+    paths, texts = captioned_files(root, captions)
+    loaded: dict[Path, torch.Tensor] = {}
+    for p in paths:
+        if p not in loaded:
+            loaded[p] = load_image(p, size, mode)
+    return torch.stack([loaded[p] for p in paths]), texts

@@ -62,6 +62,8 @@ class Stage:
     sample_fn: Callable | None = None
     info: dict = field(default_factory=dict)
     reuse: bool = True
+    save: Callable[[torch.nn.Module, Path, dict], Path] | None = None  # default: the net's own save(folder, extra=)
+    load: Callable[[Path], torch.nn.Module] | None = None  # default: fewstep.nets.load_net
 
 
 @dataclass
@@ -81,7 +83,7 @@ class Runner:
         export, run_dir = self.out / stage.name, self.out / stage.run_dir
         if stage.reuse and _finished(export, stage.hyper.steps):
             print(f"{export.name}: already trained ({stage.hyper.steps} steps), reusing {export}")
-            return load_net(export), export
+            return (stage.load or load_net)(export), export
         s, h = self.settings, stage.hyper
         t0 = time.time()
         result = train(stage.objective, stage.net, self.data, steps=h.steps, out_dir=run_dir, lr=h.lr,
@@ -91,12 +93,21 @@ class Runner:
                        seed=s.seed, progress=self.progress,
                        run_info={"recipe": self.recipe, **stage.info, "preset": asdict(s)})
         secs = stage_seconds(run_dir, t0)
-        folder = on_main(result.ema.save, export, extra=stage.config(result.ema, result.step, secs)) or export
+        extra = stage.config(result.ema, result.step, secs)
+        save = stage.save or (lambda net, folder, extra: net.save(folder, extra=extra))
+        folder = on_main(save, result.ema, export, extra) or export
         print(f"{export.name}: {result.step} steps, {secs / 60:.1f} min -> {folder}")
         return result.ema, folder
 
 
 def _finished(export: Path, steps: int) -> bool:
+    """Whether ``export`` holds a finished export of ``steps`` training steps: a fewstep model's config.json,
+    or a diffusers pipeline folder's fewstep.json (recipes.teachers)."""
+    if (export / "fewstep.json").is_file():
+        try:
+            return json.loads((export / "fewstep.json").read_text()).get("train_steps") == steps
+        except ValueError:
+            return False
     return (export / "config.json").is_file() and read_config(export).get("train_steps") == steps
 
 
@@ -140,6 +151,7 @@ class Rounds:
     run_dir: str
     config: Callable[[int, int, float], dict]  # (N, training steps, seconds) -> config.json keys
     preview: Callable[[int], Callable | None] = lambda n: None  # N -> the loop's sample_fn
+    exporter: Callable[[int], dict] = lambda n: {}  # N -> the Stage's save / load (pipeline teachers' students)
 
     def run(self, runner: Runner, first: torch.nn.Module, until: int | None = None):
         """Train the rounds from network ``first`` (stopping after the round that reaches ``until`` steps);
@@ -154,6 +166,6 @@ class Rounds:
             stage = Stage(self.name.format(n=n), run_dir, objective, student,
                           Hyper(steps, self.lr, self.warmup, self.ema_decay),
                           lambda ema, k, secs, n=n: self.config(n, k, secs), self.preview(n),
-                          {"stage": run_dir, "teacher_steps": 2 * n})
-            previous, exports[stage.name] = runner.train(stage)
+                          {"stage": run_dir, "teacher_steps": 2 * n}, **self.exporter(n))
+            previous, exports[Path(stage.name).name] = runner.train(stage)
         return previous, exports

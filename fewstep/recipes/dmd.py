@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from ..api import load
 from ..data.mnist import load_mnist
 from ..distill import generator_times
 from ..distill.dmd import DMDLoss, FakeScore
@@ -22,6 +21,7 @@ from ..distill.pairs import DMDData, regression_pairs
 from ..schedules import schedule_from_config
 from ._stage import Hyper, Runner, Stage, provide, teacher_conventions
 from .previews import FID_PROBE_N, generator_preview
+from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,13 @@ MNIST_DMD = DMDSettings()
 # DMD2: no regression, 5 fake updates per generator update, GAN head, 4-step generator.
 MNIST_DMD2_4 = replace(MNIST_DMD, lambda_reg=0.0, fake_updates=5, gan_weight_g=3e-3, gan_weight_d=1e-2, gen_steps=4,
                        steps=6000)
-DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4}
+# the text-to-image test bed's one-step generators (teachers: diffusers pipelines, prompts: the test bed's suite);
+# the latent UNet / transformer is ~4x cheaper per step than mnist-teacher's pixel UNet, so batch 64
+MNIST_SD_DMD = replace(MNIST_DMD, teacher="mnist-sd", batch_size=64, steps=2000,
+                       lr={"generator": 5e-5, "fake": 1e-4}, ema_decay={"generator": 0.995, "fake": 0.0})
+MNIST_SD3_DMD = replace(MNIST_SD_DMD, teacher="mnist-sd3")
+DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd-dmd-1": MNIST_SD_DMD,
+               "mnist-sd3-dmd-1": MNIST_SD3_DMD}
 
 
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
@@ -98,11 +104,16 @@ def _pairs(t, settings: DMDSettings, out: Path, progress: bool) -> dict:
 def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1", teacher: Callable | None = None,
             data: Callable[[], tuple] | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Build (or reuse) the regression set, train generator + fake score, export the generator's EMA to
-    ``out/<name>``; returns that folder. ``teacher()`` -> a class-conditional fewstep model (default:
-    ``load(settings.teacher)``); ``data()`` -> real (images, labels) for the GAN head (default: MNIST train;
+    ``out/<name>`` (a pipeline teacher's: ``out/export/<name>``, a pipeline folder stock diffusers runs);
+    returns that folder. ``teacher()`` -> a class-conditional fewstep model or a
+    :class:`fewstep.recipes.teachers.PipelineTeacher` (default: ``teacher_from(settings.teacher)``); ``data()`` -> real (images, labels) for the GAN head (default: MNIST train;
     used only when ``gan_weight_d > 0``)."""
     out = Path(out)
-    t = provide(teacher, lambda: load(settings.teacher))
+    t = provide(teacher, lambda: teacher_from(settings.teacher))
+    pipeline = isinstance(t, PipelineTeacher)
+    if pipeline and settings.gan_weight_d > 0:
+        raise ValueError("DMD2's GAN head reads fewstep UNet features; with a diffusers pipeline teacher set "
+                         "gan_weight_g = gan_weight_d = 0")
     pairs = _pairs(t, settings, out, progress)
     real = provide(data, lambda: load_mnist("train")) if settings.gan_weight_d > 0 else None
     loss = DMDLoss(t.net, t.schedule, t.prediction, real_w=settings.real_w, dm_t=tuple(settings.dm_t),
@@ -111,10 +122,12 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
                    gen_steps=settings.gen_steps, null_class=t.null_class)
     generator = copy.deepcopy(t.net).requires_grad_(True).train()
     fake = FakeScore(copy.deepcopy(t.net).requires_grad_(True).train(), gan_head=settings.gan_weight_d > 0)
-    stage = Stage(name, "run", loss, {"generator": generator, "fake": fake},
+    fid_n = settings.fid_probe if not pipeline or t.prompt_digits() is not None else 0
+    preview = generator_preview(loss, t.image_shape, t.num_classes, fid_n=fid_n,
+                                fid_log=out / "run" / "fid.jsonl" if fid_n else None,
+                                **(pipeline_preview_options(t) if pipeline else {}))
+    stage = Stage(f"export/{name}" if pipeline else name, "run", loss, {"generator": generator, "fake": fake},
                   Hyper(settings.steps, settings.lr, settings.warmup, settings.ema_decay),
-                  lambda ema, step, secs: generator_config(t.config, settings, name, step, secs),
-                  generator_preview(loss, t.image_shape, t.num_classes, fid_n=settings.fid_probe,
-                                    fid_log=out / "run" / "fid.jsonl" if settings.fid_probe else None),
-                  reuse=False)
+                  lambda ema, step, secs: generator_config(t.config, settings, name, step, secs), preview,
+                  reuse=False, **(pipeline_exporter(t, settings.gen_steps) if pipeline else {}))
     return Runner(out, DMDData(pairs, real), settings, name, resume, progress).train(stage)[1]

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..api import load
-from ..data.mnist import load_mnist
 from ..distill import GuidedDistillLoss, ProgressiveLoss, with_w_input
+from .dmd import PairSettings
 from ._stage import Hyper, Rounds, Runner, Stage, check_halving, provide, teacher_conventions
 from .previews import FID_PROBE_N, student_preview
+from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, training_inputs
 
 
 @dataclass
@@ -48,6 +48,7 @@ class GuidedSettings:
     sample_every_minutes: float | None = 10.0
     fid_probe: int = FID_PROBE_N  # samples per point of the FID-against-training-steps curve at each preview (0: none)
     seed: int = 0
+    samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
     def __post_init__(self):
         if not 0 <= self.w_range[0] <= self.w_range[1]:
@@ -57,6 +58,10 @@ class GuidedSettings:
 
 
 MNIST_GUIDED = GuidedSettings()
+# the text-to-image test bed's guided students (teacher: the mnist-sd pipeline over the test bed's prompt suite,
+# training inputs: its own samples): stage 1, then rounds 32 -> 16 -> 8 -> 4 (run with until=4)
+MNIST_SD_GUIDED = GuidedSettings(teacher="mnist-sd", stage1=Hyper(steps=1500, lr=1e-4, warmup=100, ema_decay=0.999),
+                                 rounds={16: 400, 8: 400, 4: 800, 2: 800, 1: 800}, ship=(4,))
 
 
 def student_config(teacher_cfg: dict, settings, name: str, steps: int | None, train_steps: int, seconds: float,
@@ -89,29 +94,41 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
     if part not in ("all", "decoder", "encoder"):
         raise ValueError(f"part must be 'all', 'decoder' or 'encoder', got {part!r}")
     out = Path(out)
-    t = provide(teacher, lambda: load(settings.teacher))
-    runner = Runner(out, provide(data, lambda: load_mnist("train")), settings, name, resume, progress)
+    t = provide(teacher, lambda: teacher_from(settings.teacher))
+    pipeline = isinstance(t, PipelineTeacher)
+    if pipeline:
+        if part == "encoder":
+            raise ValueError("the distilled encoder is made for fewstep teachers only; use part='decoder'")
+        part = "decoder"  # a pipeline has no encoder sampler to export
+    runner = Runner(out, provide(data, lambda: training_inputs(t, out, settings.samples, progress)), settings, name,
+                    resume, progress)
     sch, pred, shape, classes = t.schedule, t.prediction, t.image_shape, t.num_classes
+    export_dir = "export/" if pipeline else ""
+    view = pipeline_preview_options(t) if pipeline else {}
 
     def preview(steps: int, run_dir: str):
-        fid_log = out / run_dir / "fid.jsonl" if settings.fid_probe else None
-        return student_preview(sch, pred, steps, shape, classes, fid_log=fid_log, fid_n=settings.fid_probe)
+        fid_n = settings.fid_probe if not pipeline or "digit_labels" in view else 0
+        fid_log = out / run_dir / "fid.jsonl" if fid_n else None
+        return student_preview(sch, pred, steps, shape, classes, fid_log=fid_log, fid_n=fid_n, **view)
+
+    def exporter(steps):
+        return pipeline_exporter(t, steps) if pipeline else {}
 
     loss = GuidedDistillLoss(t.net, sch, pred, w_min=settings.w_range[0], w_max=settings.w_range[1],
                              null_class=t.null_class)
     stage1, folder = runner.train(Stage(
-        f"{name}-stage1", "stage1", loss, with_w_input(t.net), settings.stage1,
+        f"{export_dir}{name}-stage1", "stage1", loss, with_w_input(t.net), settings.stage1,
         lambda ema, step, secs: student_config(t.config, settings, name, None, step, secs),
-        preview(settings.start_steps, "stage1"), {"stage": "stage1"}))
+        preview(settings.start_steps, "stage1"), {"stage": "stage1"}, **exporter(None)))
     exports = {f"{name}-stage1": folder}
     w_range = tuple(settings.w_range)
     opt = dict(lr=settings.round_lr, warmup=settings.round_warmup, ema_decay=settings.round_ema_decay)
     if part != "encoder":
         exports.update(Rounds(
             settings.rounds, lambda prev, n: ProgressiveLoss(prev, sch, n, pred, w_range=w_range), **opt,
-            name=f"{name}-{{n}}", run_dir="round-{n}",
+            name=f"{export_dir}{name}-{{n}}", run_dir="round-{n}",
             config=lambda n, step, secs: student_config(t.config, settings, name, n, step, secs),
-            preview=lambda n: preview(n, f"round-{n}")).run(runner, stage1, until)[1])
+            preview=lambda n: preview(n, f"round-{n}"), exporter=exporter).run(runner, stage1, until)[1])
     if until is None and part != "decoder":
         exports.update(Rounds(
             settings.encoder_rounds,
@@ -120,3 +137,4 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
             config=lambda n, step, secs: student_config(t.config, settings, name, n, step, secs, encoder=True),
             ).run(runner, stage1)[1])
     return exports
+

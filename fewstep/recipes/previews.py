@@ -22,9 +22,9 @@ from ..sampling import sample
 FID_PROBE_N = 500  # samples per point of the FID-against-training-steps curve (biased at this n: a trend, not a score)
 
 
-def class_rows(num_classes: int, per_class: int = 4) -> torch.Tensor:
-    """Labels 0, 0, .., 1, 1, ..: ``per_class`` of each class, one grid row per class."""
-    return torch.arange(num_classes).repeat_interleave(per_class)
+def preview_rows(num_classes: int, per_class: int = 4) -> torch.Tensor:
+    """The labels of a preview grid: ``per_class`` of each class, at most 10 classes spread over all of them."""
+    return torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long().repeat_interleave(per_class)
 
 
 def _noise(n: int, image_shape, schedule, seed: int, device) -> torch.Tensor:
@@ -42,7 +42,7 @@ def teacher_preview(schedule, prediction: str, image_shape, num_classes: int, nu
     """sample_fn of a class-conditional diffusion model in training: its EMA under classifier-free guidance
     w (x_w = (1 + w) x_cond - w x_uncond), DDIM (eta = 0) on ``steps`` steps uniform in t from t_max to 0,
     x0_hat clipped to [-1, 1] at each step."""
-    labels = class_rows(num_classes, per_class)
+    labels = preview_rows(num_classes, per_class)
     grid = torch.linspace(schedule.t_max, 0.0, steps + 1, dtype=torch.float64)
 
     def sample_fn(ema, step):
@@ -66,16 +66,21 @@ def student_images(ema, schedule, prediction: str, steps: int, labels: torch.Ten
 
 
 def student_preview(schedule, prediction: str, steps: int, image_shape, num_classes: int, *, per_class: int = 4,
-                    w: float = 1.0, fid_log: Path | None = None, fid_n: int = FID_PROBE_N) -> Callable:
-    """sample_fn of a distilled student: one row per class at guidance w with the student's own sampler; with
-    ``fid_log``, also a point of the FID-against-training-steps curve at that w (``fid_n`` samples)."""
-    labels = class_rows(num_classes, per_class)
+                    w: float = 1.0, fid_log: Path | None = None, fid_n: int = FID_PROBE_N,
+                    decode: Callable | None = None, digit_labels: Callable | None = None) -> Callable:
+    """sample_fn of a distilled student: one row per class (see :func:`preview_rows`) at guidance w with the
+    student's own sampler; with ``fid_log``, also a point of the FID-against-training-steps curve at that w
+    (``fid_n`` samples). ``decode`` and ``digit_labels``: as for :func:`generator_preview`."""
+    labels = preview_rows(num_classes, per_class)
+    decode = decode or (lambda x: x)
+    ask = digit_labels or (lambda digits: digits)
 
     def sample_fn(ema, step):
+        def images(lab, seed=0):
+            return decode(student_images(ema, schedule, prediction, steps, lab, w, image_shape, seed=seed))
         if fid_log is not None:
-            fid_probe(lambda lab: student_images(ema, schedule, prediction, steps, lab, w, image_shape, seed=1),
-                      fid_log, num_classes, fid_n)(step)
-        return student_images(ema, schedule, prediction, steps, labels, w, image_shape).clamp(-1, 1), per_class
+            fid_probe(lambda lab: images(ask(lab), seed=1), fid_log, 10 if digit_labels else num_classes, fid_n)(step)
+        return images(labels).clamp(-1, 1), per_class
     return sample_fn
 
 
@@ -89,16 +94,23 @@ def generator_images(loss, ema, labels: torch.Tensor, image_shape, seed: int = 0
 
 
 def generator_preview(loss, image_shape, num_classes: int, *, per_class: int = 4,
-                      fid_log: Path | None = None, fid_n: int = FID_PROBE_N) -> Callable:
-    """sample_fn of a DMD generator: one row per class; with ``fid_log`` a point of the FID curve (``fid_n``
-    samples)."""
-    labels = class_rows(num_classes, per_class)
+                      fid_log: Path | None = None, fid_n: int = FID_PROBE_N, decode: Callable | None = None,
+                      digit_labels: Callable | None = None) -> Callable:
+    """sample_fn of a DMD generator: one row per class (see :func:`preview_rows`); with
+    ``fid_log`` a point of the FID curve (``fid_n`` samples).
+
+    decode: latents -> images in [-1, 1] (a latent teacher's VAE; default: the samples are images).
+    digit_labels: digit labels (B,) -> the generator's labels that ask for those digits (a text teacher's
+      prompts); without it the generator's labels are the digits themselves."""
+    labels = preview_rows(num_classes, per_class)
+    decode = decode or (lambda x: x)
+    ask = digit_labels or (lambda digits: digits)
 
     def sample_fn(ema, step):
         if fid_log is not None:
-            fid_probe(lambda lab: generator_images(loss, ema, lab, image_shape, seed=1), fid_log, num_classes,
-                      fid_n)(step)
-        return generator_images(loss, ema, labels, image_shape).clamp(-1, 1), per_class
+            fid_probe(lambda lab: decode(generator_images(loss, ema, ask(lab), image_shape, seed=1)), fid_log,
+                      10 if digit_labels else num_classes, fid_n)(step)
+        return decode(generator_images(loss, ema, labels, image_shape)).clamp(-1, 1), per_class
     return sample_fn
 
 

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..api import load
-from ..data.mnist import load_mnist
 from ..distill import ProgressiveLoss
+from .dmd import PairSettings
 from ._stage import Rounds, Runner, check_halving, provide, teacher_conventions
 from .previews import student_preview
+from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, training_inputs
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ProgressiveSettings:
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
     seed: int = 0
+    samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
     def __post_init__(self):
         check_halving(self.start_steps, self.rounds)
@@ -58,12 +59,17 @@ def run_progressive(out, settings: ProgressiveSettings = MNIST_PROGRESSIVE, *, n
     ``load(settings.teacher)``); ``data()`` -> (images, labels) (default: MNIST train). Returns
     {export name: folder}."""
     out = Path(out)
-    t = provide(teacher, lambda: load(settings.teacher))
-    runner = Runner(out, provide(data, lambda: load_mnist("train")), settings, name, resume, progress)
+    t = provide(teacher, lambda: teacher_from(settings.teacher))
+    pipeline = isinstance(t, PipelineTeacher)
+    runner = Runner(out, provide(data, lambda: training_inputs(t, out, settings.samples, progress)), settings, name,
+                    resume, progress)
     sch, pred = t.schedule, t.prediction
+    view = pipeline_preview_options(t) if pipeline else {}
     rounds = Rounds(settings.rounds, lambda prev, n: ProgressiveLoss(prev, sch, n, pred, w_range=None),
                     lr=settings.round_lr, warmup=settings.round_warmup, ema_decay=settings.round_ema_decay,
-                    name=f"{name}-{{n}}", run_dir="round-{n}",
+                    name=("export/" if pipeline else "") + f"{name}-{{n}}", run_dir="round-{n}",
                     config=lambda n, step, secs: progressive_config(t.config, settings, name, n, step, secs),
-                    preview=lambda n: student_preview(sch, pred, n, t.image_shape, t.num_classes, w=0.0))
+                    preview=lambda n: student_preview(sch, pred, n, t.image_shape, t.num_classes, w=0.0, fid_n=0,
+                                                      **view),
+                    exporter=lambda n: pipeline_exporter(t, n) if pipeline else {})
     return rounds.run(runner, t.net, until)[1]

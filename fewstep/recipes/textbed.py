@@ -39,6 +39,13 @@ full sequence, several times faster.
 
 Data: ``data() -> (images (N, 1, 32, 32) in [-1, 1], captions: list of N strings)``; by default the
 MNIST train split padded to 32x32 and captioned by :func:`fewstep.data.captions.caption_images`.
+Your own images and captions: ``data=folder_data(DIR, CAPTIONS)`` (``fewstep train ... --data DIR
+--captions FILE``): a Hugging Face imagefolder (``DIR/metadata.jsonl`` lines ``{"file_name", "text"}``)
+or a CSV with columns file_name,text, images made grayscale 32x32 (:mod:`fewstep.data.folder`). When the
+captions use words outside the digit grammar, the pipeline's tokenizer is built from the grammar's words
+plus theirs (:func:`fewstep.data.text.tokenizer_for_captions`, written to ``out/<name>-tokenizer`` and saved
+in the export), so every caption word is one token; ``fewstep.json`` records the captions' words
+(``caption_words``), and ``fewstep.generate`` refuses prompts with other words for that pipeline.
 """
 from __future__ import annotations
 
@@ -51,7 +58,8 @@ from typing import Callable
 import torch
 
 from ..data.captions import caption_images, load_mnist32
-from ..data.text import load_tokenizer
+from ..data.folder import load_captioned_folder
+from ..data.text import caption_words, load_tokenizer, tokenizer_for_captions
 from ..distributed import on_main
 from ..nets.textbed import (SD3_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, RepeatedTokenJointAttnProcessor,
                             build_sd3_transformer, build_text_encoder, build_unet, build_vae, param_count)
@@ -169,6 +177,31 @@ def mnist_captioned() -> tuple[torch.Tensor, list[str]]:
     """The MNIST train split padded to 32x32 and its measured captions (the default ``data``)."""
     x, y = load_mnist32("train")
     return x, caption_images(x, y)
+
+
+def folder_data(root, captions=None, *, need_captions: bool = True) -> Callable:
+    """A ``data`` provider of your own image folder and caption file (``DIR/metadata.jsonl`` by default; see
+    :func:`fewstep.data.folder.load_captioned_folder`): grayscale 32x32 images in [-1, 1] and their captions
+    (``need_captions=False``, for ``mnist-vae``: every image under ``root``, no captions). It reads the
+    folder when called, once."""
+    loaded = []
+
+    def data():
+        if not loaded:
+            loaded.append(load_captioned_folder(root, captions, size=32, mode="L", need_captions=need_captions))
+        return loaded[0]
+    return data
+
+
+def _tokenizer(captions: list[str], own_data: bool, folder: Path):
+    """The grammar's tokenizer for the MNIST captions; for your own captions one under which each of their
+    words is one token (the grammar's when they only use its words)."""
+    return tokenizer_for_captions(captions, folder) if own_data else load_tokenizer()
+
+
+def _caption_record(captions: list[str], own_data: bool, tokenizer) -> dict:
+    """What fewstep.json records of your own captions: their words (generate checks prompts against them)."""
+    return {"caption_words": sorted(caption_words(captions, tokenizer))} if own_data else {}
 
 
 def _images_and_captions(data, need_captions: bool):
@@ -388,7 +421,7 @@ def run_sd(out, settings: SDSettings = MNIST_SD, *, name: str = "mnist-sd", data
     images, captions = _images_and_captions(data, need_captions=True)
     autoencoder = _load_vae(out, settings, images, vae, resume, progress)
     autoencoder.register_to_config(shift_factor=None)  # SD's pipeline decodes z / scaling_factor, no shift
-    tokenizer = load_tokenizer()
+    tokenizer = _tokenizer(captions, data is not None, out / f"{name}-tokenizer")
     text_encoder = build_text_encoder(tokenizer, settings.text, seed=settings.text_seed)
     scheduler = sd_scheduler(settings)
     unet = build_unet(settings.unet, cross_attention_dim=text_encoder.config.hidden_size, seed=settings.seed)
@@ -401,7 +434,8 @@ def run_sd(out, settings: SDSettings = MNIST_SD, *, name: str = "mnist-sd", data
         embeds = pipe.encode_prompt(distinct, "cpu", 1, False)[0].float()
     loss = VPLatentLoss(scheduler.alphas_cumprod, embeds, null, settings.caption_dropout, settings.prediction,
                         _Latents(autoencoder.config.scaling_factor, 0.0))
-    info = {"recipe": name, "params": param_count(unet), "prompt_separation": prompt_separation(embeds)}
+    info = {"recipe": name, "params": param_count(unet), "prompt_separation": prompt_separation(embeds),
+            **_caption_record(captions, data is not None, tokenizer)}
     result, secs = _loop(loss, unet, tensors, settings, out / f"{name}-train", resume, progress,
                          _pipeline_preview(pipe, "unet"), info)
     return _save_pipeline(pipe, "unet", result, out / name, {**info, "seconds": secs,
@@ -456,7 +490,7 @@ def run_sd3(out, settings: SD3Settings = MNIST_SD3, *, name: str = "mnist-sd3", 
     autoencoder = _load_vae(out, settings, images, vae, resume, progress)
     if autoencoder.config.shift_factor is None:
         raise ValueError("the SD3 pipeline needs a VAE with a measured shift_factor (train it with mnist-vae)")
-    tokenizer = load_tokenizer()
+    tokenizer = _tokenizer(captions, data is not None, out / f"{name}-tokenizer")
     encoders = [build_text_encoder(tokenizer, settings.text, seed=k, projection=True) for k in settings.text_seeds]
     width = sum(e.config.hidden_size for e in encoders)
     pooled_width = sum(e.config.projection_dim for e in encoders)
@@ -479,7 +513,8 @@ def run_sd3(out, settings: SD3Settings = MNIST_SD3, *, name: str = "mnist-sd3", 
     loss = FlowLatentLoss(embeds, pooled.float(), null, settings.caption_dropout,
                           _Latents(autoencoder.config.scaling_factor, autoencoder.config.shift_factor),
                           settings.shift, settings.time_sampling, settings.logit_mean, settings.logit_std)
-    info = {"recipe": name, "params": param_count(transformer), "prompt_separation": prompt_separation(pooled)}
+    info = {"recipe": name, "params": param_count(transformer), "prompt_separation": prompt_separation(pooled),
+            **_caption_record(captions, data is not None, tokenizer)}
     result, secs = _loop(loss, transformer, tensors, settings, out / f"{name}-train", resume, progress,
                          _pipeline_preview(pipe, "transformer"), info)
     return _save_pipeline(pipe, "transformer", result, out / name, {**info, "seconds": secs,
