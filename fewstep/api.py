@@ -28,8 +28,8 @@ from .schedules import schedule_from_config
 from .solvers import SamplerOutput
 
 __all__ = ["SHIPPED", "CATALOGUE", "DIFFUSERS_CATALOGUE", "DIFFUSERS_SHIPPED", "ASSETS", "load", "generate",
-           "is_pipeline", "generate_from_prompts", "check_prompts", "encode_prompts", "pipeline_calls", "NetworkModel", "DiffusionModel", "StudentModel",
-           "GeneratorModel", "EncoderModel", "sample_generators"]
+           "is_pipeline", "generate_from_prompts", "check_prompts", "encode_prompts", "pipeline_calls", "NetworkModel",
+           "DiffusionModel", "StudentModel", "GeneratorModel", "EncoderModel", "sample_generators"]
 
 ASSETS = Path(__file__).parent / "assets"
 CATALOGUE = {

@@ -262,8 +262,14 @@ def heldout_reference(n: int, classifier) -> dict:
     keep = _balanced_take(y, min(n, len(y)))
     reference = centre_crop(real)
     base = image_metrics(centre_crop(train[keep]), reference, classifier, labels=y[keep])
-    return {"images": reference, "split": "heldout", "n_reference": len(reference), "n_baseline": len(keep),
+    return {"images": reference, "n": n, "split": "heldout", "n_reference": len(reference), "n_baseline": len(keep),
             "baseline": {k: base[k] for k in ("fid", "kid", "kid_std", "is", "is_std", "class_accuracy")}}
+
+
+def _check_reference(reference: dict, n: int) -> None:
+    if reference["n"] != n:
+        raise ValueError(f"the reference's baseline was made for n={reference['n']} images, this run makes {n}: "
+                         f"pass heldout_reference({n}, classifier)")
 
 
 def _reference_record(reference: dict) -> dict:
@@ -405,6 +411,7 @@ def evaluate_prompts(pipe, *, scheduler: str = "stock", steps: int = 25,
     check_scheduler_name(scheduler)
     classifier = classifier or load("mnist-classifier")
     reference = reference or heldout_reference(len(suite.texts), classifier)
+    _check_reference(reference, len(suite.texts))
     stock = pipe.scheduler
     pipe.scheduler = make_scheduler(scheduler, stock)
     try:
@@ -503,6 +510,7 @@ def evaluate_heldout(model, *, n: int = 2070, w: float = 1.0, solver: str | None
     solver, steps = model.check_sampling(solver, steps, w)
     classifier = classifier or load("mnist-classifier")
     reference = reference or heldout_reference(n, classifier)
+    _check_reference(reference, n)
     labels = balanced_labels(n)
     t0 = time.perf_counter()
     fake = generate(model, labels, n=n, w=w, solver=solver, steps=steps, seed=seed, batch_size=batch_size)

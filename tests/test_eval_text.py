@@ -13,7 +13,8 @@ from fewstep.cli import main
 from fewstep.data.captions import SLANT, THICKNESS, caption_images, load_mnist32, parse_caption
 from fewstep.data.text import load_tokenizer
 from fewstep.evaluate import (attribute_adherence, centre_crop, check_scheduler_name, evaluate_prompts, flow_settings,
-                              make_scheduler, parse_prompts, prompt_suite, prompted_class_accuracy, suite_size)
+                              generate_prompted, heldout_reference, load_text_pipeline, make_scheduler, parse_prompts,
+                              prompt_suite, prompted_class_accuracy, suite_size)
 from fewstep.nets.textbed import build_sd3_transformer, build_text_encoder, build_unet, build_vae
 from fewstep.recipes.textbed import MNIST_SD, sd_scheduler
 
@@ -146,13 +147,13 @@ def _latents(pipe, scheduler, steps):
 
 def test_flow_schedulers_solve_the_sd3_pipelines_ode():
     """On SD3 (flow matching, shift 3) every named scheduler approaches the same ODE solution as the stock
-    FlowMatchEuler at 200 steps: 10 steps of a second-order solver (or 20 of Euler) are within 5% of the
+    FlowMatchEuler at 100 steps: 10 steps of a second-order solver (or 20 of Euler) are within 5% of the
     latents' RMS of it, while DPMSolverMultistep without the flow settings (epsilon prediction) is O(1) off."""
     from diffusers import DPMSolverMultistepScheduler
     pipe = tiny_sd3()
     assert flow_settings(pipe.scheduler.config) == {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
                                                     "flow_shift": 3.0}
-    ref = _latents(pipe, make_scheduler("stock", pipe.scheduler), 200)
+    ref = _latents(pipe, make_scheduler("stock", pipe.scheduler), 100)
     rel = lambda x: float((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())  # noqa: E731
     for name in SCHEDULER_NAMES:
         err = rel(_latents(pipe, make_scheduler(name, pipe.scheduler), 20 if name == "stock" else 10))
@@ -176,38 +177,66 @@ KEYS = {"class_accuracy", "thickness_adherence", "slant_adherence", "mean_adhere
         "seconds_per_image", "scheduler", "scheduler_class", "steps", "guidance_scale", "n", "seed", "baseline"}
 
 
-def test_evaluate_prompts_end_to_end_on_a_tiny_pipeline_folder(sd_folder):
-    res = evaluate_prompts(str(sd_folder), scheduler="fewstep", steps=3, guidance_scale=2.0, n=100, batch_size=60)
-    assert KEYS <= set(res) and res["n"] == 180 and res["scheduler_class"] == "FewstepScheduler"
+@pytest.fixture(scope="module")
+def classifier():
+    return fewstep.load("mnist-classifier")
+
+
+def test_network_evaluations_are_counted_and_batches_seeded():
+    pipe = tiny_sd()
+    prompts = prompt_suite(90).texts[:4]
+    a, _, guided = generate_prompted(pipe, prompts, steps=3, guidance_scale=2.0, seed=1, batch_size=2)
+    b, _, plain = generate_prompted(pipe, prompts, steps=3, guidance_scale=1.0, seed=1, batch_size=2)
+    assert guided == 8 and plain == 4  # PNDM (skip_prk_steps) calls the UNet steps + 1 times; CFG doubles the rows
+    assert a.shape == (4, 1, 32, 32) and -1 <= a.min() and a.max() <= 1
+    again, _, _ = generate_prompted(pipe, prompts, steps=3, guidance_scale=2.0, seed=1, batch_size=2)
+    other, _, _ = generate_prompted(pipe, prompts, steps=3, guidance_scale=2.0, seed=2, batch_size=2)
+    assert torch.equal(a, again) and not torch.allclose(a, other)
+    assert not torch.allclose(a[:2], a[2:])  # batch 2 draws other noise than batch 1
+
+
+def test_evaluate_prompts_end_to_end_on_a_tiny_pipeline_folder(sd_folder, classifier):
+    pipe = load_text_pipeline(sd_folder)
+    stock = pipe.scheduler
+    reference = heldout_reference(90, classifier)
+    res = evaluate_prompts(pipe, scheduler="fewstep", steps=2, guidance_scale=2.0, n=90, batch_size=45,
+                           classifier=classifier, reference=reference)
+    assert KEYS <= set(res) and res["n"] == 90 and res["scheduler_class"] == "FewstepScheduler"
     for key in ("class_accuracy", "thickness_adherence", "slant_adherence", "fid", "kid", "seconds_per_image"):
         assert torch.isfinite(torch.tensor(res[key])), key
-    assert res["nfe"] == 6  # 3 steps, each a conditional and an unconditional evaluation
+    assert res["nfe"] == 4  # 2 steps, each a conditional and an unconditional evaluation
     assert res["fid"] > res["baseline"]["fid"]  # random weights are far from digits
-    assert res["baseline"]["class_accuracy"] > 0.95  # training digits read right: the baseline is real digits
-    again = evaluate_prompts(str(sd_folder), scheduler="fewstep", steps=3, guidance_scale=2.0, n=100, batch_size=60)
-    assert again["fid"] == pytest.approx(res["fid"], rel=1e-6)  # seeded per batch: the same images
-
-
-def test_evaluate_prompts_counts_one_evaluation_per_call_without_guidance(sd_folder):
-    pipe = fewstep.evaluate.load_text_pipeline(sd_folder)
-    stock = pipe.scheduler
-    res = evaluate_prompts(pipe, scheduler="stock", steps=3, guidance_scale=1.0, n=90)
-    assert res["nfe"] == 4  # PNDM (skip_prk_steps) runs num_inference_steps + 1 calls
+    assert res["baseline"]["class_accuracy"] > 0.95  # the baseline is real digits, read right
     assert pipe.scheduler is stock  # the pipeline's own scheduler is put back
+    with pytest.raises(ValueError, match="made for n=90"):
+        evaluate_prompts(pipe, n=180, classifier=classifier, reference=reference)
 
 
 def test_cli_eval_on_a_pipeline_writes_json_markdown_and_plot(sd_folder, tmp_path):
     out = tmp_path / "text.json"
     r = CliRunner().invoke(main, ["eval", "--model", str(sd_folder), "--scheduler", "stock,fewstep:dpmpp_2m",
-                                  "--steps", "1,2", "--guidance-scale", "2", "-n", "90", "--json", str(out)])
+                                  "--steps", "2", "--guidance-scale", "2", "-n", "90", "--json", str(out)])
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
-    assert [(row["scheduler"], row["steps"]) for row in doc["rows"]] == [
-        ("stock", 1), ("stock", 2), ("fewstep:dpmpp_2m", 1), ("fewstep:dpmpp_2m", 2)]
+    assert [(row["scheduler"], row["steps"]) for row in doc["rows"]] == [("stock", 2), ("fewstep:dpmpp_2m", 2)]
     assert all(KEYS <= set(row) and row["n"] == 90 for row in doc["rows"])
     assert doc["reference"]["split"] == "heldout" and doc["reference"]["n_reference"] == 1000
     assert "| fewstep:dpmpp_2m (FewstepScheduler) | 2 | 2 | 4 |" in out.with_suffix(".md").read_text()
     assert Image.open(out.with_suffix(".png")).size[0] > 300
+
+
+def test_cli_eval_passes_every_list_to_the_grid(sd_folder, monkeypatch):
+    import fewstep.evaluate
+
+    def stop(pipe, **kw):
+        raise ValueError(f"reached the grid with {kw['schedulers']} {kw['steps_list']} {kw['guidance_scales']} "
+                         f"n={kw['n']} batch={kw['batch_size']}")
+    monkeypatch.setattr(fewstep.evaluate, "evaluate_prompts_grid", stop)
+    r = CliRunner().invoke(main, ["eval", "--model", str(sd_folder), "--scheduler", "unipc,fewstep", "--steps", "5,10",
+                                  "--guidance-scale", "1.5,4", "-n", "100"])
+    assert "reached the grid with ['unipc', 'fewstep'] [5, 10] [1.5, 4.0] n=100 batch=90" in r.output, r.output
+    r = CliRunner().invoke(main, ["eval", "--model", str(sd_folder), "--sweep-steps", "3,4", "--batch-size", "30"])
+    assert "reached the grid with ['stock'] [3, 4] [3.0] n=2000 batch=30" in r.output, r.output
 
 
 @pytest.mark.parametrize("args, words", [

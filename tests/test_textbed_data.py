@@ -145,9 +145,13 @@ def own(tmp_path_factory):
     root = tmp_path_factory.mktemp("own")
     _folder(root / "data")
     data = folder_data(root / "data")
-    torch.manual_seed(0)
-    sd = run_sd(root / "run", TINY_SD, data=data, progress=False)
-    sd3 = run_sd3(root / "run", TINY_SD3, data=data, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread is as fast, and fair to a shared machine
+    try:
+        sd = run_sd(root / "run", TINY_SD, data=data, progress=False)
+        sd3 = run_sd3(root / "run", TINY_SD3, data=data, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return root, sd, sd3
 
 

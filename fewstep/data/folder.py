@@ -162,7 +162,8 @@ def _jsonl_rows(path: Path) -> list[dict]:
             raise ValueError(f"{path} line {number} is not JSON ({e.msg}); each line is "
                              '{"file_name": ..., "text": ...}') from None
         if not isinstance(row, dict):
-            raise ValueError(f'{path} line {number} is not a JSON object; each line is {{"file_name": ..., "text": ...}}')
+            raise ValueError(f"{path} line {number} is not a JSON object; each line is "
+                             '{"file_name": ..., "text": ...}')
         rows.append({**row, "_line": number})
     return rows
 
@@ -172,8 +173,8 @@ def _csv_rows(path: Path) -> list[dict]:
         reader = csv.DictReader(f)
         missing = [c for c in ("file_name", "text") if c not in (reader.fieldnames or [])]
         if missing and reader.fieldnames:
-            raise ValueError(f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(reader.fieldnames)}); "
-                             "its header row must name file_name and text")
+            raise ValueError(f"{path} lacks the column(s) {', '.join(missing)} (it has "
+                             f"{', '.join(reader.fieldnames)}); its header row must name file_name and text")
         return [{**row, "_line": number} for number, row in enumerate(reader, 2)]
 
 

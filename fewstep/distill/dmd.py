@@ -150,7 +150,8 @@ class DMDLoss:
     gan_weight_g / gan_weight_d: GAN loss weights for the generator / the head (0 = no GAN); the
       generator's GAN term needs a head that is trained (gan_weight_d > 0, FakeScore(gan_head=True)).
     gen_steps: generator steps (1 = one-step DMD; > 1 = DMD2's multi-step generator trained with
-      backward simulation, which then uses no regression loss), at :func:`fewstep.distill.times.generator_times`.
+      backward simulation, which then uses no regression loss), at :func:`fewstep.distill.times.generator_times`
+      (or ``times``: e.g. a flow pipeline's first time 1, pure noise, where its stock scheduler starts).
     Batches are dicts with ``z``, ``labels`` (the paired set's noise and classes), ``x_ref`` (the
     teacher's ODE output from z) and, for the GAN, ``x_real`` / ``labels_real``.
     """
@@ -158,7 +159,8 @@ class DMDLoss:
     def __init__(self, teacher, schedule: NoiseSchedule, prediction: str, *, real_w: float = 0.0,
                  dm_t: tuple[float, float] = DM_FRACTIONS, lambda_reg: float = 0.25, distance: str = "l2",
                  fake_updates: int = 1, gan_weight_g: float = 0.0, gan_weight_d: float = 0.0, gen_steps: int = 1,
-                 null_class: int | None = None, lpips_net=None, use_fake: bool = True):
+                 null_class: int | None = None, lpips_net=None, use_fake: bool = True,
+                 times: torch.Tensor | None = None):
         _check_options(distance, fake_updates, lambda_reg, gan_weight_g, gan_weight_d, real_w, gen_steps, lpips_net)
         dm_time_range(schedule, dm_t)  # validates the fractions and the schedule
         self.teacher, self.schedule, self.prediction = teacher, schedule, check_prediction(prediction)
@@ -170,7 +172,9 @@ class DMDLoss:
         self.real_x0 = real
         self.dm_t, self.lambda_reg, self.distance, self.lpips_net = tuple(dm_t), float(lambda_reg), distance, lpips_net
         self.fake_updates, self.gan_g, self.gan_d = fake_updates, float(gan_weight_g), float(gan_weight_d)
-        self.times = generator_times(schedule, gen_steps)
+        self.times = generator_times(schedule, gen_steps) if times is None else torch.as_tensor(times, dtype=torch.float64)
+        if len(self.times) != gen_steps:
+            raise ValueError(f"times has {len(self.times)} entries but gen_steps is {gen_steps}")
         self.use_fake = use_fake  # False: the "real score only" ablation (DMD Fig. 3), fake score taken as 0
         self.last_metrics: dict = {}
 

@@ -79,10 +79,13 @@ DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
 
 
-def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float) -> dict:
-    """config.json of a DMD generator: the teacher's conventions plus its fixed input times."""
+def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float,
+                     times=None) -> dict:
+    """config.json of a DMD generator: the teacher's conventions plus its fixed input times (default: the
+    schedule's generator_times)."""
     cfg = teacher_conventions(teacher_cfg)
-    times = generator_times(schedule_from_config(teacher_cfg["schedule"]), settings.gen_steps)
+    if times is None:
+        times = generator_times(schedule_from_config(teacher_cfg["schedule"]), settings.gen_steps)
     record = {k: v for k, v in asdict(settings).items() if k not in MONITORING}
     cfg.update({"kind": "generator", "recipe": name, "teacher": settings.teacher,
                 "generator_times": [float(t) for t in times], "real_w": settings.real_w,
@@ -119,7 +122,8 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     loss = DMDLoss(t.net, t.schedule, t.prediction, real_w=settings.real_w, dm_t=tuple(settings.dm_t),
                    lambda_reg=settings.lambda_reg, distance=settings.distance, fake_updates=settings.fake_updates,
                    gan_weight_g=settings.gan_weight_g, gan_weight_d=settings.gan_weight_d,
-                   gen_steps=settings.gen_steps, null_class=t.null_class)
+                   gen_steps=settings.gen_steps, null_class=t.null_class,
+                   times=t.generator_times(settings.gen_steps) if pipeline else None)
     generator = copy.deepcopy(t.net).requires_grad_(True).train()
     fake = FakeScore(copy.deepcopy(t.net).requires_grad_(True).train(), gan_head=settings.gan_weight_d > 0)
     fid_n = settings.fid_probe if not pipeline or t.prompt_digits() is not None else 0
@@ -128,6 +132,6 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
                                 **(pipeline_preview_options(t) if pipeline else {}))
     stage = Stage(f"export/{name}" if pipeline else name, "run", loss, {"generator": generator, "fake": fake},
                   Hyper(settings.steps, settings.lr, settings.warmup, settings.ema_decay),
-                  lambda ema, step, secs: generator_config(t.config, settings, name, step, secs), preview,
+                  lambda ema, step, secs: generator_config(t.config, settings, name, step, secs, loss.times), preview,
                   reuse=False, **(pipeline_exporter(t, settings.gen_steps) if pipeline else {}))
     return Runner(out, DMDData(pairs, real), settings, name, resume, progress).train(stage)[1]

@@ -136,6 +136,15 @@ class PipelineTeacher(DiffusionModel):
             embeds = pipe.encode_prompt(texts, pipe.device, 1, False)[0]
         return embeds.float(), None, 0
 
+    def generator_times(self, steps: int) -> torch.Tensor:
+        """A DMD generator's input times: fewstep's, with a flow pipeline's first time at 1 (pure noise, sigma = 1),
+        where its stock scheduler starts (the exported one-step generator then runs with no fewstep code)."""
+        from ..distill import generator_times
+        times = generator_times(self.schedule, steps)
+        if self.net.family.starts_from_pure_noise:
+            times[0] = 1.0
+        return times
+
     @property
     def vae(self):
         return getattr(self.pipe, "vae", None)

@@ -1,0 +1,153 @@
+"""Distilling diffusers pipelines (tiny random-weight SD and SD3 pipelines saved to folders, offline): every route
+runs end to end, exports a pipeline folder that stock diffusers loads, and the stock call with the student's own
+scheduler gives fewstep's student sampler's images to 1e-4 from the same initial latents."""
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_textbed import TINY_SD, TINY_SD3, TINY_VAE, tiny_data  # noqa: E402
+
+from fewstep.distill import NetX0, generator_times, sample_student  # noqa: E402
+from fewstep.recipes import Hyper  # noqa: E402
+from fewstep.recipes.dmd import MNIST_DMD, PairSettings, run_dmd  # noqa: E402
+from fewstep.recipes.guided import MNIST_GUIDED, run_guided  # noqa: E402
+from fewstep.recipes.progressive import MNIST_PROGRESSIVE, run_progressive  # noqa: E402
+from fewstep.recipes.teachers import PipelineTeacher, load_student, read_prompts, teacher_from  # noqa: E402
+from fewstep.recipes.textbed import run_sd, run_sd3, run_vae  # noqa: E402
+
+PROMPTS = ["a thick seven", "a thin two slanted left", "a handwritten zero"]
+LOOP = dict(batch_size=4, ckpt_every_minutes=None, sample_every_minutes=None)
+PAIRS = PairSettings(n=6, steps=3)
+TINY_DMD = replace(MNIST_DMD, steps=2, pairs=PAIRS, fid_probe=0, warmup=0, **LOOP)
+TINY_GUIDED = replace(MNIST_GUIDED, stage1=Hyper(2, 1e-3, 0, 0.9), start_steps=8, rounds={4: 2, 2: 1, 1: 1},
+                      encoder_rounds={4: 1}, samples=PAIRS, fid_probe=0, round_warmup=0, **LOOP)
+TINY_PROGRESSIVE = replace(MNIST_PROGRESSIVE, start_steps=8, rounds={4: 2}, samples=PAIRS, round_warmup=0, **LOOP)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teachers")
+    run_vae(out, TINY_VAE, data=tiny_data, progress=False)
+    return run_sd(out, TINY_SD, data=tiny_data, progress=False), run_sd3(out, TINY_SD3, data=tiny_data, progress=False)
+
+
+def _stock(folder):
+    from diffusers import DiffusionPipeline
+    kw = {"text_encoder_3": None, "tokenizer_3": None} if "3" in Path(folder).name else {}
+    pipe = DiffusionPipeline.from_pretrained(folder, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _latents(teacher, n=2):
+    return torch.randn(n, *teacher.image_shape, generator=torch.Generator().manual_seed(0))
+
+
+def _ids(teacher, prompts):
+    return torch.tensor([teacher.prompts.index(p) for p in prompts])
+
+
+def test_teacher_from_a_pipeline_folder_holds_the_prompt_bank(pipelines, one_thread):
+    sd, sd3 = pipelines
+    t = teacher_from(sd, PROMPTS)
+    assert isinstance(t, PipelineTeacher) and t.kind == "StableDiffusionPipeline"
+    assert t.num_classes == 3 and t.null_class == 3 and t.image_shape == (4, 8, 8)
+    assert t.prediction == "eps" and t.net.label_context.shape[0] == 4  # three prompts and the empty one
+    # the bank row of a prompt is the pipeline's own encoding of it
+    stock = _stock(sd)
+    ref = stock.encode_prompt(["a thin two slanted left"], "cpu", 1, False)[0]
+    torch.testing.assert_close(t.net.label_context[1:2], ref.float())
+    # SD3 without T5: one zero row stands for the pipeline's 256 (exactly: the same output on the full sequence)
+    t3 = teacher_from(sd3, PROMPTS)
+    assert t3.repeated_rows == 256 and t3.prediction == "flow"
+    full, _, pooled, _ = _stock(sd3).encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False)
+    x, step = torch.randn(3, 4, 8, 8), torch.full((3,), 500.0)
+    with torch.no_grad():
+        short = t3.net(x, torch.full((3,), 0.5), torch.arange(3))
+        stock3 = _stock(sd3).transformer(hidden_states=x, timestep=step, encoder_hidden_states=full,
+                                         pooled_projections=pooled).sample
+    torch.testing.assert_close(short, stock3, rtol=1e-4, atol=1e-4)
+
+
+def test_dmd_of_an_sd_pipeline_exports_a_one_step_pipeline_stock_diffusers_runs(pipelines, tmp_path, one_thread):
+    t = teacher_from(pipelines[0], PROMPTS)
+    folder = run_dmd(tmp_path, TINY_DMD, name="tiny-dmd-1", teacher=lambda: t, progress=False)
+    assert folder == tmp_path / "export" / "tiny-dmd-1" and (folder / "model_index.json").is_file()
+    stock = _stock(folder)
+    assert type(stock).__name__ == "StableDiffusionPipeline" and type(stock.scheduler).__name__ == "DDIMScheduler"
+    lat, prompts = _latents(t), ["a thick seven", "a handwritten zero"]
+    images = stock(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
+    net = load_student(t, folder)
+    x0 = NetX0(net, t.schedule, t.prediction)(lat, generator_times(t.schedule, 1).expand(2), _ids(t, prompts))
+    ours = (t.decode(x0) + 1) / 2
+    assert (ours - images).abs().max() < 1e-4
+    # the generator was trained: it is no longer the teacher's UNet
+    assert any(not torch.equal(a, b) for a, b in zip(net.unet.state_dict().values(), t.net.unet.state_dict().values()))
+
+
+def test_guided_students_take_w_through_the_stock_guidance_embedding(pipelines, tmp_path, one_thread):
+    t = teacher_from(pipelines[0], PROMPTS)
+    exports = run_guided(tmp_path, TINY_GUIDED, name="tiny-guided", teacher=lambda: t, progress=False, until=4)
+    assert set(exports) == {"tiny-guided-stage1", "tiny-guided-4"}
+    stock = _stock(exports["tiny-guided-4"])
+    assert stock.unet.config.time_cond_proj_dim is not None
+    lat, prompts, w = _latents(t), ["a thick seven", "a thin two slanted left"], 1.5
+    images = stock(prompts, num_inference_steps=4, guidance_scale=1 + w, latents=lat, output_type="pt").images
+    net = load_student(t, exports["tiny-guided-4"])
+    x0 = NetX0(net, t.schedule, t.prediction)
+    den = lambda x, tt, labels: x0(x, tt, labels, torch.full((x.shape[0],), w))  # noqa: E731
+    ours = sample_student(den, lat, t.schedule, 4, cond={"labels": _ids(t, prompts)}).x
+    assert ((t.decode(ours) + 1) / 2 - images).abs().max() < 1e-4
+    # stage 1 keeps the teacher's own scheduler (any sampler, any steps)
+    assert type(_stock(exports["tiny-guided-stage1"]).scheduler).__name__ == "PNDMScheduler"
+
+
+def test_progressive_students_of_a_pipeline_sample_in_their_steps(pipelines, tmp_path, one_thread):
+    t = teacher_from(pipelines[0], PROMPTS)
+    exports = run_progressive(tmp_path, TINY_PROGRESSIVE, name="tiny-progressive", teacher=lambda: t, progress=False)
+    stock = _stock(exports["tiny-progressive-4"])
+    lat, prompts = _latents(t), ["a handwritten zero", "a thick seven"]
+    images = stock(prompts, num_inference_steps=4, guidance_scale=1.0, latents=lat, output_type="pt").images
+    net = load_student(t, exports["tiny-progressive-4"])
+    ours = sample_student(NetX0(net, t.schedule, t.prediction), lat, t.schedule, 4,
+                          cond={"labels": _ids(t, prompts)}).x
+    assert ((t.decode(ours) + 1) / 2 - images).abs().max() < 1e-4
+
+
+def test_dmd_of_an_sd3_pipeline_exports_a_one_step_flow_pipeline(pipelines, tmp_path, one_thread):
+    t = teacher_from(pipelines[1], PROMPTS)
+    folder = run_dmd(tmp_path, TINY_DMD, name="tiny-sd3-dmd-1", teacher=lambda: t, progress=False)
+    stock = _stock(folder)
+    assert type(stock).__name__ == "StableDiffusion3Pipeline"
+    lat, prompts = _latents(t), ["a thick seven", "a thin two slanted left"]
+    images = stock(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
+    net = load_student(t, folder)
+    times = t.generator_times(1)
+    assert float(times[0]) == 1.0  # pure noise, where the pipeline's FlowMatchEuler starts
+    x0 = NetX0(net, t.schedule, t.prediction)(lat, times.expand(2), _ids(t, prompts))
+    assert ((t.decode(x0) + 1) / 2 - images).abs().max() < 1e-4
+
+
+def test_bad_teachers_and_prompts_get_one_line_errors(pipelines, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model named"):
+        teacher_from(tmp_path / "nothing-here")
+    # the test bed's pipelines default to its 90-prompt suite; a user's pipeline needs --prompts
+    assert teacher_from(pipelines[0]).num_classes == 90
+    user = tmp_path / "user-pipeline"
+    shutil.copytree(pipelines[0], user)
+    (user / "fewstep.json").unlink()
+    with pytest.raises(ValueError, match="distills over prompts: pass --prompts"):
+        teacher_from(user)
+    with pytest.raises(ValueError, match="--prompts is for text-to-image pipeline teachers"):
+        teacher_from("mnist-teacher", PROMPTS)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no prompt"):
+        read_prompts(empty)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
