@@ -199,6 +199,9 @@ def sample(pipe, *, solver: str = "dpmpp_2m", steps: int = 20, guidance: float =
         else:
             g1 = float(time_grid(sch, steps, spacing, final=final, **ends)[1])
             x = float(sch.alpha(g1)) * x0 + float(sch.sigma(g1)) * x  # DDIM from alpha = 0, sigma = 1
+        if steps == 2 and final == "zero":  # one call left: straight to clean data (every solver's one-step limit)
+            x = model(x, g1, **cond)
+        elif steps > 1:
             grid, extra = solver_grid(sch, solver, steps - 1, spacing, final, **{**ends, "t_max": g1})
             x = fewstep_sample(model, x, sch, solver=solver, grid=grid, cond=cond or None,
                                generator=generator, progress=progress, **{**extra, **options}).x

@@ -154,15 +154,18 @@ def _teacher_pairs(src: dict, n: int, solver: str, steps: int, seed: int, batch_
 
 class DMDData:
     """A ``sample(generator, batch_size)`` data source for DMD: a batch of paired rows, and (for the
-    GAN) a batch of real images, both drawn with the training loop's generator (exact resume)."""
+    GAN) a batch of real images, both drawn with the training loop's generator (exact resume).
+    ``conditional=False`` (an unconditional teacher): batches carry ``labels=None``."""
 
-    def __init__(self, pairs: dict, real: tuple | None = None):
-        self.pairs, self.real = pairs, real
+    def __init__(self, pairs: dict, real: tuple | None = None, conditional: bool = True):
+        self.pairs, self.real, self.conditional = pairs, real, conditional
         self.n = pairs["z"].shape[0]
 
     def __call__(self, generator: torch.Generator, batch_size: int) -> dict:
         idx = torch.randint(0, self.n, (batch_size,), generator=generator)
         batch = {k: v[idx] for k, v in self.pairs.items()}
+        if not self.conditional:
+            batch["labels"] = None
         if self.real is not None:
             x, y = self.real
             j = torch.randint(0, x.shape[0], (batch_size,), generator=generator)

@@ -134,4 +134,5 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
                   Hyper(settings.steps, settings.lr, settings.warmup, settings.ema_decay),
                   lambda ema, step, secs: generator_config(t.config, settings, name, step, secs, loss.times), preview,
                   reuse=False, **(pipeline_exporter(t, settings.gen_steps) if pipeline else {}))
-    return Runner(out, DMDData(pairs, real), settings, name, resume, progress).train(stage)[1]
+    data = DMDData(pairs, real, conditional=t.num_classes is not None)
+    return Runner(out, data, settings, name, resume, progress).train(stage)[1]

@@ -22,9 +22,20 @@ from ..sampling import sample
 FID_PROBE_N = 500  # samples per point of the FID-against-training-steps curve (biased at this n: a trend, not a score)
 
 
-def preview_rows(num_classes: int, per_class: int = 4) -> torch.Tensor:
-    """The labels of a preview grid: ``per_class`` of each class, at most 10 classes spread over all of them."""
+UNCONDITIONAL_PREVIEW = 16  # images in the preview grid of an unconditional model
+
+
+def preview_rows(num_classes: int | None, per_class: int = 4) -> torch.Tensor | None:
+    """The labels of a preview grid: ``per_class`` of each class, at most 10 classes spread over all of them
+    (None for an unconditional model: :data:`UNCONDITIONAL_PREVIEW` images without labels)."""
+    if not num_classes:
+        return None
     return torch.linspace(0, num_classes - 1, min(num_classes, 10)).round().long().repeat_interleave(per_class)
+
+
+def _count_and_labels(labels, device):
+    """(number of images, labels on ``device`` or None) of a preview's labels (None: unconditional)."""
+    return (UNCONDITIONAL_PREVIEW, None) if labels is None else (len(labels), labels.to(device))
 
 
 def _noise(n: int, image_shape, schedule, seed: int, device) -> torch.Tensor:
@@ -59,10 +70,11 @@ def student_images(ema, schedule, prediction: str, steps: int, labels: torch.Ten
                    seed: int = 0) -> torch.Tensor:
     """Images of a student in training (w as an input where it has one) with its own ``steps``-step sampler."""
     dev = _device(ema)
+    n, labels = _count_and_labels(labels, dev)
     x0_fn = NetX0(ema, schedule, prediction)
-    den = lambda x, t, labels: x0_fn(x, t, labels, torch.full((x.shape[0],), w, device=x.device))  # noqa: E731
-    return sample_student(den, _noise(len(labels), image_shape, schedule, seed, dev), schedule, steps,
-                          cond={"labels": labels.to(dev)}).x.cpu()
+    den = lambda x, t, labels=None: x0_fn(x, t, labels, torch.full((x.shape[0],), w, device=x.device))  # noqa: E731
+    return sample_student(den, _noise(n, image_shape, schedule, seed, dev), schedule, steps,
+                          cond=None if labels is None else {"labels": labels}).x.cpu()
 
 
 def student_preview(schedule, prediction: str, steps: int, image_shape, num_classes: int, *, per_class: int = 4,
@@ -88,8 +100,9 @@ def generator_images(loss, ema, labels: torch.Tensor, image_shape, seed: int = 0
     """Images of a DMD generator in training: its rollout over ``loss.times`` with fresh noise between steps."""
     g = torch.Generator().manual_seed(seed)
     dev = _device(ema)
-    x_T = torch.randn(len(labels), *image_shape, generator=g) * loss.schedule.sigma(loss.times[0]).float()
-    return generator_sample(loss.gen_x0(ema), x_T.to(dev), labels.to(dev), loss.schedule, loss.times.to(dev),
+    n, labels = _count_and_labels(labels, dev)
+    x_T = torch.randn(n, *image_shape, generator=g) * loss.schedule.sigma(loss.times[0]).float()
+    return generator_sample(loss.gen_x0(ema), x_T.to(dev), labels, loss.schedule, loss.times.to(dev),
                             noise=lambda like: torch.randn(like.shape, generator=g).to(like.device))[1].cpu()
 
 

@@ -99,7 +99,10 @@ class PipelineTeacher(DiffusionModel):
         if kind not in COVERED_PIPELINES:
             raise ValueError(f"{kind} is not a covered teacher pipeline (covered: {', '.join(COVERED_PIPELINES)}); "
                              "Flux / Sana / SDXL pack latents or add conditions these recipes do not feed yet")
-        self.pipe, self.kind = pipe.to(dtype=torch.float32), kind  # trained in float32 (shipped weights are fp16)
+        if any(p.dtype != torch.float32 for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+               for p in c.parameters()):
+            pipe = pipe.to(dtype=torch.float32)  # trained in float32 (fewstep.load gives float32 already)
+        self.pipe, self.kind = pipe, kind
         self.role = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
         module = getattr(pipe, self.role)
         self.prompts = list(prompts) if prompts is not None else None
