@@ -118,7 +118,8 @@ def run_pipeline(run: Run, name: str, args, classifier, references: dict) -> Non
 
 def line(r: dict) -> str:
     return (f"{r['scheduler']} {r['steps']} steps, g {r['guidance_scale']:g}: FID {r['fid']:.2f}, accuracy "
-            f"{100 * r['class_accuracy']:.1f}%, adherence {r['mean_adherence']:.3f}, {r['seconds_per_image']:.4f} s/image")
+            f"{100 * r['class_accuracy']:.1f}%, adherence {r['mean_adherence']:.3f}, "
+            f"{r['seconds_per_image']:.4f} s/image")
 
 
 def log(msg: str) -> None:
@@ -202,6 +203,8 @@ def plot(doc: dict, path: Path) -> None:
             pts = sorted((r["steps"], r["fid"]) for r in entry["rows"] if r["scheduler"] == scheduler)
             ax_s.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=scheduler)
         ax_s.set_xscale("log", base=2)
+        steps = sorted({r["steps"] for r in entry["rows"]})
+        ax_s.set_xticks(steps, [str(k) for k in steps])
         ax_s.set_xlabel("steps (num_inference_steps)")
         if teacher:
             ax_s.axhline(teacher["fid"], color="k", lw=1, label="mnist-teacher (converged)")

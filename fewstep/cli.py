@@ -510,8 +510,8 @@ def eval_cmd(ctx, model, w, solver, steps, spacing, grid, seed, stochastic, n, b
         return _eval_prompts(ctx, model, steps=steps or sweep_steps, seed=seed, n=n, json_path=json_path,
                              schedulers=schedulers, guidance_scales=guidance_scales)
     if schedulers or guidance_scales:
-        raise click.UsageError(f"--scheduler and --guidance-scale are for diffusers text pipelines (mnist-sd, mnist-sd3 "
-                               f"or a pipeline folder), not {model}; for a fewstep model use --solver and --w")
+        raise click.UsageError(f"--scheduler and --guidance-scale are for diffusers text pipelines (mnist-sd, "
+                               f"mnist-sd3 or a pipeline folder), not {model}; for a fewstep model use --solver and --w")
     sweep_steps, steps = (steps, None) if steps and len(steps) > 1 else (sweep_steps, steps[0] if steps else None)
     if json_path:
         _check_writable(json_path, file=True)  # eval results are meant to be refreshed

@@ -490,8 +490,10 @@ def plot_prompts(doc: dict, path) -> None:
         ax_fid.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
         ax_acc.plot([p[0] for p in pts], [100 * p[2] for p in pts], "o-", label=label)
     ax_fid.axhline(doc["reference"]["baseline"]["fid"], color="k", ls="--", lw=1, label="real vs real")
+    steps = sorted({r["steps"] for r in doc["rows"]})
     for ax, what in ((ax_fid, "FID (classifier features)"), (ax_acc, "prompted digit accuracy (%)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(k) for k in steps])
         ax.set_xlabel("steps (num_inference_steps)")
         ax.set_ylabel(what)
     ax_fid.legend(fontsize=7)

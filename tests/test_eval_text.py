@@ -182,12 +182,13 @@ def classifier():
     return fewstep.load("mnist-classifier")
 
 
-def test_network_evaluations_are_counted_and_batches_seeded():
-    pipe = tiny_sd()
+@pytest.mark.parametrize("make, calls", [(tiny_sd, 4), (tiny_sd3, 3)])  # PNDM (skip_prk_steps): steps + 1 calls
+def test_network_evaluations_are_counted_and_batches_seeded(make, calls):
+    pipe = make()
     prompts = prompt_suite(90).texts[:4]
     a, _, guided = generate_prompted(pipe, prompts, steps=3, guidance_scale=2.0, seed=1, batch_size=2)
     b, _, plain = generate_prompted(pipe, prompts, steps=3, guidance_scale=1.0, seed=1, batch_size=2)
-    assert guided == 8 and plain == 4  # PNDM (skip_prk_steps) calls the UNet steps + 1 times; CFG doubles the rows
+    assert guided == 2 * calls and plain == calls  # classifier-free guidance doubles the rows of every call
     assert a.shape == (4, 1, 32, 32) and -1 <= a.min() and a.max() <= 1
     again, _, _ = generate_prompted(pipe, prompts, steps=3, guidance_scale=2.0, seed=1, batch_size=2)
     other, _, _ = generate_prompted(pipe, prompts, steps=3, guidance_scale=2.0, seed=2, batch_size=2)

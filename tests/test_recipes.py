@@ -83,7 +83,12 @@ def test_dmd_preset_reproduces_the_shipped_generator_config_and_its_recorded_pre
 
 
 def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
-    assert DMD_PRESETS == {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4}
+    assert {k: DMD_PRESETS[k] for k in ("mnist-dmd-1", "mnist-dmd2-4")} == {"mnist-dmd-1": MNIST_DMD,
+                                                                             "mnist-dmd2-4": MNIST_DMD2_4}
+    # the text-to-image test bed's generators: the same recipe on pipeline teachers, batch and rates of their own
+    for name, teacher in (("mnist-sd-dmd-1", "mnist-sd"), ("mnist-sd3-dmd-1", "mnist-sd3")):
+        changed = {k for k, v in asdict(DMD_PRESETS[name]).items() if asdict(MNIST_DMD)[k] != v}
+        assert changed == {"teacher", "batch_size", "steps", "lr", "ema_decay"} and DMD_PRESETS[name].teacher == teacher
     changed = {k for k, v in asdict(MNIST_DMD2_4).items() if asdict(MNIST_DMD)[k] != v}
     assert changed == {"lambda_reg", "fake_updates", "gan_weight_g", "gan_weight_d", "gen_steps", "steps"}
     assert (MNIST_DMD2_4.gen_steps, MNIST_DMD2_4.steps, MNIST_DMD2_4.fake_updates) == (4, 6000, 5)
@@ -95,7 +100,8 @@ def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
 
 def test_registry_names_every_shipped_recipe_and_no_second_cli():
     assert set(RECIPES) == {"mnist-teacher", "mnist-classifier", "mnist-guided", "mnist-progressive", "mnist-dmd-1",
-                            "mnist-dmd2-4", "mnist-vae", "mnist-sd", "mnist-sd3"}  # the last three: the text test bed
+                            "mnist-dmd2-4", "mnist-vae", "mnist-sd", "mnist-sd3",  # these three: the text test bed
+                            "mnist-sd-guided", "mnist-sd-dmd-1", "mnist-sd3-dmd-1"}  # and its students
     assert RECIPES["mnist-dmd2-4"].settings is MNIST_DMD2_4
     assert importlib.util.find_spec("fewstep.recipes.__main__") is None  # `fewstep train|distill` is the one way
     assert not hasattr(fewstep.recipes, "main")
