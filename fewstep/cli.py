@@ -669,13 +669,37 @@ def _vae_folder(name_or_path: str) -> Path:
 
 
 def _teacher_options(f):
-    """--teacher and --prompts of every distill command."""
+    """--teacher, --prompts, --mixed-precision and --gradient-checkpointing of every distill command."""
+    f = click.option("--gradient-checkpointing", is_flag=True, default=False,
+                     help="Recompute activations in the backward pass (diffusers teachers): less memory, slower steps.")(f)
+    f = click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
+                     help="Autocast precision of training (default: the preset's, no). fp16 needs a CUDA GPU.")(f)
     f = click.option("--prompts", type=click.Path(dir_okay=False), default=None,
                      help="Text-to-image teachers: a file of prompts, one per line, to distill over (default for the "
                           "shipped mnist-sd / mnist-sd3: the test bed's 90-prompt suite).")(f)
     return click.option("--teacher", default=None,
                         help="The teacher: a shipped name (mnist-teacher, mnist-sd, mnist-sd3), a fewstep model folder "
                              "or a diffusers pipeline folder (model_index.json). Default: the preset's.")(f)
+
+
+def _distill_settings(preset: str, teacher, suffix: str, **changes):
+    """(settings or None for the preset's own, export name) of a distill command: the preset with the options
+    that were given (None = not given); a --teacher other than the preset's names its students ``<teacher>-<suffix>``."""
+    from dataclasses import replace
+
+    from .recipes import RECIPES, teacher_recipe_name
+    from .train import check_mixed_precision
+    base = RECIPES[preset].settings
+    given = {k: v for k, v in {**changes, "teacher": teacher}.items() if v not in (None, False)}
+    try:
+        check_mixed_precision(given.get("mixed_precision", "no"))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    name = preset if teacher in (None, base.teacher) else teacher_recipe_name(teacher, suffix)
+    try:
+        return (replace(base, **given) if given else None), name
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _teacher_provider(teacher, prompts) -> dict:
@@ -710,18 +734,15 @@ _distill_options = _recipe_options("Run folder: one sub-folder per stage (checkp
               help="decoder: stage 1 and the sampling rounds; encoder: stage 1 and the distilled encoder's rounds "
                    "(the two can run at once in two processes on the same --out).")
 @_teacher_options
-def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts):
+def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, mixed_precision,
+                       gradient_checkpointing):
     """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
     steps. Of the shipped mnist-teacher by default (reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1); of a
     diffusers pipeline with --teacher (mnist-sd: reproduces mnist-sd-guided-4 with --until 4), exported to
     DIR/export/<name>-<N> as pipelines stock diffusers runs (guidance_scale = 1 + w)."""
-    from dataclasses import replace
-
-    from .recipes import RECIPES, teacher_recipe_name
     preset = "mnist-sd-guided" if teacher == "mnist-sd" else "mnist-guided"
-    settings = RECIPES[preset].settings
-    settings = replace(settings, teacher=teacher) if teacher not in (None, settings.teacher) else None
-    name = preset if settings is None else teacher_recipe_name(teacher, "guided")
+    settings, name = _distill_settings(preset, teacher, "guided", mixed_precision=mixed_precision,
+                                       gradient_checkpointing=gradient_checkpointing)
     exports = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, until=until, part=part,
                           name=name, **_teacher_provider(teacher, prompts))
     for name, folder in exports.items():
@@ -733,16 +754,13 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
 @click.option("--until", type=click.IntRange(min=1), default=None,
               help="Stop after the round that reaches this many steps (default: down to 4).")
 @_teacher_options
-def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts):
+def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, mixed_precision,
+                            gradient_checkpointing):
     """Plain progressive distillation (Salimans & Ho 2022) of the teacher's conditional model (default: the
     shipped mnist-teacher; any fewstep model or diffusers pipeline folder with --teacher): rounds 32 -> 16 -> 8
     -> 4 steps, exported as <name>-<N> students (a pipeline teacher's: DIR/export/<name>-<N> pipelines)."""
-    from dataclasses import replace
-
-    from .recipes import RECIPES, teacher_recipe_name
-    settings = RECIPES["mnist-progressive"].settings
-    settings = replace(settings, teacher=teacher) if teacher not in (None, settings.teacher) else None
-    name = "mnist-progressive" if settings is None else teacher_recipe_name(teacher, "progressive")
+    settings, name = _distill_settings("mnist-progressive", teacher, "progressive", mixed_precision=mixed_precision,
+                                       gradient_checkpointing=gradient_checkpointing)
     exports = _run_recipe("mnist-progressive", out, threads, settings, resume=resume, progress=progress, until=until,
                           name=name, **_teacher_provider(teacher, prompts))
     for name, folder in exports.items():
@@ -762,21 +780,17 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
               help="Training steps (default: the preset's).")
 @click.option("--steps", "old_steps", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated name of --train-steps (--steps is the budget of model calls elsewhere).")
-def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, w, steps, old_steps):
+def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, mixed_precision, gradient_checkpointing,
+                    w, steps, old_steps):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
-    from dataclasses import replace
     if old_steps is not None:
         click.echo("fewstep: warning: distill dmd --steps is deprecated; use --train-steps", err=True)
         steps = old_steps if steps is None else steps
-
-    from .recipes import RECIPES, teacher_recipe_name
     preset = preset or {"mnist-sd": "mnist-sd-dmd-1", "mnist-sd3": "mnist-sd3-dmd-1"}.get(teacher, "mnist-dmd-1")
-    settings = RECIPES[preset].settings
-    changes = {k: v for k, v in (("steps", steps), ("real_w", w), ("teacher", teacher)) if v is not None}
-    settings = replace(settings, **changes) if changes else None
-    name = preset if teacher in (None, RECIPES[preset].settings.teacher) else teacher_recipe_name(teacher, "dmd-1")
+    settings, name = _distill_settings(preset, teacher, "dmd-1", steps=steps, real_w=w, mixed_precision=mixed_precision,
+                                       gradient_checkpointing=gradient_checkpointing)
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
                          **_teacher_provider(teacher, prompts))
     click.echo(f"{name}: {folder}")

@@ -194,10 +194,11 @@ def centre_crop(images: torch.Tensor) -> torch.Tensor:
 
 def _share_above_median(values: torch.Tensor, asked: torch.Tensor, against: torch.Tensor) -> tuple[int, int]:
     """(how many of ``values[asked]`` lie above the median of ``values[against]``, how many were asked);
-    (0, 0) when either group is empty."""
+    (0, 0) when either group is empty. The median of an even count is the mean of the two middle values
+    (``quantile(0.5)``; torch's ``median`` would take the lower one)."""
     if not asked.any() or not against.any():
         return 0, 0
-    return int((values[asked] > values[against].median()).sum()), int(asked.sum())
+    return int((values[asked] > values[against].quantile(0.5)).sum()), int(asked.sum())
 
 
 def _words_mask(words, word: str) -> torch.Tensor:

@@ -668,11 +668,25 @@ def _check_writable(out_dir: Path, need_bytes: int = 1 << 20) -> None:
         probe.unlink(missing_ok=True)
 
 
+def check_mixed_precision(mixed_precision: str, cpu: bool | None = None) -> None:
+    """Refuse a precision the device cannot train in (accelerate would silently train in float32): fp16 needs a
+    CUDA GPU (autocast with loss scaling), bf16 a CPU or a GPU that supports it."""
+    if mixed_precision not in ("no", "fp16", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
+    on_gpu = torch.cuda.is_available() and not cpu
+    if mixed_precision == "fp16" and not on_gpu:
+        raise ValueError("mixed precision fp16 needs a CUDA GPU (on the CPU it would silently train in float32); "
+                         "use bf16 or no")
+    if mixed_precision == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name()}) cannot compute in bf16; use fp16 or no")
+
+
 def _make_accelerator(mixed_precision: str, cpu: bool | None):
     """An Accelerator; a previous train() call in this process may have pinned another precision."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    check_mixed_precision(mixed_precision, cpu)
     if cpu is None and launched > 1 and not torch.cuda.is_available():
         cpu = True  # several CPU processes (gloo); without this accelerate would run each one alone
     try:

@@ -18,8 +18,8 @@ from test_textbed import TINY_SD, TINY_SD3, TINY_VAE, tiny_data  # noqa: E402
 from fewstep.distill import GuidedDistillLoss, NetX0, generator_times, sample_student  # noqa: E402
 from fewstep.distill.dmd import DMDLoss, FakeScore  # noqa: E402
 from fewstep.distill.pairs import DMDData  # noqa: E402
-from fewstep.recipes.lora import (GUIDANCE_WEIGHTS, LORA_WEIGHTS, LoraNet, export_lora, load_lora_student,  # noqa: E402
-                                  memory_plan, merged_student, with_lora)
+from fewstep.recipes.lora import (GUIDANCE_WEIGHTS, LORA_WEIGHTS, LoraNet, cli_command, export_lora,  # noqa: E402
+                                  load_lora_student, lora_exporter, memory_plan, merged_student, with_lora)
 from fewstep.recipes.teachers import teacher_from  # noqa: E402
 from fewstep.recipes.textbed import run_sd, run_sd3, run_vae  # noqa: E402
 from fewstep.train import train  # noqa: E402
@@ -118,6 +118,10 @@ def test_bad_lora_settings_get_one_line_errors(pipelines):
         export_lora(t, t.net, "unused", steps=1, info={})
     with pytest.raises(ValueError, match="not a LoRA export"):
         load_lora_student(t, pipelines[0])
+    with pytest.raises(ValueError, match="LoRA students are for diffusers pipeline teachers"):
+        with_lora(torch.nn.Linear(2, 2), 4)
+    with pytest.raises(ValueError, match="guided LoRA needs a UNet2DConditionModel teacher"):
+        lora_exporter(teacher_from(pipelines[1], PROMPTS), 4, guided=True)
 
 
 def test_dmd_lora_student_exports_a_lora_stock_diffusers_loads(pipelines, tmp_path, one_thread):
@@ -137,18 +141,23 @@ def test_dmd_lora_student_exports_a_lora_stock_diffusers_loads(pipelines, tmp_pa
     assert all(torch.equal(v, teacher_state[k]) for k, v in t.net.unet.state_dict().items())
     assert all(a.data_ptr() == b.data_ptr() for a, b in _base_pairs(ema, t) + _base_pairs(result.emas["fake"].net, t))
     assert any(p.abs().max() > 0 for n, p in ema.named_parameters() if ".lora_B." in n)
-    info = {"recipe": "tiny-dmd-lora", "real_w": 1.0, "train_steps": 3, "command": "fewstep distill dmd --lora-rank 4"}
-    folder = export_lora(t, ema, tmp_path / "export", steps=1, info=info)
+    # the Stage's save / load pair: export_lora, plus the last FID probe of the run as the measured quality
+    fid_log = tmp_path / "run" / "fid.jsonl"
+    fid_log.write_text(json.dumps({"step": 3, "n": 8, "fid": 123.456, "class_accuracy": 0.25}) + "\n")
+    stage = lora_exporter(t, 1, fid_log=fid_log)
+    info = {"recipe": "tiny-dmd-lora", "real_w": 1.0, "train_steps": 3, "command": "fewstep distill dmd --lora-rank 4",
+            "schedule": {"kind": "unused"}}
+    folder = stage["save"](ema, tmp_path / "export", info)
     assert {p.name for p in folder.iterdir()} == {LORA_WEIGHTS, "scheduler", "README.md", "fewstep.json"}
     card = (folder / "README.md").read_text()
-    assert "rank 4" in card and "--lora-rank 4" in card and "guidance_scale=1.0" in card
+    assert "rank 4" in card and "--lora-rank 4" in card and "guidance_scale=1.0" in card and "123.5" in card
     assert json.loads((folder / "fewstep.json").read_text())["lora"]["rank"] == 4
     # the model card's stock code: the teacher's pipeline, load_lora_weights, the exported DDIM scheduler
     stock = _card_pipe(folder)
     assert type(stock.scheduler).__name__ == "DDIMScheduler" and stock.unet.peft_config
     lat, prompts = _latents(t), ["a thick seven", "a handwritten zero"]
     images = stock(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
-    for net in (ema, load_lora_student(t, folder)):
+    for net in (ema, stage["load"](folder)):
         x0 = NetX0(net, t.schedule, t.prediction)(lat, generator_times(t.schedule, 1).expand(2), _ids(t, prompts))
         assert ((t.decode(x0) + 1) / 2 - images).abs().max() < 1e-4
     # the merged whole-network form (what export_student writes) computes the same, on its own weights
@@ -234,3 +243,13 @@ def test_sd3_lora_student_exports_a_one_step_flow_lora(pipelines, tmp_path, one_
     with torch.no_grad():
         x0 = NetX0(s, t.schedule, t.prediction)(lat, times.expand(2), _ids(t, prompts))
     assert ((t.decode(x0) + 1) / 2 - images).abs().max() < 1e-4
+
+
+def test_the_model_card_records_the_cli_command_line(monkeypatch):
+    argv = ["/usr/local/bin/fewstep", "distill", "dmd", "--teacher", "my sd", "--lora-rank", "4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert cli_command() == "fewstep distill dmd --teacher 'my sd' --lora-rank 4"
+    monkeypatch.setattr(sys, "argv", ["/x/site-packages/fewstep/__main__.py", "distill", "guided"])
+    assert cli_command() == "fewstep distill guided"
+    monkeypatch.setattr(sys, "argv", ["pytest", "tests"])
+    assert cli_command() is None

@@ -88,7 +88,8 @@ class Runner:
         t0 = time.time()
         result = train(stage.objective, stage.net, self.data, steps=h.steps, out_dir=run_dir, lr=h.lr,
                        batch_size=s.batch_size, warmup=h.warmup, grad_clip=s.grad_clip, ema_decay=h.ema_decay,
-                       weight_decay=s.weight_decay, ckpt_every_minutes=s.ckpt_every_minutes,
+                       weight_decay=s.weight_decay, mixed_precision=getattr(s, "mixed_precision", "no"),
+                       ckpt_every_minutes=s.ckpt_every_minutes,
                        sample_fn=stage.sample_fn, sample_every_minutes=s.sample_every_minutes, resume=self.resume,
                        seed=s.seed, progress=self.progress,
                        run_info={"recipe": self.recipe, **stage.info, "preset": asdict(s)})

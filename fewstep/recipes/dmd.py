@@ -21,7 +21,7 @@ from ..distill.pairs import DMDData, regression_pairs
 from ..schedules import schedule_from_config
 from ._stage import Hyper, Runner, Stage, provide, teacher_conventions
 from .previews import FID_PROBE_N, generator_preview
-from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from
+from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, trainable
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class DMDSettings:
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
     fid_probe: int = FID_PROBE_N  # samples per point of the FID-against-training-steps curve at each preview (0: none)
+    mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
+    gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
     seed: int = 0
 
 
@@ -67,9 +69,9 @@ MNIST_DMD = DMDSettings()
 # DMD2: no regression, 5 fake updates per generator update, GAN head, 4-step generator.
 MNIST_DMD2_4 = replace(MNIST_DMD, lambda_reg=0.0, fake_updates=5, gan_weight_g=3e-3, gan_weight_d=1e-2, gen_steps=4,
                        steps=6000)
-# the text-to-image test bed's one-step generators (teachers: diffusers pipelines, prompts: the test bed's suite);
-# the latent UNet / transformer is ~4x cheaper per step than mnist-teacher's pixel UNet, so batch 64
-MNIST_SD_DMD = replace(MNIST_DMD, teacher="mnist-sd", batch_size=64, steps=2000,
+# the text-to-image test bed's one-step generators (teachers: diffusers pipelines, prompts: the test bed's suite),
+# sized to train in about an hour on this 2-core CPU beside other jobs (~2.5 s per step at batch 32)
+MNIST_SD_DMD = replace(MNIST_DMD, teacher="mnist-sd", batch_size=32, steps=1500,
                        lr={"generator": 5e-5, "fake": 1e-4}, ema_decay={"generator": 0.995, "fake": 0.0})
 MNIST_SD3_DMD = replace(MNIST_SD_DMD, teacher="mnist-sd3")
 DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd-dmd-1": MNIST_SD_DMD,
@@ -77,6 +79,7 @@ DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd
 
 
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
+RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False}  # recorded when they differ
 
 
 def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float,
@@ -86,7 +89,8 @@ def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_
     cfg = teacher_conventions(teacher_cfg)
     if times is None:
         times = generator_times(schedule_from_config(teacher_cfg["schedule"]), settings.gen_steps)
-    record = {k: v for k, v in asdict(settings).items() if k not in MONITORING}
+    record = {k: v for k, v in asdict(settings).items()
+              if k not in MONITORING and RUNTIME_DEFAULTS.get(k, object()) != v}
     cfg.update({"kind": "generator", "recipe": name, "teacher": settings.teacher,
                 "generator_times": [float(t) for t in times], "real_w": settings.real_w,
                 "sampler": "x = sigma(t_0) z; x0 = G(x, t_i); re-noise x0 to t_(i+1) with fresh noise (DMD2)",
@@ -109,23 +113,24 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     """Build (or reuse) the regression set, train generator + fake score, export the generator's EMA to
     ``out/<name>`` (a pipeline teacher's: ``out/export/<name>``, a pipeline folder stock diffusers runs);
     returns that folder. ``teacher()`` -> a class-conditional fewstep model or a
-    :class:`fewstep.recipes.teachers.PipelineTeacher` (default: ``teacher_from(settings.teacher)``); ``data()`` -> real (images, labels) for the GAN head (default: MNIST train;
-    used only when ``gan_weight_d > 0``)."""
+    :class:`fewstep.recipes.teachers.PipelineTeacher` (default: ``teacher_from(settings.teacher)``);
+    ``data()`` -> real (images, labels) for the GAN head (default: MNIST train; used only when
+    ``gan_weight_d > 0``). Every setting is checked before the regression set is made."""
     out = Path(out)
     t = provide(teacher, lambda: teacher_from(settings.teacher))
     pipeline = isinstance(t, PipelineTeacher)
     if pipeline and settings.gan_weight_d > 0:
         raise ValueError("DMD2's GAN head reads fewstep UNet features; with a diffusers pipeline teacher set "
                          "gan_weight_g = gan_weight_d = 0")
-    pairs = _pairs(t, settings, out, progress)
-    real = provide(data, lambda: load_mnist("train")) if settings.gan_weight_d > 0 else None
+    generator = trainable(copy.deepcopy(t.net), settings)  # refuses unusable settings before the pairs are made
+    fake = FakeScore(trainable(copy.deepcopy(t.net), settings), gan_head=settings.gan_weight_d > 0)
     loss = DMDLoss(t.net, t.schedule, t.prediction, real_w=settings.real_w, dm_t=tuple(settings.dm_t),
                    lambda_reg=settings.lambda_reg, distance=settings.distance, fake_updates=settings.fake_updates,
                    gan_weight_g=settings.gan_weight_g, gan_weight_d=settings.gan_weight_d,
                    gen_steps=settings.gen_steps, null_class=t.null_class,
                    times=t.generator_times(settings.gen_steps) if pipeline else None)
-    generator = copy.deepcopy(t.net).requires_grad_(True).train()
-    fake = FakeScore(copy.deepcopy(t.net).requires_grad_(True).train(), gan_head=settings.gan_weight_d > 0)
+    pairs = _pairs(t, settings, out, progress)
+    real = provide(data, lambda: load_mnist("train")) if settings.gan_weight_d > 0 else None
     fid_n = settings.fid_probe if not pipeline or t.prompt_digits() is not None else 0
     preview = generator_preview(loss, t.image_shape, t.num_classes, fid_n=fid_n,
                                 fid_log=out / "run" / "fid.jsonl" if fid_n else None,

@@ -18,7 +18,8 @@ from ..distill import GuidedDistillLoss, ProgressiveLoss, with_w_input
 from .dmd import PairSettings
 from ._stage import Hyper, Rounds, Runner, Stage, check_halving, provide, teacher_conventions
 from .previews import FID_PROBE_N, student_preview
-from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, training_inputs
+from .teachers import (PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
+                       training_inputs)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class GuidedSettings:
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
     fid_probe: int = FID_PROBE_N  # samples per point of the FID-against-training-steps curve at each preview (0: none)
+    mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
+    gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
@@ -117,7 +120,7 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
     loss = GuidedDistillLoss(t.net, sch, pred, w_min=settings.w_range[0], w_max=settings.w_range[1],
                              null_class=t.null_class)
     stage1, folder = runner.train(Stage(
-        f"{export_dir}{name}-stage1", "stage1", loss, with_w_input(t.net), settings.stage1,
+        f"{export_dir}{name}-stage1", "stage1", loss, trainable(with_w_input(t.net), settings), settings.stage1,
         lambda ema, step, secs: student_config(t.config, settings, name, None, step, secs),
         preview(settings.start_steps, "stage1"), {"stage": "stage1"}, **exporter(None)))
     exports = {f"{name}-stage1": folder}

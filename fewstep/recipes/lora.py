@@ -39,13 +39,12 @@ from ..diffusers import DiffusersNet
 from .teachers import INFO, PipelineTeacher, student_scheduler
 
 __all__ = ["LoraNet", "with_lora", "memory_plan", "memory_summary", "export_lora", "load_lora_student",
-           "merged_student", "lora_exporter", "TARGETS", "LORA_WEIGHTS", "GUIDANCE_WEIGHTS",
-           "lora_teacher_pipeline"]
+           "merged_student", "lora_exporter", "cli_command", "last_quality", "lora_teacher_pipeline", "TARGETS",
+           "LORA_WEIGHTS", "GUIDANCE_WEIGHTS"]
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name load_lora_weights(folder) reads
 GUIDANCE_WEIGHTS = "guidance_embedding.safetensors"  # a guided LoRA student's time_embedding.cond_proj
 GUIDANCE_LAYER = "time_embedding.cond_proj"
-W_INPUT_DIM = 256  # with_w_input's default time_cond_proj_dim
 
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 _JOINT_ATTENTION = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # SD3's context stream
@@ -135,14 +134,23 @@ def _add_guidance_layer(module: nn.Module, dim: int) -> None:
     module.register_to_config(time_cond_proj_dim=dim)
 
 
+def _lora_config(**kwargs):
+    """peft's LoraConfig, or a one-line error saying how to install peft."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ValueError("LoRA students need the peft package: pip install 'peft>=0.17' (or leave --lora-rank "
+                         "out)") from None
+    return LoraConfig(**kwargs)
+
+
 def with_lora(net: DiffusersNet, rank: int, *, alpha: float | None = None, targets=None,
               w_input: int | None = None, seed: int = 0) -> LoraNet:
     """A LoRA student of ``net`` (see the module docstring): ``net``'s weights shared and frozen, an adapter
     of rank ``rank`` (scale ``alpha / rank``, alpha defaults to rank) on ``targets``, zero at init (the
     student equals ``net``). ``w_input``: add a guidance input of that time_cond_proj_dim (guided
-    distillation, 256 as with_w_input), trained with the adapter. ``seed``: lora_A's random initialisation
-    (drawn on CPU-side torch RNG forked from the caller's, which is left as it was)."""
-    from peft import LoraConfig
+    distillation, 256 as with_w_input), trained with the adapter. ``seed``: the seed of lora_A's random
+    initialisation (the caller's RNG state is left as it was)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}; leave --lora-rank out to train all weights")
     if alpha is not None and not alpha > 0:
@@ -150,7 +158,8 @@ def with_lora(net: DiffusersNet, rank: int, *, alpha: float | None = None, targe
     if isinstance(net, LoraNet):
         raise ValueError("this net already carries a LoRA adapter; pass the teacher's net to with_lora")
     if not isinstance(net, DiffusersNet):
-        raise ValueError(f"with_lora takes a DiffusersNet (a pipeline teacher's net), got {type(net).__name__}")
+        raise ValueError(f"LoRA students are for diffusers pipeline teachers (a DiffusersNet), not a "
+                         f"{type(net).__name__}: leave --lora-rank out, or pass --teacher a pipeline folder")
     if getattr(net.unet, "peft_config", None):
         raise ValueError(f"{type(net.unet).__name__} already holds a peft adapter; pass the teacher's plain net")
     module = _shallow_copy(net.unet)
@@ -162,8 +171,8 @@ def with_lora(net: DiffusersNet, rank: int, *, alpha: float | None = None, targe
             _add_guidance_layer(module, int(w_input))
     with torch.random.fork_rng(devices=[]):  # lora_A's random init: the same for the same seed, whatever the RNG
         torch.manual_seed(seed)
-        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha,
-                                      target_modules=list(target)))
+        module.add_adapter(_lora_config(r=rank, lora_alpha=rank if alpha is None else alpha,
+                                        target_modules=list(target)))
     student = LoraNet(module, net._schedule_arg, net.label_context, null_class=net.null_class,
                       pooled_context=net.pooled_context)
     student.prediction = net.prediction
@@ -391,11 +400,47 @@ def merged_student(net: LoraNet) -> DiffusersNet:
     return plain
 
 
-def lora_exporter(teacher: PipelineTeacher, steps: int | None) -> dict:
-    """A Stage's ``save`` / ``load`` for LoRA students (pipeline_exporter's LoRA form)."""
+def cli_command() -> str | None:
+    """The ``fewstep ...`` command line this process runs (None outside the CLI, e.g. in a notebook or a test)."""
+    import shlex
+    import sys
+    first = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if first is None or not (first.name == "fewstep" or first.parts[-2:] == ("fewstep", "__main__.py")):
+        return None
+    return shlex.join(["fewstep", *sys.argv[1:]])
+
+
+def last_quality(fid_log) -> dict | None:
+    """The last point of a run's FID-against-training-steps curve (previews' fid.jsonl), for the model card."""
+    try:
+        lines = Path(fid_log).read_text().splitlines() if fid_log is not None else []
+        last = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+    if not last:
+        return None
+    return {"FID (classifier features)": last.get("fid"), "n": last.get("n"),
+            "class accuracy": last.get("class_accuracy"), "at training step": last.get("step")}
+
+
+def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool = False, fid_log=None) -> dict:
+    """A Stage's ``save`` / ``load`` for LoRA students (pipeline_exporter's LoRA form), refusing before training
+    what cannot be exported. The model card records this process's command (:func:`cli_command`) and the
+    last point of ``fid_log`` as the measured quality."""
     lora_teacher_pipeline(teacher)
+    module = getattr(teacher.pipe, teacher.role)
+    if guided and "time_cond_proj_dim" not in inspect.signature(type(module).__init__).parameters:
+        raise ValueError(f"a guided LoRA student of {type(module).__name__} would take w through a fewstep WEmbedding "
+                         "that stock diffusers cannot feed; guided LoRA needs a UNet2DConditionModel teacher: leave "
+                         "--lora-rank out")
+    command = cli_command()
 
     def save(net, folder, extra):
         info = {k: v for k, v in extra.items() if k != "schedule"}
+        if command is not None:
+            info.setdefault("command", command)
+        quality = last_quality(fid_log)
+        if quality is not None:
+            info.setdefault("quality", quality)
         return export_lora(teacher, net, folder, steps=steps, info=info)
     return {"save": save, "load": lambda folder: load_lora_student(teacher, folder)}

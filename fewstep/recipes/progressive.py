@@ -14,7 +14,8 @@ from ..distill import ProgressiveLoss
 from .dmd import PairSettings
 from ._stage import Rounds, Runner, check_halving, provide, teacher_conventions
 from .previews import student_preview
-from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, training_inputs
+from .teachers import (PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
+                       training_inputs)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ProgressiveSettings:
     weight_decay: float = 0.0
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
+    mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
+    gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
@@ -72,4 +75,4 @@ def run_progressive(out, settings: ProgressiveSettings = MNIST_PROGRESSIVE, *, n
                     preview=lambda n: student_preview(sch, pred, n, t.image_shape, t.num_classes, w=0.0, fid_n=0,
                                                       **view),
                     exporter=lambda n: pipeline_exporter(t, n) if pipeline else {})
-    return rounds.run(runner, t.net, until)[1]
+    return rounds.run(runner, trainable(t.net, settings, requires_grad=False), until)[1]  # each round copies it

@@ -32,7 +32,7 @@ import torch
 from ..api import ASSETS, DiffusionModel, load
 from ..diffusers import DiffusersNet
 
-__all__ = ["PipelineTeacher", "teacher_from", "read_prompts", "export_student", "load_student", "INFO",
+__all__ = ["PipelineTeacher", "teacher_from", "trainable", "read_prompts", "export_student", "load_student", "INFO",
            "TEXT_PIPELINES", "COVERED_PIPELINES"]
 
 INFO = "fewstep.json"  # what fewstep records in an exported pipeline folder (recipe, steps, w, train_steps)
@@ -280,3 +280,15 @@ def training_inputs(teacher, out: Path, samples, progress: bool):
     pairs = regression_pairs(teacher, Path(out) / "teacher-samples.safetensors", n=samples.n, solver=samples.solver,
                              steps=samples.steps, w=1.0, seed=samples.seed, progress=progress)
     return pairs["x_ref"], pairs["labels"]
+
+
+def trainable(net, settings, requires_grad: bool = True):
+    """``net`` set up for training by a recipe's settings: gradients on (unless ``requires_grad=False``: a
+    teacher that the rounds copy), train mode, and gradient checkpointing where asked (diffusers networks only)."""
+    if getattr(settings, "gradient_checkpointing", False):
+        module = getattr(net, "unet", None)
+        if not hasattr(module, "enable_gradient_checkpointing"):
+            raise ValueError("--gradient-checkpointing is for diffusers UNets / transformers (a pipeline teacher); "
+                             f"{type(net).__name__} has no checkpointing switch: leave the flag out")
+        module.enable_gradient_checkpointing()
+    return net.requires_grad_(True).train() if requires_grad else net
