@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_textbed import TINY_SD, TINY_SD3, TINY_VAE, tiny_data  # noqa: E402
 
+from fewstep import load  # noqa: E402
 from fewstep.distill import NetX0, generator_times, sample_student  # noqa: E402
 from fewstep.recipes import Hyper  # noqa: E402
 from fewstep.recipes.dmd import MNIST_DMD, PairSettings, run_dmd  # noqa: E402
@@ -178,3 +179,21 @@ def test_dmd_of_an_unconditional_ddpm_pipeline(tmp_path, one_thread):
     net = load_student(t, folder)
     x0 = NetX0(net, t.schedule, t.prediction)(lat, t.generator_times(1).expand(2), None)
     assert (out - x0).abs().max() < 1e-4
+
+
+def test_bf16_and_gradient_checkpointing_train_and_fp16_is_refused_off_cuda(pipelines, tmp_path, one_thread):
+    t = teacher_from(pipelines[0], PROMPTS)
+    folder = run_dmd(tmp_path, replace(TINY_DMD, mixed_precision="bf16", gradient_checkpointing=True), name="bf16",
+                     teacher=lambda: t, progress=False)
+    net = load_student(t, folder)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    import json
+    assert json.loads((folder / "fewstep.json").read_text())["preset"]["mixed_precision"] == "bf16"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+            run_dmd(tmp_path / "fp16", replace(TINY_DMD, mixed_precision="fp16"), name="fp16", teacher=lambda: t,
+                    progress=False)
+    with pytest.raises(ValueError, match="--gradient-checkpointing is for diffusers"):
+        run_dmd(tmp_path / "gc", replace(TINY_DMD, gradient_checkpointing=True), teacher=lambda: load("mnist-teacher"),
+                progress=False)
+
