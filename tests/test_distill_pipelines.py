@@ -197,3 +197,19 @@ def test_bf16_and_gradient_checkpointing_train_and_fp16_is_refused_off_cuda(pipe
         run_dmd(tmp_path / "gc", replace(TINY_DMD, gradient_checkpointing=True), teacher=lambda: load("mnist-teacher"),
                 progress=False)
 
+
+
+def test_dmd_with_lora_rank_exports_the_lora_and_the_merged_pipeline_in_one_folder(pipelines, tmp_path, one_thread):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    t = teacher_from(pipelines[0], PROMPTS)
+    folder = run_dmd(tmp_path, replace(TINY_DMD, lora_rank=2), name="tiny-dmd-1-lora2", teacher=lambda: t,
+                     progress=False)
+    lat, prompts = _latents(t), ["a thick seven", "a handwritten zero"]
+    merged = _stock(folder)(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
+    base = StableDiffusionPipeline.from_pretrained(pipelines[0])
+    base.set_progress_bar_config(disable=True)
+    base.load_lora_weights(folder)
+    base.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    lora = base(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
+    assert (merged - lora).abs().max() < 1e-4
+    assert "load_lora_weights" in (folder / "README.md").read_text()

@@ -62,6 +62,7 @@ class DMDSettings:
     fid_probe: int = FID_PROBE_N  # samples per point of the FID-against-training-steps curve at each preview (0: none)
     mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
     gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
+    lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
     seed: int = 0
 
 
@@ -79,7 +80,7 @@ DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd
 
 
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
-RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False}  # recorded when they differ
+RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False, "lora_rank": None}  # recorded if set
 
 
 def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float,
@@ -122,8 +123,14 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     if pipeline and settings.gan_weight_d > 0:
         raise ValueError("DMD2's GAN head reads fewstep UNet features; with a diffusers pipeline teacher set "
                          "gan_weight_g = gan_weight_d = 0")
-    generator = trainable(copy.deepcopy(t.net), settings)  # refuses unusable settings before the pairs are made
-    fake = FakeScore(trainable(copy.deepcopy(t.net), settings), gan_head=settings.gan_weight_d > 0)
+    lora = settings.lora_rank
+    if lora is not None:
+        from .lora import lora_exporter, memory_plan, with_lora
+    student = (lambda seed: copy.deepcopy(t.net)) if lora is None else (lambda seed: with_lora(t.net, lora, seed=seed))
+    generator = trainable(student(0), settings)  # refuses unusable settings before the pairs are made
+    fake = FakeScore(trainable(student(1), settings), gan_head=settings.gan_weight_d > 0)
+    if lora is not None:
+        print(memory_plan(t, generator, fake)["summary"])
     loss = DMDLoss(t.net, t.schedule, t.prediction, real_w=settings.real_w, dm_t=tuple(settings.dm_t),
                    lambda_reg=settings.lambda_reg, distance=settings.distance, fake_updates=settings.fake_updates,
                    gan_weight_g=settings.gan_weight_g, gan_weight_d=settings.gan_weight_d,
@@ -135,9 +142,13 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     preview = generator_preview(loss, t.image_shape, t.num_classes, fid_n=fid_n,
                                 fid_log=out / "run" / "fid.jsonl" if fid_n else None,
                                 **(pipeline_preview_options(t) if pipeline else {}))
+    if lora is not None:
+        exporter = lora_exporter(t, settings.gen_steps, fid_log=out / "run" / "fid.jsonl" if fid_n else None)
+    else:
+        exporter = pipeline_exporter(t, settings.gen_steps) if pipeline else {}
     stage = Stage(f"export/{name}" if pipeline else name, "run", loss, {"generator": generator, "fake": fake},
                   Hyper(settings.steps, settings.lr, settings.warmup, settings.ema_decay),
                   lambda ema, step, secs: generator_config(t.config, settings, name, step, secs, loss.times), preview,
-                  reuse=False, **(pipeline_exporter(t, settings.gen_steps) if pipeline else {}))
+                  reuse=False, **exporter)
     data = DMDData(pairs, real, conditional=t.num_classes is not None)
     return Runner(out, data, settings, name, resume, progress).train(stage)[1]

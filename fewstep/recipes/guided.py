@@ -50,6 +50,7 @@ class GuidedSettings:
     fid_probe: int = FID_PROBE_N  # samples per point of the FID-against-training-steps curve at each preview (0: none)
     mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
     gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
+    lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
@@ -114,13 +115,24 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
         fid_log = out / run_dir / "fid.jsonl" if fid_n else None
         return student_preview(sch, pred, steps, shape, classes, fid_log=fid_log, fid_n=fid_n, **view)
 
+    lora = settings.lora_rank
+    if lora is not None:
+        from .lora import lora_exporter, memory_plan, with_lora
+
     def exporter(steps):
+        if lora is not None:
+            run_dir = "stage1" if steps is None else f"round-{steps}"
+            return lora_exporter(t, steps, guided=True, fid_log=out / run_dir / "fid.jsonl")
         return pipeline_exporter(t, steps) if pipeline else {}
+
+    first = with_w_input(t.net) if lora is None else with_lora(t.net, lora, w_input=256)
+    if lora is not None:
+        print(memory_plan(t, first)["summary"])
 
     loss = GuidedDistillLoss(t.net, sch, pred, w_min=settings.w_range[0], w_max=settings.w_range[1],
                              null_class=t.null_class)
     stage1, folder = runner.train(Stage(
-        f"{export_dir}{name}-stage1", "stage1", loss, trainable(with_w_input(t.net), settings), settings.stage1,
+        f"{export_dir}{name}-stage1", "stage1", loss, trainable(first, settings), settings.stage1,
         lambda ema, step, secs: student_config(t.config, settings, name, None, step, secs),
         preview(settings.start_steps, "stage1"), {"stage": "stage1"}, **exporter(None)))
     exports = {f"{name}-stage1": folder}

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..diffusers import DiffusersNet
-from .teachers import INFO, PipelineTeacher, student_scheduler
+from .teachers import INFO, PipelineTeacher, export_student, student_scheduler
 
 __all__ = ["LoraNet", "with_lora", "memory_plan", "memory_summary", "export_lora", "load_lora_student",
            "merged_student", "lora_exporter", "cli_command", "last_quality", "lora_teacher_pipeline", "TARGETS",
@@ -442,5 +442,6 @@ def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool =
         quality = last_quality(fid_log)
         if quality is not None:
             info.setdefault("quality", quality)
+        export_student(teacher, merged_student(net), folder, steps=steps, info=info)  # the full pipeline too
         return export_lora(teacher, net, folder, steps=steps, info=info)
     return {"save": save, "load": lambda folder: load_lora_student(teacher, folder)}

@@ -34,6 +34,7 @@ class ProgressiveSettings:
     sample_every_minutes: float | None = 10.0
     mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
     gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
+    lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
@@ -74,5 +75,9 @@ def run_progressive(out, settings: ProgressiveSettings = MNIST_PROGRESSIVE, *, n
                     config=lambda n, step, secs: progressive_config(t.config, settings, name, n, step, secs),
                     preview=lambda n: student_preview(sch, pred, n, t.image_shape, t.num_classes, w=0.0, fid_n=0,
                                                       **view),
-                    exporter=lambda n: pipeline_exporter(t, n) if pipeline else {})
-    return rounds.run(runner, trainable(t.net, settings, requires_grad=False), until)[1]  # each round copies it
+                    exporter=lambda n: (pipeline_exporter(t, n) if settings.lora_rank is None else
+                                        lora_exporter(t, n)) if pipeline else {})
+    if settings.lora_rank is not None:
+        from .lora import lora_exporter, with_lora
+    first = t.net if settings.lora_rank is None else with_lora(t.net, settings.lora_rank)
+    return rounds.run(runner, trainable(first, settings, requires_grad=False), until)[1]  # each round copies it
