@@ -180,6 +180,23 @@ CASES = [
     ("distill", "distillation times on a schedule without defined fractions",
      lambda p: fewstep.distill.student_grid(fewstep.schedules.NoiseSchedule(), 2), ValueError,
      ["distillation times", "NoiseSchedule"]),
+    ("distill", "a teacher folder that is neither a fewstep model nor a diffusers pipeline",
+     lambda p: __import__("fewstep.recipes.teachers").recipes.teachers.teacher_from(p / "nothing"), FileNotFoundError,
+     ["no model named", "no such folder"]),
+    ("distill", "prompts for a class-conditional teacher",
+     lambda p: __import__("fewstep.recipes.teachers").recipes.teachers.teacher_from("mnist-teacher", ["a seven"]),
+     ValueError, ["--prompts is for text-to-image", "leave --prompts out"]),
+    ("distill", "an empty prompts file",
+     lambda p: ((p / "prompts.txt").write_text("\n\n"),
+                __import__("fewstep.recipes.teachers").recipes.teachers.read_prompts(p / "prompts.txt")),
+     ValueError, ["holds no prompt"]),
+    ("distill", "mixed precision fp16 on the CPU (it would silently train in float32)",
+     lambda p: __import__("fewstep.train").train.check_mixed_precision("fp16", cpu=True), ValueError,
+     ["fp16 needs a CUDA GPU", "bf16"]),
+    ("text-to-image", "a prompt outside the test bed's grammar",
+     lambda p: fewstep.generate("mnist-sd", prompts=["a blue seven"], steps=1), ValueError, ["unknown word"]),
+    ("text-to-image", "class labels for a text-to-image pipeline",
+     lambda p: fewstep.generate("mnist-sd", labels=torch.tensor([7]), steps=1), ValueError, ["prompts="]),
 ]
 
 
@@ -219,7 +236,25 @@ CLI_CASES = [
      lambda p: ["bench", "solvers", "--model", _unet_folder_without_scheduler(p)], ["without its scheduler"]),
     ("bench solvers on a text-to-image pipeline folder",
      lambda p: ["bench", "solvers", "--model", _text_to_image_pipeline_folder(p)], ["needs prompts", "FewstepScheduler"]),
+    ("distill --prompts without a text-to-image --teacher",
+     lambda p: ["distill", "dmd", "--prompts", _prompts_file(p), "--out", str(p / "run")], ["--teacher"]),
+    ("distill a class-conditional teacher with --prompts",
+     lambda p: ["distill", "dmd", "--teacher", "mnist-teacher", "--prompts", _prompts_file(p), "--out", str(p / "r")],
+     ["--prompts is for text-to-image"]),
+    ("distill --lora-rank 0", lambda p: ["distill", "dmd", "--lora-rank", "0", "--out", str(p / "run")],
+     ["--lora-rank"]),
+    ("distill --gradient-checkpointing on a fewstep model teacher",
+     lambda p: ["distill", "dmd", "--gradient-checkpointing", "--out", str(p / "run")], ["--gradient-checkpointing"]),
+    ("sample a class model with --prompt",
+     lambda p: ["sample", "--model", "mnist-teacher", "--prompt", "a thick seven"], ["--labels"]),
+    ("train mnist-sd on a --data folder that does not exist",
+     lambda p: ["train", "mnist-sd", "--data", str(p / "nowhere"), "--out", str(p / "r")], ["does not exist"]),
 ]
+
+
+def _prompts_file(p: Path) -> str:
+    (p / "prompts.txt").write_text("a thick seven\n")
+    return str(p / "prompts.txt")
 
 
 def _unet_folder_without_scheduler(p: Path) -> str:
