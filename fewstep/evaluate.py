@@ -291,24 +291,17 @@ def text_pipeline_folder(name_or_path) -> Path | None:
 
 
 def load_text_pipeline(name_or_path, device: str | torch.device = "cpu"):
-    """The stock diffusers text-to-image pipeline of a folder or shipped name, in float32 (the shipped weights
-    are fp16), progress bars off; StableDiffusion3Pipeline without T5, as the test bed ships it.
-    (To become ``fewstep.load(name)`` once that returns diffusers pipelines.)"""
+    """The stock diffusers text-to-image pipeline of a folder or shipped name (``fewstep.load``: float32, the
+    shipped weights being fp16; StableDiffusion3Pipeline without T5, as the test bed ships it), progress bars off."""
     folder = text_pipeline_folder(name_or_path)
     if folder is None:
         raise ValueError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json); pass "
                          f"{' or '.join(TEXT_PIPELINES)} or a pipeline folder")
     index = json.loads((folder / "model_index.json").read_text())
-    cls_name = index.get("_class_name", "?")
     if not index.get("text_encoder") or None in index["text_encoder"] or not index.get("tokenizer"):
-        raise ValueError(f"{name_or_path} is a {cls_name} without a text encoder: the prompt suite needs a "
-                         "text-to-image pipeline (StableDiffusionPipeline or StableDiffusion3Pipeline)")
-    import diffusers
-    from diffusers.utils import deprecation_utils
-    # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); earlier versions know torch_dtype only
-    dtype_key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    extra = {"text_encoder_3": None, "tokenizer_3": None} if "text_encoder_3" in index else {}
-    pipe = getattr(diffusers, cls_name).from_pretrained(folder, **{dtype_key: torch.float32}, **extra).to(device)
+        raise ValueError(f"{name_or_path} is a {index.get('_class_name', '?')} without a text encoder: the prompt "
+                         "suite needs a text-to-image pipeline (StableDiffusionPipeline or StableDiffusion3Pipeline)")
+    pipe = load(folder, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
