@@ -213,3 +213,13 @@ def test_dmd_with_lora_rank_exports_the_lora_and_the_merged_pipeline_in_one_fold
     lora = base(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
     assert (merged - lora).abs().max() < 1e-4
     assert "load_lora_weights" in (folder / "README.md").read_text()
+
+
+def test_previews_and_fid_probe_of_a_test_bed_student_decode_and_crop(pipelines, tmp_path, one_thread):
+    import json
+    t = teacher_from(pipelines[0])  # the test bed's 90-prompt suite: every prompt names its digit
+    assert t.prompt_digits() is not None and t.prompt_digits().tolist()[:9] == [0] * 9
+    run_dmd(tmp_path, replace(TINY_DMD, fid_probe=20), name="probe", teacher=lambda: t, progress=False)
+    points = [json.loads(line) for line in (tmp_path / "run" / "fid.jsonl").read_text().splitlines()]
+    assert points and all(torch.isfinite(torch.tensor(p["fid"])) and p["n"] == 20 for p in points)
+    assert list((tmp_path / "run" / "samples").glob("*.png"))

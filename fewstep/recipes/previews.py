@@ -130,17 +130,17 @@ def generator_preview(loss, image_shape, num_classes: int, *, per_class: int = 4
 def fid_probe(make_images: Callable, log_path: Path, num_classes: int = 10, n: int = FID_PROBE_N) -> Callable:
     """``probe(step)`` appends {step, n, fid, class_accuracy} of ``make_images(labels) -> images`` (n
     class-balanced samples against n real MNIST training digits, the shipped classifier's features) to
-    ``log_path`` (JSON lines)."""
+    ``log_path`` (JSON lines). The text test bed's 32x32 images are scored on their 28x28 centre."""
     labels = torch.arange(n) % num_classes
     state = {}
 
     def probe(step: int) -> None:
         from ..api import load
-        from ..evaluate import reference_sets
+        from ..evaluate import centre_crop, reference_sets
         from ..metrics import image_metrics
         if "real" not in state:  # class-balanced real digits, as fewstep eval uses
             state["real"], state["clf"] = reference_sets(n)[0], load("mnist-classifier")
-        fake = make_images(labels).clamp(-1, 1)
+        fake = centre_crop(make_images(labels).clamp(-1, 1))
         m = image_metrics(fake, state["real"], state["clf"], labels=labels, kid_subset=min(n, 500))
         with open(log_path, "a") as f:
             f.write(json.dumps({"step": step, "n": n, "fid": m["fid"], "class_accuracy": m["class_accuracy"]}) + "\n")
