@@ -670,6 +670,9 @@ def _vae_folder(name_or_path: str) -> Path:
 
 def _teacher_options(f):
     """--teacher, --prompts, --mixed-precision and --gradient-checkpointing of every distill command."""
+    f = click.option("--max-memory", "max_memory_gib", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="GIB", help="Refuse up front a run whose weights, gradients, AdamW moments and EMA "
+                                         "would need more than GIB GiB (printed before training).")(f)
     f = click.option("--lora-rank", "lora_rank", type=click.IntRange(min=1), default=None, metavar="R",
                      help="Train rank-R LoRA adapters (peft) over the teacher's frozen weights (pipeline teachers); "
                           "the export is a pytorch_lora_weights.safetensors for load_lora_weights, its scheduler/ "
@@ -741,14 +744,15 @@ _distill_options = _recipe_options("Run folder: one sub-folder per stage (checkp
                    "(the two can run at once in two processes on the same --out).")
 @_teacher_options
 def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, mixed_precision,
-                       gradient_checkpointing, lora_rank):
+                       gradient_checkpointing, lora_rank, max_memory_gib):
     """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
     steps. Of the shipped mnist-teacher by default (reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1); of a
     diffusers pipeline with --teacher (mnist-sd: reproduces mnist-sd-guided-4 with --until 4), exported to
     DIR/export/<name>-<N> as pipelines stock diffusers runs (guidance_scale = 1 + w)."""
     preset = "mnist-sd-guided" if teacher == "mnist-sd" else "mnist-guided"
     settings, name = _distill_settings(preset, teacher, "guided", mixed_precision=mixed_precision,
-                                       gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank)
+                                       gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                                       max_memory_gib=max_memory_gib)
     exports = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, until=until, part=part,
                           name=name, **_teacher_provider(teacher, prompts))
     for name, folder in exports.items():
@@ -761,12 +765,13 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
               help="Stop after the round that reaches this many steps (default: down to 4).")
 @_teacher_options
 def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, mixed_precision,
-                            gradient_checkpointing, lora_rank):
+                            gradient_checkpointing, lora_rank, max_memory_gib):
     """Plain progressive distillation (Salimans & Ho 2022) of the teacher's conditional model (default: the
     shipped mnist-teacher; any fewstep model or diffusers pipeline folder with --teacher): rounds 32 -> 16 -> 8
     -> 4 steps, exported as <name>-<N> students (a pipeline teacher's: DIR/export/<name>-<N> pipelines)."""
     settings, name = _distill_settings("mnist-progressive", teacher, "progressive", mixed_precision=mixed_precision,
-                                       gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank)
+                                       gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                                       max_memory_gib=max_memory_gib)
     exports = _run_recipe("mnist-progressive", out, threads, settings, resume=resume, progress=progress, until=until,
                           name=name, **_teacher_provider(teacher, prompts))
     for name, folder in exports.items():
@@ -787,7 +792,7 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
 @click.option("--steps", "old_steps", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated name of --train-steps (--steps is the budget of model calls elsewhere).")
 def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, mixed_precision, gradient_checkpointing,
-                    lora_rank, w, steps, old_steps):
+                    lora_rank, max_memory_gib, w, steps, old_steps):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
@@ -796,7 +801,8 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, mi
         steps = old_steps if steps is None else steps
     preset = preset or {"mnist-sd": "mnist-sd-dmd-1", "mnist-sd3": "mnist-sd3-dmd-1"}.get(teacher, "mnist-dmd-1")
     settings, name = _distill_settings(preset, teacher, "dmd-1", steps=steps, real_w=w, mixed_precision=mixed_precision,
-                                       gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank)
+                                       gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                                       max_memory_gib=max_memory_gib)
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
                          **_teacher_provider(teacher, prompts))
     click.echo(f"{name}: {folder}")

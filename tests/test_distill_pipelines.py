@@ -223,3 +223,10 @@ def test_previews_and_fid_probe_of_a_test_bed_student_decode_and_crop(pipelines,
     points = [json.loads(line) for line in (tmp_path / "run" / "fid.jsonl").read_text().splitlines()]
     assert points and all(torch.isfinite(torch.tensor(p["fid"])) and p["n"] == 20 for p in points)
     assert list((tmp_path / "run" / "samples").glob("*.png"))
+
+
+def test_memory_estimate_is_printed_and_a_run_over_budget_is_refused_before_any_work(pipelines, tmp_path, capsys):
+    t = teacher_from(pipelines[0], PROMPTS)
+    with pytest.raises(ValueError, match="over --max-memory"):
+        run_dmd(tmp_path, replace(TINY_DMD, max_memory_gib=1e-6), teacher=lambda: t, progress=False)
+    assert "training" in capsys.readouterr().out and not (tmp_path / "regression-set.safetensors").exists()

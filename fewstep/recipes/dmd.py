@@ -21,7 +21,8 @@ from ..distill.pairs import DMDData, regression_pairs
 from ..schedules import schedule_from_config
 from ._stage import Hyper, Runner, Stage, provide, teacher_conventions
 from .previews import FID_PROBE_N, generator_preview
-from .teachers import PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, trainable
+from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from,
+                       trainable)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class DMDSettings:
     mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
     gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
     lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
+    max_memory_gib: float | None = None  # --max-memory: refuse up front a run whose weight memory exceeds it
     seed: int = 0
 
 
@@ -80,7 +82,8 @@ DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd
 
 
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
-RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False, "lora_rank": None}  # recorded if set
+RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False, "lora_rank": None,
+                    "max_memory_gib": None}  # recorded when set
 
 
 def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float,
@@ -125,12 +128,12 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
                          "gan_weight_g = gan_weight_d = 0")
     lora = settings.lora_rank
     if lora is not None:
-        from .lora import lora_exporter, memory_plan, with_lora
+        from .lora import lora_exporter, with_lora
     student = (lambda seed: copy.deepcopy(t.net)) if lora is None else (lambda seed: with_lora(t.net, lora, seed=seed))
     generator = trainable(student(0), settings)  # refuses unusable settings before the pairs are made
     fake = FakeScore(trainable(student(1), settings), gan_head=settings.gan_weight_d > 0)
-    if lora is not None:
-        print(memory_plan(t, generator, fake)["summary"])
+    if pipeline:
+        announce_memory(t, generator, fake, settings.max_memory_gib)
     loss = DMDLoss(t.net, t.schedule, t.prediction, real_w=settings.real_w, dm_t=tuple(settings.dm_t),
                    lambda_reg=settings.lambda_reg, distance=settings.distance, fake_updates=settings.fake_updates,
                    gan_weight_g=settings.gan_weight_g, gan_weight_d=settings.gan_weight_d,

@@ -18,7 +18,7 @@ from ..distill import GuidedDistillLoss, ProgressiveLoss, with_w_input
 from .dmd import PairSettings
 from ._stage import Hyper, Rounds, Runner, Stage, check_halving, provide, teacher_conventions
 from .previews import FID_PROBE_N, student_preview
-from .teachers import (PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
+from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
                        training_inputs)
 
 
@@ -51,6 +51,7 @@ class GuidedSettings:
     mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
     gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
     lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
+    max_memory_gib: float | None = None  # --max-memory: refuse up front a run whose weight memory exceeds it
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
@@ -117,7 +118,7 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
 
     lora = settings.lora_rank
     if lora is not None:
-        from .lora import lora_exporter, memory_plan, with_lora
+        from .lora import lora_exporter, with_lora
 
     def exporter(steps):
         if lora is not None:
@@ -126,8 +127,8 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
         return pipeline_exporter(t, steps) if pipeline else {}
 
     first = with_w_input(t.net) if lora is None else with_lora(t.net, lora, w_input=256)
-    if lora is not None:
-        print(memory_plan(t, first)["summary"])
+    if pipeline:
+        announce_memory(t, first, max_gib=settings.max_memory_gib)
 
     loss = GuidedDistillLoss(t.net, sch, pred, w_min=settings.w_range[0], w_max=settings.w_range[1],
                              null_class=t.null_class)

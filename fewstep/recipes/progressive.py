@@ -6,6 +6,7 @@ w input (guidance at sampling time is classifier-free guidance on the student, t
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,7 @@ from ..distill import ProgressiveLoss
 from .dmd import PairSettings
 from ._stage import Rounds, Runner, check_halving, provide, teacher_conventions
 from .previews import student_preview
-from .teachers import (PipelineTeacher, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
+from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
                        training_inputs)
 
 
@@ -35,6 +36,7 @@ class ProgressiveSettings:
     mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
     gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
     lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
+    max_memory_gib: float | None = None  # --max-memory: refuse up front a run whose weight memory exceeds it
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 
@@ -80,4 +82,7 @@ def run_progressive(out, settings: ProgressiveSettings = MNIST_PROGRESSIVE, *, n
     if settings.lora_rank is not None:
         from .lora import lora_exporter, with_lora
     first = t.net if settings.lora_rank is None else with_lora(t.net, settings.lora_rank)
+    if pipeline:
+        announce_memory(t, first if settings.lora_rank else copy.deepcopy(first).requires_grad_(True),
+                        max_gib=settings.max_memory_gib)
     return rounds.run(runner, trainable(first, settings, requires_grad=False), until)[1]  # each round copies it

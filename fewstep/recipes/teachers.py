@@ -292,3 +292,15 @@ def trainable(net, settings, requires_grad: bool = True):
                              f"{type(net).__name__} has no checkpointing switch: leave the flag out")
         module.enable_gradient_checkpointing()
     return net.requires_grad_(True).train() if requires_grad else net
+
+
+def announce_memory(teacher, student, fake=None, max_gib: float | None = None) -> dict:
+    """Print the run's parameter counts and weight-memory estimate (weights, gradients, AdamW moments, EMA;
+    activations not included) before training, and refuse up front a run over ``max_gib`` GiB."""
+    from .lora import memory_plan
+    plan = memory_plan(teacher, student, fake)
+    print(plan["summary"])
+    if max_gib is not None and plan["total_bytes"] > max_gib * 2 ** 30:
+        raise ValueError(f"this run needs about {plan['total_bytes'] / 2 ** 30:.2f} GiB for weights, gradients, AdamW "
+                         f"moments and EMA, over --max-memory {max_gib:g} GiB: use --lora-rank R, or a larger budget")
+    return plan
