@@ -35,6 +35,30 @@ def provide(provider: Callable[[], Any] | None, default: Callable[[], Any]) -> A
     return default() if provider is None else provider()
 
 
+@dataclass
+class LoopSettings:
+    """The training-loop settings a recipe's settings dataclass shares with the others (their common
+    defaults; a recipe changes them in its presets): batch, EMA, clipping, weight decay, the checkpoint and
+    preview intervals, the seed."""
+    batch_size: int = 64
+    ema_decay: float = 0.999
+    grad_clip: float | None = 1.0
+    weight_decay: float = 0.0
+    ckpt_every_minutes: float | None = 5.0
+    sample_every_minutes: float | None = 10.0
+    seed: int = 0
+
+
+@dataclass
+class DistillOptions:
+    """How a distillation recipe runs, shared by its settings dataclasses (the base of DMDSettings,
+    GuidedSettings, ProgressiveSettings); the ``fewstep distill`` options of the same names."""
+    mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
+    gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
+    lora_rank: int | None = None  # LoRA adapters over the teacher's shared weights (pipeline teachers)
+    max_memory_gib: float | None = None  # refuse up front a run whose weight memory exceeds it
+
+
 @dataclass(frozen=True)
 class Hyper:
     """Optimiser settings of one training run (a stage or a round); the ``train()`` arguments of the same names.

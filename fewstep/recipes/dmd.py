@@ -19,7 +19,7 @@ from ..distill import generator_times
 from ..distill.dmd import DMDLoss, FakeScore
 from ..distill.pairs import DMDData, regression_pairs
 from ..schedules import schedule_from_config
-from ._stage import Hyper, Runner, Stage, provide, teacher_conventions
+from ._stage import DistillOptions, Hyper, Runner, Stage, provide, teacher_conventions
 from .previews import FID_PROBE_N, generator_preview
 from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from,
                        trainable)
@@ -35,7 +35,7 @@ class PairSettings:
 
 
 @dataclass
-class DMDSettings:
+class DMDSettings(DistillOptions):
     """Settings of the DMD recipe; the defaults are the shipped ``mnist-dmd-1``'s.
 
     Per step: one generator update (DM + regression) and one fake update; ~3.3 s at batch 64 on one
@@ -61,10 +61,6 @@ class DMDSettings:
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
     fid_probe: int = FID_PROBE_N  # samples per point of the FID-against-training-steps curve at each preview (0: none)
-    mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
-    gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
-    lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
-    max_memory_gib: float | None = None  # --max-memory: refuse up front a run whose weight memory exceeds it
     seed: int = 0
 
 

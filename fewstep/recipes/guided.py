@@ -16,14 +16,15 @@ from typing import Callable
 
 from ..distill import GuidedDistillLoss, ProgressiveLoss, with_w_input
 from .dmd import PairSettings
-from ._stage import Hyper, Rounds, Runner, Stage, check_halving, provide, teacher_conventions
+from ._stage import (DistillOptions, Hyper, Rounds, Runner, Stage, check_halving, provide,
+                     teacher_conventions)
 from .previews import FID_PROBE_N, student_preview
 from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
                        training_inputs)
 
 
 @dataclass
-class GuidedSettings:
+class GuidedSettings(DistillOptions):
     """Settings of the guided-distillation recipe; the defaults are the shipped ``mnist-guided-*``'s.
 
     Sized on this CPU (one thread, batch 64): stage 1 ~1.26 s/step, a progressive round ~1.14 s/step.
@@ -48,10 +49,6 @@ class GuidedSettings:
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
     fid_probe: int = FID_PROBE_N  # samples per point of the FID-against-training-steps curve at each preview (0: none)
-    mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
-    gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
-    lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
-    max_memory_gib: float | None = None  # --max-memory: refuse up front a run whose weight memory exceeds it
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 

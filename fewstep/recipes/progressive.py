@@ -13,14 +13,14 @@ from typing import Callable
 
 from ..distill import ProgressiveLoss
 from .dmd import PairSettings
-from ._stage import Rounds, Runner, check_halving, provide, teacher_conventions
+from ._stage import DistillOptions, Rounds, Runner, check_halving, provide, teacher_conventions
 from .previews import student_preview
 from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
                        training_inputs)
 
 
 @dataclass
-class ProgressiveSettings:
+class ProgressiveSettings(DistillOptions):
     """Settings of the progressive recipe: the guided recipe's round settings, fewer rounds."""
     teacher: str = "mnist-teacher"  # a shipped name or a model folder (when no teacher provider is given)
     batch_size: int = 64
@@ -33,10 +33,6 @@ class ProgressiveSettings:
     weight_decay: float = 0.0
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
-    mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
-    gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
-    lora_rank: int | None = None  # --lora-rank: LoRA adapters over the teacher's shared weights (pipeline teachers)
-    max_memory_gib: float | None = None  # --max-memory: refuse up front a run whose weight memory exceeds it
     seed: int = 0
     samples: PairSettings = PairSettings()  # a pipeline teacher's own samples, the training inputs without --data
 

@@ -18,12 +18,12 @@ from ..data.mnist import load_mnist
 from ..losses import DenoisingLoss
 from ..nets import UNet, UNetConfig
 from ..schedules import CosineVP, schedule_from_config
-from ._stage import Hyper, Runner, Stage, provide
+from ._stage import Hyper, LoopSettings, Runner, Stage, provide
 from .previews import teacher_preview
 
 
 @dataclass
-class TeacherSettings:
+class TeacherSettings(LoopSettings):
     """Settings of the teacher recipe; the defaults are the shipped ``mnist-teacher``'s.
 
     Sized from measurements on this machine: ~0.68 s per step at batch 64 on one thread (1.0M
@@ -34,16 +34,9 @@ class TeacherSettings:
     schedule: dict = field(default_factory=lambda: CosineVP().config())
     prediction: str = "v"
     label_dropout: float = 0.15
-    batch_size: int = 64
     lr: float = 2e-4
     warmup: int = 500
-    ema_decay: float = 0.999
-    grad_clip: float | None = 1.0
-    weight_decay: float = 0.0
     steps: int = 6000
-    ckpt_every_minutes: float | None = 5.0
-    sample_every_minutes: float | None = 10.0
-    seed: int = 0
 
 
 MNIST_TEACHER = TeacherSettings()

@@ -31,11 +31,11 @@ import torch
 
 from ..api import ASSETS, DiffusionModel, load
 from ..diffusers import DiffusersNet
+from .textbed import INFO  # what fewstep records in a pipeline folder it writes (recipe, steps, w, train_steps)
 
 __all__ = ["PipelineTeacher", "teacher_from", "trainable", "read_prompts", "export_student", "load_student", "INFO",
            "TEXT_PIPELINES", "COVERED_PIPELINES"]
 
-INFO = "fewstep.json"  # what fewstep records in an exported pipeline folder (recipe, steps, w, train_steps)
 TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
 COVERED_PIPELINES = TEXT_PIPELINES + ("DDPMPipeline", "DDIMPipeline")
 

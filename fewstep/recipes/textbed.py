@@ -64,7 +64,7 @@ from ..distributed import on_main
 from ..nets.textbed import (SD3_CONFIG, TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, RepeatedTokenJointAttnProcessor,
                             build_sd3_transformer, build_text_encoder, build_unet, build_vae, param_count)
 from ..train import train
-from ._stage import stage_seconds
+from ._stage import LoopSettings, stage_seconds
 
 INFO = "fewstep.json"
 
@@ -74,7 +74,7 @@ INFO = "fewstep.json"
 # ---------------------------------------------------------------------------
 
 @dataclass
-class VAESettings:
+class VAESettings(LoopSettings):
     """Settings of ``mnist-vae`` (also the VAE stage of ``mnist-sd`` / ``mnist-sd3``).
 
     Measured on the 2-core CPU, 2 threads, while other jobs ran (load ~4.4): 1.95 s per step at batch 64
@@ -82,20 +82,13 @@ class VAESettings:
     """
     vae: dict = field(default_factory=lambda: dict(VAE_CONFIG))
     kl_weight: float = 1e-6  # on the KL summed over latents, against the L1 error summed over pixels (SD's)
-    batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
-    ema_decay: float = 0.999
-    grad_clip: float | None = 1.0
-    weight_decay: float = 0.0
     steps: int = 3000
-    ckpt_every_minutes: float | None = 5.0
-    sample_every_minutes: float | None = 10.0
-    seed: int = 0
 
 
 @dataclass
-class SDSettings:
+class SDSettings(LoopSettings):
     """Settings of ``mnist-sd``: VP diffusion with SD's scaled_linear betas on the VAE's latents.
 
     Measured as for :class:`VAESettings` (load ~4.4): 1.94 s per UNet step at batch 64 (2.38M
@@ -109,20 +102,13 @@ class SDSettings:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     caption_dropout: float = 0.1
-    batch_size: int = 64
     lr: float = 3e-4
     warmup: int = 300
-    ema_decay: float = 0.999
-    grad_clip: float | None = 1.0
-    weight_decay: float = 0.0
     steps: int = 5000
-    ckpt_every_minutes: float | None = 5.0
-    sample_every_minutes: float | None = 10.0
-    seed: int = 0
 
 
 @dataclass
-class SD3Settings:
+class SD3Settings(LoopSettings):
     """Settings of ``mnist-sd3``: rectified flow on the VAE's (shifted, scaled) latents.
 
     Measured as for :class:`VAESettings` (load ~4.4): 1.21 s per transformer step at batch 64 (2.30M
@@ -138,16 +124,9 @@ class SD3Settings:
     logit_std: float = 1.0
     t5_tokens: int = 256  # the zero rows the pipeline appends without T5 (its max_sequence_length default)
     caption_dropout: float = 0.1
-    batch_size: int = 64
     lr: float = 3e-4
     warmup: int = 300
-    ema_decay: float = 0.999
-    grad_clip: float | None = 1.0
-    weight_decay: float = 0.0
     steps: int = 6000
-    ckpt_every_minutes: float | None = 5.0
-    sample_every_minutes: float | None = 10.0
-    seed: int = 0
 
 
 MNIST_VAE = VAESettings()
