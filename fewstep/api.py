@@ -628,7 +628,11 @@ def generate_from_prompts(pipe, prompts, *, n: int | None = None, w: float = 0.0
     n = len(prompts) if n is None else n
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1 (images; prompts repeat in turn), got {n!r}")
-    solver, steps = _check_pipeline_sampling(solver, steps, spacing, batch_size, options)
+    student = pipeline_student(pipe)
+    if student is not None:
+        steps, guidance_scale = _check_student_sampling(student, solver, steps, w, options)
+    else:
+        solver, steps = _check_pipeline_sampling(solver, steps, spacing, batch_size, options)
     from .diffusers import sample as pipeline_sample
     device = pipe.device
     world, rank = process_group()
@@ -636,11 +640,53 @@ def generate_from_prompts(pipe, prompts, *, n: int | None = None, w: float = 0.0
     for start in my_batches(range(0, n, batch_size), world, rank):
         count = min(batch_size, n - start)
         batch = [prompts[i % len(prompts)] for i in range(start, start + count)]
-        cond = encode_prompts(pipe, batch, device, guided=w != 0)
-        x = pipeline_sample(pipe, solver=solver, steps=steps, guidance=w, spacing=spacing, progress=progress,
-                            generator=sample_generators(seed, start, count, device=device), **cond, **options)
+        generators = sample_generators(seed, start, count, device=device)
+        if student is not None:  # a distilled student: its own stock call on its own grid
+            x = _stock_call(pipe, batch, steps, guidance_scale, generators)
+        else:
+            cond = encode_prompts(pipe, batch, device, guided=w != 0)
+            x = pipeline_sample(pipe, solver=solver, steps=steps, guidance=w, spacing=spacing, progress=progress,
+                                generator=generators, **cond, **options)
         outs.append(x.float().cpu())
     return torch.cat(gather_batches(outs, world))
+
+
+def pipeline_student(pipe) -> dict | None:
+    """What a distilled student's pipeline folder records in its fewstep.json (``student_steps``; ``w_input`` for a
+    guided student), or None for any other pipeline."""
+    folder = Path(str(getattr(pipe, "name_or_path", "") or ""))
+    try:
+        info = json.loads((folder / "fewstep.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if "student_steps" in info else None
+
+
+def _check_student_sampling(info: dict, solver, steps, w: float, options) -> tuple[int, float]:
+    """(steps, guidance_scale) of a student's stock call; one-line refusals of what it was not trained for."""
+    k = int(info["student_steps"])
+    if solver is not None or options:
+        raise ValueError(f"this pipeline is a distilled {k}-step student: it samples with its own scheduler; leave "
+                         "solver= (and solver options) out")
+    if steps not in (None, k):
+        raise ValueError(f"this pipeline is a distilled {k}-step student; pass steps={k} or leave steps out")
+    if info.get("w_input"):
+        return k, 1.0 + w  # w is an input of the UNet (the stock pipeline feeds guidance_scale - 1)
+    if w != 0:
+        raise ValueError(f"this student has guidance w = {info.get('real_w', '?')} baked in; pass w=0")
+    return k, 1.0
+
+
+def _stock_call(pipe, prompts: list[str], steps: int, guidance_scale: float, generators) -> torch.Tensor:
+    """Images in [-1, 1] of the pipeline's own call from per-sample seeded initial latents."""
+    net = getattr(pipe, "unet", None) or pipe.transformer
+    size = net.config.sample_size
+    shape = (net.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    dtype = next(net.parameters()).dtype
+    latents = torch.cat([torch.randn((1, *shape), generator=g, device=g.device) for g in generators]).to(dtype)
+    images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=latents,
+                  output_type="pt").images
+    return images.float() * 2 - 1
 
 
 def pipeline_calls(pipe, solver: str | None = None, steps: int | None = None, spacing: str = "logsnr") -> int | None:
@@ -648,6 +694,9 @@ def pipeline_calls(pipe, solver: str | None = None, steps: int | None = None, sp
     solvers); a guided call (w > 0) is one batched cond + uncond call. Flow pipelines (SD3) spend the first
     call on their exact first step from pure noise, as ``fewstep.diffusers.sample`` does."""
     from .diffusers import pipeline_denoiser
+    student = pipeline_student(pipe)
+    if student is not None:  # its own stock call: one model call per step
+        return int(student["student_steps"])
     solver, steps = _check_pipeline_sampling(solver, steps, spacing, 1, {})
     den = pipeline_denoiser(pipe)
     first = 1 if den.family.starts_from_pure_noise else 0

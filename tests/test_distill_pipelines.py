@@ -230,3 +230,24 @@ def test_memory_estimate_is_printed_and_a_run_over_budget_is_refused_before_any_
     with pytest.raises(ValueError, match="over --max-memory"):
         run_dmd(tmp_path, replace(TINY_DMD, max_memory_gib=1e-6), teacher=lambda: t, progress=False)
     assert "training" in capsys.readouterr().out and not (tmp_path / "regression-set.safetensors").exists()
+
+
+def test_fewstep_generate_and_sample_run_an_exported_student_with_its_own_stock_call(pipelines, tmp_path, one_thread):
+    from click.testing import CliRunner
+
+    import fewstep
+    from fewstep.cli import main
+    t = teacher_from(pipelines[0], PROMPTS)
+    folder = run_dmd(tmp_path, TINY_DMD, name="tiny-dmd-1", teacher=lambda: t, progress=False)
+    student = fewstep.load(folder)
+    images = fewstep.generate(student, prompts=["a thick seven", "a handwritten zero"], n=4, seed=3, batch_size=3)
+    assert images.shape == (4, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    again = fewstep.generate(student, prompts=["a thick seven", "a handwritten zero"], n=4, seed=3, batch_size=4)
+    torch.testing.assert_close(images, again, rtol=0, atol=1e-5)  # per-sample seeds: batch size does not matter
+    with pytest.raises(ValueError, match="1-step student; pass steps=1"):
+        fewstep.generate(student, prompts=["a thick seven"], steps=20)
+    with pytest.raises(ValueError, match="baked in; pass w=0"):
+        fewstep.generate(student, prompts=["a thick seven"], w=2.0)
+    r = CliRunner().invoke(main, ["sample", "--model", str(folder), "--prompt", "a thick seven", "-n", "2",
+                                  "--out", str(tmp_path / "grid.png")])
+    assert r.exit_code == 0 and (tmp_path / "grid.png").is_file(), r.output
