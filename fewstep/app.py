@@ -6,22 +6,32 @@ same w, classes and seeds, with network evaluations and seconds per image for ea
 speed-up. It needs the optional extra ``pip install "fewstep[app]"`` (Gradio) and serves on
 127.0.0.1 only.
 
-:func:`compare` is the page's work as a plain function (no server needed); :func:`build_app`
-makes the Gradio page and :func:`launch` serves it.
+A second tab, text-to-image, takes prompts of the test bed's grammar (:mod:`fewstep.data.captions`;
+a prompt outside it is a one-line error) and puts the same methods as ``fewstep demo``'s text-to-image
+row side by side on the same prompts and seeds: ``mnist-sd`` with its stock scheduler at 50 steps, with
+fewstep's solver at 5 steps, and each shipped distilled student pipeline (``mnist-sd-guided-4``,
+``mnist-sd-dmd-1``) with its own scheduler and steps.
+
+:func:`compare` and :func:`compare_text` are the page's work as plain functions (no server needed);
+:func:`build_app` makes the Gradio page and :func:`launch` serves it.
 """
 from __future__ import annotations
 
 import os
 import re
+import json
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 __all__ = ["TEACHER", "REFERENCE_STEPS", "MAX_IMAGES", "app_models", "parse_classes", "compare", "build_app",
-           "launch"]
+           "launch", "TEXT_TEACHER", "TEXT_STUDENTS", "TEXT_W", "SOLVER_STEPS", "TextMethod", "text_methods",
+           "parse_prompt_lines", "compare_text"]
 
 TEACHER = "mnist-teacher"
 REFERENCE_STEPS = 50  # the teacher reference: DDIM at this many steps (the page's default)
@@ -30,7 +40,13 @@ HOST = "127.0.0.1"
 _GENERATIVE = ("diffusion", "student", "generator")
 _SCALE = 3  # pixels per MNIST pixel in the returned grids
 
+TEXT_TEACHER = "mnist-sd"
+TEXT_STUDENTS = {"mnist-sd-guided-4": "guided-distilled student", "mnist-sd-dmd-1": "DMD generator"}
+TEXT_W = 2.0  # the text tab's default guidance w (guidance_scale 3, as fewstep demo's text-to-image row)
+SOLVER_STEPS = 5  # fewstep's solver in the teacher pipeline
+
 _models: dict = {}
+_pipelines: dict = {}
 _reference_cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
@@ -217,6 +233,150 @@ def _compare(model_name, solver, steps, w, classes_text, seed, reference_steps):
     return _grid(images), ref, "\n".join(lines)
 
 
+# -- text-to-image ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TextMethod:
+    """One column of the text tab: the stock call of the pipeline in ``folder`` at ``steps`` with ``scheduler``
+    (``"stock"`` / ``"fewstep:<solver>"``: :func:`fewstep.evaluate.make_scheduler`; ``"own"``: the folder's scheduler as
+    exported). ``guided``: guidance_scale is 1 + w (the teacher's CFG, or a guided student's w input); else 1
+    (a DMD generator, w baked in). ``folder`` None: a student that is not shipped yet."""
+    label: str
+    model: str
+    steps: int
+    scheduler: str
+    guided: bool
+    folder: Path | None = None
+
+
+def _student_method(name: str, folder: Path) -> TextMethod:
+    """A student pipeline folder as a method: steps from its fewstep.json (``student_steps``), w through its
+    UNet when it records ``w_input``."""
+    info = folder / "fewstep.json"
+    record = json.loads(info.read_text()) if info.is_file() else {}
+    steps = record.get("student_steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{folder} is not an exported student: its fewstep.json gives no student_steps")
+    guided = bool(record.get("w_input"))
+    baked = "" if guided or record.get("real_w") is None else f", w = {record['real_w']:g} baked in"
+    return TextMethod(f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}{baked}", name, steps, "own",
+                      guided, folder)
+
+
+def _absent_student(name: str) -> TextMethod:
+    steps = int(name.rsplit("-", 1)[1])
+    return TextMethod(f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}", name, steps, "own", False)
+
+
+def _scheduler_class(folder: Path) -> str:
+    """The class name of a pipeline folder's own scheduler (from its config)."""
+    config = folder / "scheduler" / "scheduler_config.json"
+    return json.loads(config.read_text()).get("_class_name", "scheduler") if config.is_file() else "scheduler"
+
+
+def text_methods(*, students=None, reference_steps: int | None = None) -> list[TextMethod]:
+    """The text tab's methods: ``mnist-sd`` with its stock scheduler at ``reference_steps`` (default 50) and with
+    fewstep's default solver at :data:`SOLVER_STEPS`, then each student of :data:`TEXT_STUDENTS` (a pipeline
+    folder of that name under ``students``, default the shipped assets; ``folder`` None when absent).
+    [] when ``mnist-sd`` is not shipped."""
+    from .api import ASSETS
+    from .sampling import DEFAULT_SOLVER
+    teacher = ASSETS / TEXT_TEACHER
+    if not (teacher / "model_index.json").is_file():
+        return []
+    steps = _default_reference_steps() if reference_steps is None else int(reference_steps)
+    where = ASSETS if students is None else Path(students)
+    stock = _scheduler_class(teacher).removesuffix("Scheduler")
+    methods = [TextMethod(f"{TEXT_TEACHER}, stock {stock}, {steps} steps (reference)", TEXT_TEACHER, steps, "stock",
+                          True, teacher),
+               TextMethod(f"{TEXT_TEACHER}, fewstep {DEFAULT_SOLVER}, {SOLVER_STEPS} steps", TEXT_TEACHER,
+                          SOLVER_STEPS, f"fewstep:{DEFAULT_SOLVER}", True, teacher)]
+    for name in TEXT_STUDENTS:
+        folder = where / name
+        methods.append(_student_method(name, folder) if (folder / "model_index.json").is_file()
+                       else _absent_student(name))
+    return methods
+
+
+def parse_prompt_lines(text) -> list[str]:
+    """Prompts from text, one per line (blank lines dropped), each in the test bed's grammar
+    (:func:`fewstep.data.captions.check_prompt`: a one-line ValueError otherwise); 1 to MAX_IMAGES of them."""
+    from .data.captions import check_prompt
+    prompts = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one prompt, e.g. a thick seven")
+    if len(prompts) > MAX_IMAGES:
+        raise ValueError(f"at most {MAX_IMAGES} prompts at a time, got {len(prompts)}")
+    return [check_prompt(p) for p in prompts]
+
+
+def _pipeline(folder: Path):
+    """The stock pipeline of ``folder``, loaded once and warmed up (one prompt, one step): fair timings."""
+    from .evaluate import generate_prompted, load_text_pipeline
+    if folder not in _pipelines:
+        pipe = load_text_pipeline(folder)
+        generate_prompted(pipe, ["a thick seven"], steps=1, guidance_scale=1.0)
+        _pipelines[folder] = pipe
+    return _pipelines[folder]
+
+
+def _run_text(method: TextMethod, prompts: list[str], w: float, seed: int) -> tuple[torch.Tensor, float, float]:
+    """(images (N, 1, H, W) in [-1, 1], network evaluations per image, seconds per image) of one method."""
+    from .evaluate import generate_prompted, make_scheduler
+    pipe = _pipeline(method.folder)
+    own = pipe.scheduler
+    if method.scheduler != "own":
+        pipe.scheduler = make_scheduler(method.scheduler, own)
+    try:
+        images, seconds, evals = generate_prompted(pipe, prompts, steps=method.steps, seed=seed,
+                                                   guidance_scale=1.0 + w if method.guided else 1.0,
+                                                   batch_size=len(prompts))
+    finally:
+        pipe.scheduler = own
+    return images, evals, seconds / len(prompts)
+
+
+def compare_text(prompts_text, w, seed, *, reference_steps: int | None = None,
+                 students=None) -> tuple[list[np.ndarray | None], str]:
+    """The text tab's work: the prompts (one per line) through every shipped method of :func:`text_methods`
+    with the same seed. Returns (one uint8 grid per shipped method, in order, one digit per prompt; markdown
+    with network evaluations, seconds per image and the speed-up over the first method). Bad input gives
+    ([None] * methods, an error message) instead of raising."""
+    shown = 0
+    try:
+        methods = text_methods(students=students, reference_steps=reference_steps)
+        shown = sum(m.folder is not None for m in methods)
+        return _compare_text(prompts_text, w, seed, methods)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        return [None] * shown, f"**Error:** {e}"
+
+
+def _compare_text(prompts_text, w, seed, methods: list[TextMethod]):
+    if not methods:
+        raise FileNotFoundError(f"{TEXT_TEACHER} is not shipped in this version")
+    prompts = parse_prompt_lines(prompts_text)
+    w = _number(w, "guidance w", float, 0.0, 4.0)
+    seed = _number(seed, "seed", int, 0, 2 ** 31 - 1)
+    grids, rows, notes = [], [], []
+    with _lock:
+        for m in methods:
+            if m.folder is None:
+                notes.append(f"{m.label} ({m.model}) is not shipped yet.")
+                continue
+            images, evals, seconds = _run_text(m, prompts, w, seed)
+            grids.append(_grid(images))
+            rows.append((m, evals, seconds))
+    base = rows[0][2]
+    lines = [f"w = {w:g} (guidance_scale {1 + w:g}), seed {seed}, {len(prompts)} prompt"
+             f"{'s' if len(prompts) != 1 else ''} per method", "",
+             "| method | speed-up | network evaluations / image | seconds / image |", "|---|---|---|---|"]
+    lines += [f"| {m.label} | {base / secs:.1f}x | {evals:g} | {_fmt_seconds(secs)} |" for m, evals, secs in rows]
+    notes.append("A guided teacher step counts two network evaluations (conditional + unconditional); a guided "
+                 "student takes w as an input (one per step); a DMD generator has its w baked in.")
+    lines += [""] + [f"- {n}" for n in notes]
+    return grids, "\n".join(lines)
+
+
 def _controls_for(model_name: str):
     """UI updates for the solver and steps controls: enabled only for diffusion models."""
     import gradio as gr
@@ -226,45 +386,80 @@ def _controls_for(model_name: str):
     return gr.update(interactive=active), gr.update(interactive=active), info
 
 
-def build_app(reference_steps: int | None = None):
-    """The Gradio page (a ``gr.Blocks``); its button's API endpoint is ``/compare``."""
+def build_app(reference_steps: int | None = None, *, students=None):
+    """The Gradio page (a ``gr.Blocks``) with two tabs; the API endpoints are ``/compare`` (class-conditional)
+    and ``/compare_text`` (text-to-image: one image per shipped method, then the table). ``students``: the
+    folder of the text-to-image student pipelines (default: the shipped assets)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
-    from .solvers import SOLVERS
     ref_steps = _default_reference_steps() if reference_steps is None else int(reference_steps)
     models = list(app_models())
     if not models:
         raise RuntimeError("no shipped generative model in this installation")
+    with gr.Blocks(title="fewstep: fast sampling") as demo:
+        gr.Markdown("# fewstep: a fast sampler beside the teacher\nEverything runs on this machine.")
+        with gr.Tab("class-conditional"):
+            _class_tab(gr, models, ref_steps)
+        methods = [m for m in text_methods(students=students, reference_steps=ref_steps) if m.folder is not None]
+        if methods:
+            with gr.Tab("text-to-image"):
+                _text_tab(gr, methods, ref_steps, students)
+    return demo
+
+
+def _hidden_api(gr) -> dict:
+    return {"api_visibility": "private"} if int(gr.__version__.split(".")[0]) >= 6 else {"show_api": False}
+
+
+def _class_tab(gr, models: list[str], ref_steps: int) -> None:
+    from .solvers import SOLVERS
     first = TEACHER if TEACHER in models else models[0]
 
     def run(model_name, solver, steps, w, classes_text, seed):
         return compare(model_name, solver, steps, w, classes_text, seed, reference_steps=ref_steps)
 
-    with gr.Blocks(title="fewstep: fast sampling") as demo:
-        gr.Markdown("# fewstep: a fast sampler beside the teacher\n"
-                    f"Left: the chosen model and sampler. Right: the teacher ({TEACHER}) with DDIM at {ref_steps} "
-                    "steps, at the same w, classes and seeds. Everything runs on this machine.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                model = gr.Dropdown(models, value=first, label="model")
-                solver = gr.Dropdown(list(SOLVERS), value="dpmpp_2m", label="solver (diffusion models only)")
-                steps = gr.Slider(1, 100, value=10, step=1, label="steps (diffusion models only)")
-                note = gr.Markdown("")
-                w = gr.Slider(0.0, 4.0, value=1.0, step=0.1, label="guidance w (x_w = (1 + w) x_cond - w x_uncond)")
-                classes = gr.Textbox("0,1,2,3,4,5,6,7,8,9", label="classes (0-9, comma-separated; ranges like 0-9)")
-                seed = gr.Number(0, precision=0, minimum=0, label="seed")
-                go = gr.Button("Generate", variant="primary")
-            with gr.Column(scale=2):
-                mine = gr.Image(label="chosen sampler", format="png", image_mode="L", type="numpy",
-                                interactive=False)
-                teacher = gr.Image(label=f"teacher, DDIM {ref_steps} steps", format="png", image_mode="L",
-                                   type="numpy", interactive=False)
-                table = gr.Markdown(label="evaluations and timings")
-        hidden = ({"api_visibility": "private"} if int(gr.__version__.split(".")[0]) >= 6 else {"show_api": False})
-        model.change(_controls_for, inputs=model, outputs=[solver, steps, note], **hidden)
-        go.click(run, inputs=[model, solver, steps, w, classes, seed], outputs=[mine, teacher, table],
-                 api_name="compare")
-    return demo
+    gr.Markdown(f"Left: the chosen model and sampler. Right: the teacher ({TEACHER}) with DDIM at {ref_steps} "
+                "steps, at the same w, classes and seeds.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            model = gr.Dropdown(models, value=first, label="model")
+            solver = gr.Dropdown(list(SOLVERS), value="dpmpp_2m", label="solver (diffusion models only)")
+            steps = gr.Slider(1, 100, value=10, step=1, label="steps (diffusion models only)")
+            note = gr.Markdown("")
+            w = gr.Slider(0.0, 4.0, value=1.0, step=0.1, label="guidance w (x_w = (1 + w) x_cond - w x_uncond)")
+            classes = gr.Textbox("0,1,2,3,4,5,6,7,8,9", label="classes (0-9, comma-separated; ranges like 0-9)")
+            seed = gr.Number(0, precision=0, minimum=0, label="seed")
+            go = gr.Button("Generate", variant="primary")
+        with gr.Column(scale=2):
+            mine = gr.Image(label="chosen sampler", format="png", image_mode="L", type="numpy", interactive=False)
+            teacher = gr.Image(label=f"teacher, DDIM {ref_steps} steps", format="png", image_mode="L",
+                               type="numpy", interactive=False)
+            table = gr.Markdown(label="evaluations and timings")
+    model.change(_controls_for, inputs=model, outputs=[solver, steps, note], **_hidden_api(gr))
+    go.click(run, inputs=[model, solver, steps, w, classes, seed], outputs=[mine, teacher, table],
+             api_name="compare")
+
+
+def _text_tab(gr, methods: list[TextMethod], ref_steps: int, students) -> None:
+    def run(prompts_text, w, seed):
+        grids, md = compare_text(prompts_text, w, seed, reference_steps=ref_steps, students=students)
+        return (*grids, md)
+
+    gr.Markdown(f"The same prompts and seeds through {TEXT_TEACHER}'s stock pipeline call: its own scheduler at "
+                f"{ref_steps} steps, fewstep's solver at {SOLVER_STEPS} steps and each shipped distilled student. "
+                "Prompts follow the test bed's grammar: `a [handwritten|thin|thick] <digit> [slanted left|right]`.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompts = gr.Textbox("a thick seven\na thin two slanted left\na handwritten zero", lines=5,
+                                 label=f"prompts, one per line (at most {MAX_IMAGES})")
+            w = gr.Slider(0.0, 4.0, value=TEXT_W, step=0.1, label="guidance w (guidance_scale = 1 + w)")
+            seed = gr.Number(0, precision=0, minimum=0, label="seed")
+            go = gr.Button("Compare methods", variant="primary")
+        with gr.Column(scale=2):
+            images = [gr.Image(label=m.label, format="png", image_mode="L", type="numpy", interactive=False)
+                      for m in methods]
+            table = gr.Markdown(label="evaluations and timings")
+    go.click(run, inputs=[prompts, w, seed], outputs=[*images, table], api_name="compare_text")
 
 
 def _check_host(host: str) -> None:
@@ -273,14 +468,14 @@ def _check_host(host: str) -> None:
 
 
 def launch(port: int | None = None, share: bool = False, *, host: str = HOST, prevent_thread_lock: bool = False,
-           reference_steps: int | None = None, quiet: bool = False):
+           reference_steps: int | None = None, quiet: bool = False, students=None):
     """Serve the page on 127.0.0.1 (``port``: None picks a free one from 7860). Never shares publicly.
     Returns (blocks, local_url); with ``prevent_thread_lock=True`` it returns at once (``blocks.close()`` stops
-    the server), otherwise it blocks until interrupted."""
+    the server), otherwise it blocks until interrupted. ``students``: as :func:`build_app`."""
     if share:
         raise ValueError("fewstep app never shares the page publicly (share=True); it serves on 127.0.0.1 only")
     _check_host(host)
-    demo = build_app(reference_steps)
+    demo = build_app(reference_steps, students=students)
     _, url, _ = demo.launch(server_name=HOST, server_port=port, share=False, inbrowser=False,
                             prevent_thread_lock=True, quiet=True, show_error=True)
     if not quiet:

@@ -7,17 +7,32 @@ DMD generator at 1 step; rows whose model is not shipped are listed as skipped. 
 comparison image, a table (markdown and JSON) with network evaluations, seconds per image and
 the speed-up over the 50-step teacher, and FID/KID against held-out real digits for the rows
 that fit a time budget.
+
+Text-to-image section (:func:`text_plan`): ten prompts of the test bed's grammar, one per digit with
+thickness and slant mixed (:func:`demo_prompts`), through the shipped ``mnist-sd`` pipeline's stock call:
+the teacher with its own scheduler (PNDM) at 50 steps, with fewstep's default solver in the pipeline
+(``FewstepScheduler``, ``unipc_bh2_3``) at 5 steps, and each distilled student pipeline that is shipped
+(``mnist-sd-guided-4``, ``mnist-sd-dmd-1``) with its own scheduler and steps; the same prompts and seeds in
+every row. Writes a second image (one row per method) and a second table: network evaluations per image
+(counted; a guided step counts two), seconds per image, the speed-up over the 50-step teacher and the
+prompted-digit accuracy (the shipped classifier). Students that are not shipped are listed as such.
 """
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["DemoRow", "demo_rows", "run_demo"]
+__all__ = ["DemoRow", "demo_rows", "run_demo", "TextRow", "TEXT_TEACHER", "TEXT_STUDENTS", "TEXT_W", "demo_prompts",
+           "text_plan", "run_text_section"]
+
+TEXT_TEACHER = "mnist-sd"
+TEXT_STUDENTS = {"mnist-sd-guided-4": "guided-distilled student", "mnist-sd-dmd-1": "DMD generator"}
+TEXT_W = 2.0  # guidance w of the text rows (guidance_scale 3: the test bed's previews and benchmarks)
 
 
 def _meta() -> dict:
@@ -54,27 +69,197 @@ def _has_tuned_grid(name: str) -> bool:
     return any((ASSETS / name).glob("grids/*.json"))
 
 
-def _comparison_image(rows: list[dict], images: list[torch.Tensor], path: Path) -> Path:
+# -- text-to-image ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TextRow:
+    """One method of the text-to-image section: the stock call of the pipeline in ``folder`` at ``steps`` and
+    ``guidance_scale``, with ``scheduler`` (a :func:`fewstep.evaluate.make_scheduler` name, or ``"own"``: the
+    folder's scheduler as shipped, what a student is exported with). ``folder`` None: not shipped yet."""
+    label: str
+    model: str
+    steps: int
+    guidance_scale: float
+    scheduler: str = "own"
+    folder: Path | None = None
+
+
+def demo_prompts() -> list[str]:
+    """Ten prompts, digit d = 0..9 in order, thickness and slant mixed (thin / - / thick by d mod 9 // 3, left /
+    - / right by d mod 3): the prompt suite's entry 9 d + d mod 9."""
+    from .evaluate import SUITE, prompt_suite
+    suite = prompt_suite(len(SUITE))
+    return [suite.texts[9 * d + d % 9] for d in range(10)]
+
+
+def _student_record(folder: Path) -> dict:
+    """An exported student's fewstep.json; a one-line error when it lacks ``student_steps``."""
+    info = folder / "fewstep.json"
+    record = json.loads(info.read_text()) if info.is_file() else {}
+    if not isinstance(record.get("student_steps"), int) or record["student_steps"] < 1:
+        raise ValueError(f"{folder} is not an exported student: its fewstep.json gives no student_steps")
+    return record
+
+
+def _student_row(name: str, folder: Path, w: float) -> TextRow:
+    """A shipped student: its own scheduler and steps; w through the UNet's guidance input (guidance_scale
+    1 + w) when it has one (``w_input``), else guidance_scale 1 (a DMD generator's w is baked in)."""
+    record = _student_record(folder)
+    steps, guided = record["student_steps"], bool(record.get("w_input"))
+    baked = "" if guided or record.get("real_w") is None else f", w = {record['real_w']:g} baked in"
+    label = f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}{baked}"
+    return TextRow(label, name, steps, 1.0 + w if guided else 1.0, "own", folder)
+
+
+def _planned_student(name: str) -> TextRow:
+    steps = int(name.rsplit("-", 1)[1])
+    return TextRow(f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}", name, steps, 1.0)
+
+
+def text_plan(*, w: float = TEXT_W, students: Path | None = None, teacher_steps: int = 50,
+              solver_steps: int = 5) -> list[TextRow]:
+    """The text-to-image methods: ``mnist-sd`` with its stock scheduler at ``teacher_steps`` (the speed-up's
+    baseline) and with fewstep's default solver (``fewstep.sampling.DEFAULT_SOLVER``) at ``solver_steps``, both
+    at guidance_scale 1 + w; then each student of :data:`TEXT_STUDENTS` (a pipeline folder named so under
+    ``students``, default the shipped assets), with ``folder`` None when it is not there. [] when ``mnist-sd``
+    itself is not shipped."""
+    from .api import ASSETS
+    from .sampling import DEFAULT_SOLVER
+    teacher = ASSETS / TEXT_TEACHER
+    if not (teacher / "model_index.json").is_file():
+        return []
+    students = ASSETS if students is None else Path(students)
+    stock = _scheduler_class(teacher).removesuffix("Scheduler")
+    rows = [TextRow(f"teacher, stock {stock} {teacher_steps} steps", TEXT_TEACHER, teacher_steps, 1.0 + w, "stock",
+                    teacher),
+            TextRow(f"teacher, fewstep {DEFAULT_SOLVER} {solver_steps} steps", TEXT_TEACHER, solver_steps,
+                    1.0 + w, f"fewstep:{DEFAULT_SOLVER}", teacher)]
+    for name in TEXT_STUDENTS:
+        folder = students / name
+        rows.append(_student_row(name, folder, w) if (folder / "model_index.json").is_file()
+                    else _planned_student(name))
+    return rows
+
+
+def _scheduler_class(folder: Path) -> str:
+    """The class name of a pipeline folder's own scheduler (from its config)."""
+    config = folder / "scheduler" / "scheduler_config.json"
+    return json.loads(config.read_text()).get("_class_name", "scheduler") if config.is_file() else "scheduler"
+
+
+def _text_pipeline(folder: Path, cache: dict):
+    """The stock pipeline of ``folder``, loaded once and warmed up (one prompt, one step) for fair timings."""
+    from .evaluate import generate_prompted, load_text_pipeline
+    if folder not in cache:
+        pipe = load_text_pipeline(folder)
+        generate_prompted(pipe, demo_prompts()[:1], steps=1, guidance_scale=1.0)
+        cache[folder] = pipe
+    return cache[folder]
+
+
+def _run_text_row(row: TextRow, prompts: list[str], seed: int, cache: dict) -> tuple[torch.Tensor, float, float]:
+    """(images (N, 1, H, W) in [-1, 1], seconds per image, network evaluations per image) of one method."""
+    from .evaluate import generate_prompted, make_scheduler
+    pipe = _text_pipeline(row.folder, cache)
+    own = pipe.scheduler
+    if row.scheduler != "own":
+        pipe.scheduler = make_scheduler(row.scheduler, own)
+    try:
+        images, seconds, evals = generate_prompted(pipe, prompts, steps=row.steps, guidance_scale=row.guidance_scale,
+                                                   seed=seed, batch_size=len(prompts))
+    finally:
+        pipe.scheduler = own
+    return images, seconds / len(prompts), evals
+
+
+def run_text_section(plan: list[TextRow], *, seed: int = 0, prompts: list[str] | None = None, classifier=None,
+                     progress: bool = True) -> tuple[dict, list[torch.Tensor]]:
+    """Run the shipped methods of ``plan`` on the same prompts and seeds (one batch each); returns (the
+    section's table as a dict, one image batch per row run). The first row is the speed-up's baseline."""
+    from .api import load
+    from .evaluate import parse_prompts, prompted_class_accuracy
+    prompts = demo_prompts() if prompts is None else list(prompts)
+    asked = parse_prompts(prompts)
+    classifier = classifier or load("mnist-classifier")
+    say = print if progress else (lambda *a, **k: None)
+    rows, images, not_shipped, cache = [], [], [], {}
+    t_start = time.perf_counter()
+    for row in plan:
+        if row.folder is None:
+            not_shipped.append(f"{row.label} ({row.model})")
+            continue
+        x, secs, evals = _run_text_row(row, prompts, seed, cache)
+        accuracy = prompted_class_accuracy(x, asked, classifier)
+        rows.append({"label": row.label, "model": row.model, "scheduler": row.scheduler, "steps": row.steps,
+                     "guidance_scale": row.guidance_scale, "network_evals": evals, "seconds_per_image": secs,
+                     "prompted_digit_accuracy": accuracy})
+        images.append(x)
+        say(f"{row.label}: {evals:g} network evaluations, {secs:.4f} s/image, prompted digit {accuracy:.0%}")
+    base = rows[0]["seconds_per_image"] if rows else 1.0
+    for r in rows:
+        r["speedup"] = base / r["seconds_per_image"]
+    section = {"teacher": TEXT_TEACHER, "prompts": prompts, "seed": seed, "rows": rows, "not_shipped": not_shipped,
+               "seconds": time.perf_counter() - t_start}
+    return section, images
+
+
+def _text_image(section: dict, images: list[torch.Tensor], path: Path) -> Path:
+    captions = [_row_caption(r["label"], round(r["network_evals"]), r["speedup"],
+                             f", {r['prompted_digit_accuracy']:.0%} digits") for r in section["rows"]]
+    return _image_rows(captions, images, path, titles=section["prompts"])
+
+
+def _text_markdown(section: dict) -> list[str]:
+    lines = ["", f"## Text-to-image: {section['teacher']}, the same {len(section['prompts'])} prompts and seeds "
+             "in every row", "",
+             "Prompts: " + "; ".join(f'"{p}"' for p in section["prompts"]) + ". Guidance: guidance_scale as listed "
+             "(1 + w; a guided student takes w as an input and runs no classifier-free guidance). Network "
+             "evaluations counted per image (a guided teacher step counts two); seconds per image from one batch "
+             "of all prompts; prompted digit: share of images the shipped classifier reads as the digit their prompt "
+             f"names. Section time (loading included): {section['seconds']:.1f} s.", "",
+             "| method | guidance_scale | network evals | s / image | speed-up vs row 1 | prompted digit |",
+             "|---|---|---|---|---|---|"]
+    for r in section["rows"]:
+        lines.append(f"| {r['label']} | {r['guidance_scale']:g} | {r['network_evals']:g} | "
+                     f"{r['seconds_per_image']:.4f} | {r['speedup']:.1f}x | {r['prompted_digit_accuracy']:.0%} |")
+    for s in section["not_shipped"]:
+        lines.append(f"\nNot shipped yet: {s}")
+    return lines
+
+
+def _row_caption(label: str, evals: int, speedup: float, extra: str = "") -> str:
+    speed = f"{speedup:.0f}x" if speedup >= 10 else f"{speedup:.1f}x"
+    return f"{label}\n{evals} eval{'s' if evals != 1 else ''}, {speed}{extra}"
+
+
+def _image_rows(captions: list[str], images: list[torch.Tensor], path: Path, titles: list[str] | None = None) -> Path:
+    """One row of images (N, 1, H, W) in [-1, 1] per caption; ``titles`` above the columns."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cols = images[0].shape[0]
-    fig, axes = plt.subplots(len(images), cols, figsize=(0.62 * cols + 3.4, 0.72 * len(images) + 0.3), squeeze=False)
-    for r, (row, imgs) in enumerate(zip(rows, images)):
+    top = 0.4 if titles else 0.0
+    fig, axes = plt.subplots(len(images), cols, figsize=(0.62 * cols + 3.4, 0.72 * len(images) + 0.3 + top),
+                             squeeze=False)
+    for r, (caption, imgs) in enumerate(zip(captions, images)):
         for c in range(cols):
             ax = axes[r][c]
             ax.imshow(((imgs[c, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        speed = f"{row['speedup']:.0f}x" if row["speedup"] >= 10 else f"{row['speedup']:.1f}x"
-        evals = f"{row['network_evals']} eval{'s' if row['network_evals'] != 1 else ''}"
-        axes[r][0].set_ylabel(f"{row['label']}\n{evals}, {speed}", rotation=0, ha="right",
-                              va="center", fontsize=7)
-    fig.subplots_adjust(left=0.3, right=0.99, top=0.99, bottom=0.01, wspace=0.04, hspace=0.06)
+        axes[r][0].set_ylabel(caption, rotation=0, ha="right", va="center", fontsize=7)
+    for c, title in enumerate(titles or []):
+        axes[0][c].set_title(textwrap.fill(title, 14), fontsize=5.5)
+    fig.subplots_adjust(left=0.3, right=0.99, top=0.99 - top / fig.get_size_inches()[1], bottom=0.01, wspace=0.04,
+                        hspace=0.06)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _comparison_image(rows: list[dict], images: list[torch.Tensor], path: Path) -> Path:
+    return _image_rows([_row_caption(r["label"], r["network_evals"], r["speedup"]) for r in rows], images, path)
 
 
 def _markdown(doc: dict) -> str:
@@ -89,6 +274,8 @@ def _markdown(doc: dict) -> str:
                      f"{_fmt(r.get('fid'))} | {_fmt(r.get('kid'), 4)} |")
     for s in doc["skipped"]:
         lines.append(f"\nSkipped: {s}")
+    if doc.get("text_to_image"):
+        lines += _text_markdown(doc["text_to_image"])
     return "\n".join(lines) + "\n"
 
 
@@ -97,9 +284,12 @@ def _fmt(v, digits: int = 1) -> str:
 
 
 def run_demo(out: Path, *, w: float = 1.0, seed: int = 0, fid_n: int = 200, budget_seconds: float = 100.0,
-             progress: bool = True, rows: list[DemoRow] | None = None) -> dict:
+             progress: bool = True, rows: list[DemoRow] | None = None, text_rows: list[TextRow] | None = None,
+             students: Path | None = None) -> dict:
     """Run the demo into folder ``out``; returns the table as a dict (also written as JSON).
-    ``rows`` replaces :func:`demo_rows` (the first row is the speed-up's baseline)."""
+    ``rows`` replaces :func:`demo_rows` (the first row is the speed-up's baseline); ``text_rows`` replaces
+    :func:`text_plan` (``[]``: no text-to-image section); ``students``: the folder holding the text-to-image
+    student pipelines (default: the shipped assets)."""
     from .api import SHIPPED, generate, load
     from .evaluate import balanced_labels, reference_sets
     from .metrics.image import image_metrics, real_vs_real
@@ -126,7 +316,7 @@ def run_demo(out: Path, *, w: float = 1.0, seed: int = 0, fid_n: int = 200, budg
     base = rows[0]["seconds_per_image"] if rows else 1.0
     for r in rows:
         r["speedup"] = base / r["seconds_per_image"]
-    rvr = None
+    rvr, clf = None, None
     if fid_n:
         clf = load("mnist-classifier")
         real, real_b = reference_sets(fid_n)
@@ -145,11 +335,18 @@ def run_demo(out: Path, *, w: float = 1.0, seed: int = 0, fid_n: int = 200, budg
             scores = image_metrics(fake, real, clf, labels=fid_labels, kid_subset=min(1000, fid_n))
             r.update(fid=scores["fid"], kid=scores["kid"], class_accuracy=scores["class_accuracy"])
             spent += time.perf_counter() - t0
+    methods = text_plan(students=students) if text_rows is None else text_rows
+    if not methods and text_rows is None:
+        skipped.append(f"text-to-image section: {TEXT_TEACHER} is not shipped in this version")
+    text, text_images = (run_text_section(methods, seed=seed, classifier=clf, progress=progress) if methods
+                         else (None, []))
     doc = {"w": w, "seed": seed, "fid_n": fid_n, "timing_batch": len(labels), "real_vs_real_fid": rvr,
-           "rows": rows, "skipped": skipped,
+           "rows": rows, "skipped": skipped, "text_to_image": text,
            "meta": _meta()}
     doc["files"] = {"image": str(_comparison_image(rows, images, out / "comparison.png")),
                     "markdown": str(out / "table.md"), "json": str(out / "table.json")}
+    if text_images:
+        doc["files"]["text_image"] = str(_text_image(text, text_images, out / "text_to_image.png"))
     (out / "table.md").write_text(_markdown(doc))
     (out / "table.json").write_text(json.dumps(doc, indent=1) + "\n")
     return doc

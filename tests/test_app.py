@@ -5,12 +5,20 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fewstep import app
-from fewstep.app import app_models, compare, launch, parse_classes
+sys.path.insert(0, str(Path(__file__).parent))
+from test_demo import stand_in_students  # noqa: E402
+
+from fewstep import app  # noqa: E402
+from fewstep.api import ASSETS  # noqa: E402
+from fewstep.app import (MAX_IMAGES, TEXT_STUDENTS, app_models, compare, compare_text, launch,  # noqa: E402
+                         parse_classes, parse_prompt_lines, text_methods)
+
+HAS_SD = (ASSETS / "mnist-sd" / "model_index.json").is_file()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +84,36 @@ def test_compare_bad_input_is_an_error_message(args, message):
     assert mine is None and ref is None and md.startswith("**Error:**") and message in md
 
 
+def test_parse_prompt_lines_checks_the_grammar():
+    assert parse_prompt_lines("a thick seven\n\n  a thin two slanted left \n") == ["a thick seven",
+                                                                                   "a thin two slanted left"]
+    for bad, message in [("a fat seven", "unknown word 'fat'"), ("seven", "is not 'a [handwritten"),
+                         ("\n \n", "at least one prompt"), ("a thin one\n" * (MAX_IMAGES + 1), "at most")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_prompt_lines(bad)
+
+
+@pytest.mark.skipif(not HAS_SD, reason="mnist-sd not shipped")
+def test_compare_text_puts_every_shipped_method_side_by_side(tmp_path):
+    students = stand_in_students(tmp_path)
+    methods = text_methods(students=students, reference_steps=REF)
+    assert [m.model for m in methods] == ["mnist-sd", "mnist-sd", *TEXT_STUDENTS]
+    grids, md = compare_text("a thick seven\na thin two slanted left", 2.0, 0, reference_steps=REF, students=students)
+    assert len(grids) == 4 and all(g.dtype == np.uint8 and g.shape == grids[0].shape for g in grids)
+    assert grids[0].shape[1] > 1.5 * grids[0].shape[0] and grids[1].std() > 10  # two digits side by side
+    assert _numbers(md, "mnist-sd, fewstep unipc_bh2_3, 5 steps")[0] == 10  # five guided steps: two evaluations each
+    assert _numbers(md, "guided-distilled student, 4 steps")[0] == 4  # w is an input: one evaluation per step
+    assert _numbers(md, "DMD generator, 1 step")[0] == 1
+    ref_evals, ref_secs = _numbers(md, "mnist-sd, stock PNDM")
+    assert ref_evals >= 2 * REF and ref_secs > 0 and md.startswith("w = 2 (guidance_scale 3)")
+    # without the students: the teacher's two methods, the students named as not shipped yet
+    grids, md = compare_text("a handwritten zero", 1.0, 0, reference_steps=REF, students=tmp_path / "none")
+    assert len(grids) == 2 and md.count("is not shipped yet") == 2
+    # out-of-grammar prompts: the grammar's one-line error, one empty image per method
+    grids, md = compare_text("a thick seven\na fat seven", 1.0, 0, reference_steps=REF, students=students)
+    assert grids == [None] * 4 and md.startswith("**Error:** unknown word 'fat'") and "\n" not in md
+
+
 def test_launch_refuses_sharing_and_other_hosts():
     with pytest.raises(ValueError, match="never shares"):
         launch(share=True, prevent_thread_lock=True)
@@ -106,6 +144,14 @@ def test_server_round_trip_through_gradio_client():
         assert evals == 4 and secs > 0 and "Speed-up" in md
         bad = client.predict("mnist-teacher", "ddim", 2, 1.0, "seven", 3, api_name="/compare")
         assert bad[0] is None and bad[2].startswith("**Error:**")
+        if HAS_SD:  # the text-to-image tab: the two teacher methods (no student shipped here), then the table
+            *images, md = client.predict("a thick seven", 2.0, 0, api_name="/compare_text")
+            assert len(images) == len([m for m in text_methods() if m.folder is not None]) >= 2
+            with Image.open(images[1]) as im:
+                assert np.asarray(im).std() > 10
+            assert _numbers(md, "mnist-sd, fewstep unipc_bh2_3, 5 steps")[0] == 10
+            *images, md = client.predict("a thick sevn", 2.0, 0, api_name="/compare_text")
+            assert all(i is None for i in images) and "unknown word 'sevn'" in md
     finally:
         demo.close()
 
