@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import os
 import re
-import json
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .evaluate import TEXT_STUDENTS, TEXT_TEACHER, TextMethod
+from .evaluate import text_methods as shared_text_methods
 
 __all__ = ["TEACHER", "REFERENCE_STEPS", "MAX_IMAGES", "app_models", "parse_classes", "compare", "build_app",
            "launch", "TEXT_TEACHER", "TEXT_STUDENTS", "TEXT_W", "SOLVER_STEPS", "TextMethod", "text_methods",
@@ -40,8 +41,6 @@ HOST = "127.0.0.1"
 _GENERATIVE = ("diffusion", "student", "generator")
 _SCALE = 3  # pixels per MNIST pixel in the returned grids
 
-TEXT_TEACHER = "mnist-sd"
-TEXT_STUDENTS = {"mnist-sd-guided-4": "guided-distilled student", "mnist-sd-dmd-1": "DMD generator"}
 TEXT_W = 2.0  # the text tab's default guidance w (guidance_scale 3, as fewstep demo's text-to-image row)
 SOLVER_STEPS = 5  # fewstep's solver in the teacher pipeline
 
@@ -235,67 +234,15 @@ def _compare(model_name, solver, steps, w, classes_text, seed, reference_steps):
 
 # -- text-to-image ----------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TextMethod:
-    """One column of the text tab: the stock call of the pipeline in ``folder`` at ``steps`` with ``scheduler``
-    (``"stock"`` / ``"fewstep:<solver>"``: :func:`fewstep.evaluate.make_scheduler`; ``"own"``: the folder's scheduler as
-    exported). ``guided``: guidance_scale is 1 + w (the teacher's CFG, or a guided student's w input); else 1
-    (a DMD generator, w baked in). ``folder`` None: a student that is not shipped yet."""
-    label: str
-    model: str
-    steps: int
-    scheduler: str
-    guided: bool
-    folder: Path | None = None
-
-
-def _student_method(name: str, folder: Path) -> TextMethod:
-    """A student pipeline folder as a method: steps from its fewstep.json (``student_steps``), w through its
-    UNet when it records ``w_input``."""
-    info = folder / "fewstep.json"
-    record = json.loads(info.read_text()) if info.is_file() else {}
-    steps = record.get("student_steps")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{folder} is not an exported student: its fewstep.json gives no student_steps")
-    guided = bool(record.get("w_input"))
-    baked = "" if guided or record.get("real_w") is None else f", w = {record['real_w']:g} baked in"
-    return TextMethod(f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}{baked}", name, steps, "own",
-                      guided, folder)
-
-
-def _absent_student(name: str) -> TextMethod:
-    steps = int(name.rsplit("-", 1)[1])
-    return TextMethod(f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}", name, steps, "own", False)
-
-
-def _scheduler_class(folder: Path) -> str:
-    """The class name of a pipeline folder's own scheduler (from its config)."""
-    config = folder / "scheduler" / "scheduler_config.json"
-    return json.loads(config.read_text()).get("_class_name", "scheduler") if config.is_file() else "scheduler"
-
-
 def text_methods(*, students=None, reference_steps: int | None = None) -> list[TextMethod]:
-    """The text tab's methods: ``mnist-sd`` with its stock scheduler at ``reference_steps`` (default 50) and with
-    fewstep's default solver at :data:`SOLVER_STEPS`, then each student of :data:`TEXT_STUDENTS` (a pipeline
-    folder of that name under ``students``, default the shipped assets; ``folder`` None when absent).
-    [] when ``mnist-sd`` is not shipped."""
-    from .api import ASSETS
-    from .sampling import DEFAULT_SOLVER
-    teacher = ASSETS / TEXT_TEACHER
-    if not (teacher / "model_index.json").is_file():
-        return []
+    """The text tab's methods (:func:`fewstep.evaluate.text_methods`): ``mnist-sd`` with its stock scheduler at
+    ``reference_steps`` (default 50) and with fewstep's default solver at :data:`SOLVER_STEPS`, then each student
+    of :data:`TEXT_STUDENTS` (a pipeline folder of that name under ``students``, default the shipped assets;
+    ``folder`` None when absent). [] when ``mnist-sd`` is not shipped."""
     steps = _default_reference_steps() if reference_steps is None else int(reference_steps)
-    where = ASSETS if students is None else Path(students)
-    stock = _scheduler_class(teacher).removesuffix("Scheduler")
-    methods = [TextMethod(f"{TEXT_TEACHER}, stock {stock}, {steps} steps (reference)", TEXT_TEACHER, steps, "stock",
-                          True, teacher),
-               TextMethod(f"{TEXT_TEACHER}, fewstep {DEFAULT_SOLVER}, {SOLVER_STEPS} steps", TEXT_TEACHER,
-                          SOLVER_STEPS, f"fewstep:{DEFAULT_SOLVER}", True, teacher)]
-    for name in TEXT_STUDENTS:
-        folder = where / name
-        methods.append(_student_method(name, folder) if (folder / "model_index.json").is_file()
-                       else _absent_student(name))
-    return methods
+    return shared_text_methods(teacher_steps=steps, solver_steps=SOLVER_STEPS, students=students,
+                               labels=("{teacher}, stock {stock}, {steps} steps (reference)",
+                                       "{teacher}, fewstep {solver}, {steps} steps"))
 
 
 def parse_prompt_lines(text) -> list[str]:
@@ -329,7 +276,7 @@ def _run_text(method: TextMethod, prompts: list[str], w: float, seed: int) -> tu
         pipe.scheduler = make_scheduler(method.scheduler, own)
     try:
         images, seconds, evals = generate_prompted(pipe, prompts, steps=method.steps, seed=seed,
-                                                   guidance_scale=1.0 + w if method.guided else 1.0,
+                                                   guidance_scale=method.guidance_scale(w),
                                                    batch_size=len(prompts))
     finally:
         pipe.scheduler = own

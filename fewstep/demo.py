@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DemoRow", "demo_rows", "run_demo", "TextRow", "TEXT_TEACHER", "TEXT_STUDENTS", "TEXT_W", "demo_prompts",
+from .evaluate import TEXT_STUDENTS, TEXT_TEACHER, TextMethod, text_methods
+
+__all__ = ["DemoRow", "demo_rows", "run_demo", "TextMethod", "TEXT_TEACHER", "TEXT_STUDENTS", "TEXT_W", "demo_prompts",
            "text_plan", "run_text_section"]
 
-TEXT_TEACHER = "mnist-sd"
-TEXT_STUDENTS = {"mnist-sd-guided-4": "guided-distilled student", "mnist-sd-dmd-1": "DMD generator"}
 TEXT_W = 2.0  # guidance w of the text rows (guidance_scale 3: the test bed's previews and benchmarks)
 
 
@@ -71,19 +71,6 @@ def _has_tuned_grid(name: str) -> bool:
 
 # -- text-to-image ----------------------------------------------------------------------------------------------
 
-@dataclass
-class TextRow:
-    """One method of the text-to-image section: the stock call of the pipeline in ``folder`` at ``steps`` and
-    ``guidance_scale``, with ``scheduler`` (a :func:`fewstep.evaluate.make_scheduler` name, or ``"own"``: the
-    folder's scheduler as shipped, what a student is exported with). ``folder`` None: not shipped yet."""
-    label: str
-    model: str
-    steps: int
-    guidance_scale: float
-    scheduler: str = "own"
-    folder: Path | None = None
-
-
 def demo_prompts() -> list[str]:
     """Ten prompts, digit d = 0..9 in order, thickness and slant mixed (thin / - / thick by d mod 9 // 3, left /
     - / right by d mod 3): the prompt suite's entry 9 d + d mod 9."""
@@ -92,59 +79,14 @@ def demo_prompts() -> list[str]:
     return [suite.texts[9 * d + d % 9] for d in range(10)]
 
 
-def _student_record(folder: Path) -> dict:
-    """An exported student's fewstep.json; a one-line error when it lacks ``student_steps``."""
-    info = folder / "fewstep.json"
-    record = json.loads(info.read_text()) if info.is_file() else {}
-    if not isinstance(record.get("student_steps"), int) or record["student_steps"] < 1:
-        raise ValueError(f"{folder} is not an exported student: its fewstep.json gives no student_steps")
-    return record
-
-
-def _student_row(name: str, folder: Path, w: float) -> TextRow:
-    """A shipped student: its own scheduler and steps; w through the UNet's guidance input (guidance_scale
-    1 + w) when it has one (``w_input``), else guidance_scale 1 (a DMD generator's w is baked in)."""
-    record = _student_record(folder)
-    steps, guided = record["student_steps"], bool(record.get("w_input"))
-    baked = "" if guided or record.get("real_w") is None else f", w = {record['real_w']:g} baked in"
-    label = f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}{baked}"
-    return TextRow(label, name, steps, 1.0 + w if guided else 1.0, "own", folder)
-
-
-def _planned_student(name: str) -> TextRow:
-    steps = int(name.rsplit("-", 1)[1])
-    return TextRow(f"{TEXT_STUDENTS[name]}, {steps} step{'s' if steps != 1 else ''}", name, steps, 1.0)
-
-
-def text_plan(*, w: float = TEXT_W, students: Path | None = None, teacher_steps: int = 50,
-              solver_steps: int = 5) -> list[TextRow]:
-    """The text-to-image methods: ``mnist-sd`` with its stock scheduler at ``teacher_steps`` (the speed-up's
-    baseline) and with fewstep's default solver (``fewstep.sampling.DEFAULT_SOLVER``) at ``solver_steps``, both
-    at guidance_scale 1 + w; then each student of :data:`TEXT_STUDENTS` (a pipeline folder named so under
+def text_plan(*, students: Path | None = None, teacher_steps: int = 50, solver_steps: int = 5) -> list[TextMethod]:
+    """The text-to-image methods (:func:`fewstep.evaluate.text_methods`): ``mnist-sd`` with its stock scheduler at
+    ``teacher_steps`` (the speed-up's baseline) and with fewstep's default solver (``fewstep.sampling.DEFAULT_SOLVER``)
+    at ``solver_steps``, both guided; then each student of :data:`TEXT_STUDENTS` (a pipeline folder named so under
     ``students``, default the shipped assets), with ``folder`` None when it is not there. [] when ``mnist-sd``
     itself is not shipped."""
-    from .api import ASSETS
-    from .sampling import DEFAULT_SOLVER
-    teacher = ASSETS / TEXT_TEACHER
-    if not (teacher / "model_index.json").is_file():
-        return []
-    students = ASSETS if students is None else Path(students)
-    stock = _scheduler_class(teacher).removesuffix("Scheduler")
-    rows = [TextRow(f"teacher, stock {stock} {teacher_steps} steps", TEXT_TEACHER, teacher_steps, 1.0 + w, "stock",
-                    teacher),
-            TextRow(f"teacher, fewstep {DEFAULT_SOLVER} {solver_steps} steps", TEXT_TEACHER, solver_steps,
-                    1.0 + w, f"fewstep:{DEFAULT_SOLVER}", teacher)]
-    for name in TEXT_STUDENTS:
-        folder = students / name
-        rows.append(_student_row(name, folder, w) if (folder / "model_index.json").is_file()
-                    else _planned_student(name))
-    return rows
-
-
-def _scheduler_class(folder: Path) -> str:
-    """The class name of a pipeline folder's own scheduler (from its config)."""
-    config = folder / "scheduler" / "scheduler_config.json"
-    return json.loads(config.read_text()).get("_class_name", "scheduler") if config.is_file() else "scheduler"
+    return text_methods(teacher_steps=teacher_steps, solver_steps=solver_steps, students=students,
+                        labels=("teacher, stock {stock} {steps} steps", "teacher, fewstep {solver} {steps} steps"))
 
 
 def _text_pipeline(folder: Path, cache: dict):
@@ -157,7 +99,8 @@ def _text_pipeline(folder: Path, cache: dict):
     return cache[folder]
 
 
-def _run_text_row(row: TextRow, prompts: list[str], seed: int, cache: dict) -> tuple[torch.Tensor, float, float]:
+def _run_text_row(row: TextMethod, prompts: list[str], w: float, seed: int,
+                  cache: dict) -> tuple[torch.Tensor, float, float]:
     """(images (N, 1, H, W) in [-1, 1], seconds per image, network evaluations per image) of one method."""
     from .evaluate import generate_prompted, make_scheduler
     pipe = _text_pipeline(row.folder, cache)
@@ -165,17 +108,19 @@ def _run_text_row(row: TextRow, prompts: list[str], seed: int, cache: dict) -> t
     if row.scheduler != "own":
         pipe.scheduler = make_scheduler(row.scheduler, own)
     try:
-        images, seconds, evals = generate_prompted(pipe, prompts, steps=row.steps, guidance_scale=row.guidance_scale,
-                                                   seed=seed, batch_size=len(prompts))
+        images, seconds, evals = generate_prompted(pipe, prompts, steps=row.steps,
+                                                   guidance_scale=row.guidance_scale(w), seed=seed,
+                                                   batch_size=len(prompts))
     finally:
         pipe.scheduler = own
     return images, seconds / len(prompts), evals
 
 
-def run_text_section(plan: list[TextRow], *, seed: int = 0, prompts: list[str] | None = None, classifier=None,
-                     progress: bool = True) -> tuple[dict, list[torch.Tensor]]:
-    """Run the shipped methods of ``plan`` on the same prompts and seeds (one batch each); returns (the
-    section's table as a dict, one image batch per row run). The first row is the speed-up's baseline."""
+def run_text_section(plan: list[TextMethod], *, w: float = TEXT_W, seed: int = 0, prompts: list[str] | None = None,
+                     classifier=None, progress: bool = True) -> tuple[dict, list[torch.Tensor]]:
+    """Run the shipped methods of ``plan`` on the same prompts and seeds (one batch each) at guidance w (a
+    guided method's guidance_scale is 1 + w, a DMD generator's 1); returns (the section's table as a dict, one
+    image batch per row run). The first row is the speed-up's baseline."""
     from .api import load
     from .evaluate import parse_prompts, prompted_class_accuracy
     prompts = demo_prompts() if prompts is None else list(prompts)
@@ -188,10 +133,10 @@ def run_text_section(plan: list[TextRow], *, seed: int = 0, prompts: list[str] |
         if row.folder is None:
             not_shipped.append(f"{row.label} ({row.model})")
             continue
-        x, secs, evals = _run_text_row(row, prompts, seed, cache)
+        x, secs, evals = _run_text_row(row, prompts, w, seed, cache)
         accuracy = prompted_class_accuracy(x, asked, classifier)
         rows.append({"label": row.label, "model": row.model, "scheduler": row.scheduler, "steps": row.steps,
-                     "guidance_scale": row.guidance_scale, "network_evals": evals, "seconds_per_image": secs,
+                     "guidance_scale": row.guidance_scale(w), "network_evals": evals, "seconds_per_image": secs,
                      "prompted_digit_accuracy": accuracy})
         images.append(x)
         say(f"{row.label}: {evals:g} network evaluations, {secs:.4f} s/image, prompted digit {accuracy:.0%}")
@@ -284,7 +229,7 @@ def _fmt(v, digits: int = 1) -> str:
 
 
 def run_demo(out: Path, *, w: float = 1.0, seed: int = 0, fid_n: int = 200, budget_seconds: float = 100.0,
-             progress: bool = True, rows: list[DemoRow] | None = None, text_rows: list[TextRow] | None = None,
+             progress: bool = True, rows: list[DemoRow] | None = None, text_rows: list[TextMethod] | None = None,
              students: Path | None = None) -> dict:
     """Run the demo into folder ``out``; returns the table as a dict (also written as JSON).
     ``rows`` replaces :func:`demo_rows` (the first row is the speed-up's baseline); ``text_rows`` replaces

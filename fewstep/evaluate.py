@@ -29,7 +29,8 @@ __all__ = ["evaluate", "evaluate_grid", "grid_markdown", "plot_grid", "reference
            "thickness_adherence", "slant_adherence", "attribute_adherence", "prompted_class_accuracy",
            "heldout_reference", "text_pipeline_folder", "load_text_pipeline", "check_scheduler_name",
            "flow_settings", "make_scheduler", "generate_prompted", "evaluate_prompts", "evaluate_prompts_grid",
-           "prompts_markdown", "plot_prompts", "evaluate_heldout"]
+           "prompts_markdown", "plot_prompts", "evaluate_heldout", "TEXT_TEACHER", "TEXT_STUDENTS", "TextMethod",
+           "text_methods"]
 
 
 def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> torch.Tensor:
@@ -516,3 +517,83 @@ def evaluate_heldout(model, *, n: int = 2070, w: float = 1.0, solver: str | None
             "seed": seed, **scores, "network_evals": model.evaluations(solver, steps, w, "logsnr"),
             "seconds_per_image": seconds / n, "reference": "heldout", "n_reference": reference["n_reference"],
             "baseline": reference["baseline"]}
+
+
+# -- the text-to-image methods of fewstep demo and fewstep app ----------------------------------------------------
+
+TEXT_TEACHER = "mnist-sd"
+TEXT_STUDENTS = {"mnist-sd-guided-4": "guided-distilled student", "mnist-sd-dmd-1": "DMD generator"}
+
+
+@dataclass(frozen=True)
+class TextMethod:
+    """One text-to-image method: the stock call of the pipeline in ``folder`` at ``steps`` with ``scheduler``
+    (``"stock"`` / ``"fewstep:<solver>"``: :func:`make_scheduler`; ``"own"``: the folder's scheduler as exported).
+    ``guided``: guidance_scale is 1 + w (the teacher's CFG, or a guided student's w input); else 1 (a DMD
+    generator, w baked in). ``folder`` None: a student that is not shipped yet."""
+    label: str
+    model: str
+    steps: int
+    scheduler: str = "own"
+    guided: bool = False
+    folder: Path | None = None
+
+    def guidance_scale(self, w: float) -> float:
+        return 1.0 + w if self.guided else 1.0
+
+
+def _steps_label(steps: int) -> str:
+    return f"{steps} step{'s' if steps != 1 else ''}"
+
+
+def _student_method(name: str, folder: Path, what: str) -> TextMethod:
+    """An exported student pipeline folder as a method (labelled ``what``): its own scheduler, steps from its
+    fewstep.json (``student_steps``, read as :func:`fewstep.api.pipeline_student` does), w through its UNet when
+    it records ``w_input``; a one-line ValueError when it is not an exported student."""
+    from types import SimpleNamespace
+    from .api import pipeline_student
+    record = pipeline_student(SimpleNamespace(name_or_path=str(folder))) or {}
+    steps = record.get("student_steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{folder} is not an exported student: its fewstep.json gives no student_steps")
+    guided = bool(record.get("w_input"))
+    baked = "" if guided or record.get("real_w") is None else f", w = {record['real_w']:g} baked in"
+    return TextMethod(f"{what}, {_steps_label(steps)}{baked}", name, steps, "own", guided, folder)
+
+
+def _scheduler_class(folder: Path) -> str:
+    """The class name of a pipeline folder's own scheduler (from its config)."""
+    config = Path(folder) / "scheduler" / "scheduler_config.json"
+    return json.loads(config.read_text()).get("_class_name", "scheduler") if config.is_file() else "scheduler"
+
+
+def text_methods(*, teacher: str = TEXT_TEACHER, teacher_steps: int = 50, solver_steps: int = 5, students=None,
+                 students_names: dict[str, str] | None = None,
+                 labels: tuple[str, str] = ("{teacher}, stock {stock}, {steps} steps",
+                                            "{teacher}, fewstep {solver}, {steps} steps")) -> list[TextMethod]:
+    """The text-to-image methods: ``teacher`` (a shipped pipeline) with its stock scheduler at ``teacher_steps``
+    (the speed-up's baseline) and with fewstep's default solver (``fewstep.sampling.DEFAULT_SOLVER``) at
+    ``solver_steps``, both guided; then each student of ``students_names`` (default :data:`TEXT_STUDENTS`, name ->
+    description; a pipeline folder of that name under ``students``, default the shipped assets), with ``folder``
+    None when it is not there (steps then from the name's ``-<k>`` tail). ``labels``: the two teacher methods'
+    labels, formatted with ``teacher``, ``stock`` (its scheduler class less "Scheduler"), ``solver`` and ``steps``.
+    [] when ``teacher`` is not shipped."""
+    from .sampling import DEFAULT_SOLVER
+    folder = ASSETS / teacher
+    if not (folder / "model_index.json").is_file():
+        return []
+    where = ASSETS if students is None else Path(students)
+    stock = _scheduler_class(folder).removesuffix("Scheduler")
+    names = TEXT_STUDENTS if students_names is None else students_names
+    fields = {"teacher": teacher, "stock": stock, "solver": DEFAULT_SOLVER}
+    methods = [TextMethod(labels[0].format(**fields, steps=teacher_steps), teacher, teacher_steps, "stock", True,
+                          folder),
+               TextMethod(labels[1].format(**fields, steps=solver_steps), teacher, solver_steps,
+                          f"fewstep:{DEFAULT_SOLVER}", True, folder)]
+    for name, what in names.items():
+        if (where / name / "model_index.json").is_file():
+            methods.append(_student_method(name, where / name, what))
+        else:
+            steps = int(name.rsplit("-", 1)[1])
+            methods.append(TextMethod(f"{what}, {_steps_label(steps)}", name, steps))
+    return methods

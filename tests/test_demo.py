@@ -12,7 +12,8 @@ from PIL import Image
 
 from fewstep.api import ASSETS, SHIPPED
 from fewstep.data.captions import parse_caption
-from fewstep.demo import TEXT_STUDENTS, DemoRow, TextRow, demo_prompts, demo_rows, run_demo, run_text_section, text_plan
+from fewstep.demo import (TEXT_STUDENTS, DemoRow, TextMethod, demo_prompts, demo_rows, run_demo, run_text_section,
+                          text_plan)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,10 +110,10 @@ def test_text_plan_includes_only_the_shipped_students(tmp_path, students):
     assert [r.scheduler for r in absent[:2]] == ["stock", "fewstep:unipc_bh2_3"]
     assert absent[0].label.startswith("teacher, stock PNDM 50 steps")
     assert [r.folder is None for r in absent] == [False, False, True, True]
-    present = {r.model: r for r in text_plan(students=students, w=1.5)}
+    present = {r.model: r for r in text_plan(students=students)}
     guided, dmd = present["mnist-sd-guided-4"], present["mnist-sd-dmd-1"]
-    assert (guided.steps, guided.guidance_scale, guided.scheduler) == (4, 2.5, "own")  # w through the UNet's input
-    assert (dmd.steps, dmd.guidance_scale) == (1, 1.0) and "w = 1 baked in" in dmd.label
+    assert (guided.steps, guided.guidance_scale(1.5), guided.scheduler) == (4, 2.5, "own")  # w: the UNet's input
+    assert (dmd.steps, dmd.guidance_scale(1.5)) == (1, 1.0) and "w = 1 baked in" in dmd.label
     section, images = run_text_section(absent[1:], prompts=["a thick seven"], progress=False)  # fewstep 5 steps
     assert len(images) == 1 and [s.split(" (")[1] for s in section["not_shipped"]] == [f"{n})" for n in TEXT_STUDENTS]
 
@@ -120,10 +121,11 @@ def test_text_plan_includes_only_the_shipped_students(tmp_path, students):
 def test_text_rows_share_prompts_and_seeds(students):
     """Every row starts from the same latents: the stand-in guided student (zero guidance input) at one step
     draws exactly what the stand-in DMD copy of the teacher draws, whatever w."""
-    rows = [TextRow("dmd", "mnist-sd-dmd-1", 1, 1.0, "own", students / "mnist-sd-dmd-1"),
-            TextRow("guided at 1 step", "mnist-sd-guided-4", 1, 4.0, "own", students / "mnist-sd-guided-4")]
-    section, (a, b) = run_text_section(rows, prompts=["a thick seven", "a thin two slanted left"], seed=3,
+    rows = [TextMethod("dmd", "mnist-sd-dmd-1", 1, "own", False, students / "mnist-sd-dmd-1"),
+            TextMethod("guided at 1 step", "mnist-sd-guided-4", 1, "own", True, students / "mnist-sd-guided-4")]
+    section, (a, b) = run_text_section(rows, w=3.0, prompts=["a thick seven", "a thin two slanted left"], seed=3,
                                        progress=False)
+    assert [r["guidance_scale"] for r in section["rows"]] == [1.0, 4.0]
     assert a.shape == (2, 1, 32, 32) and a.std() > 0.1
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     _, (c,) = run_text_section(rows[:1], prompts=["a thick seven", "a thin two slanted left"], seed=4, progress=False)
