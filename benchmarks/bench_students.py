@@ -7,7 +7,7 @@
 Rows (:func:`fewstep.evaluate.evaluate_prompts`: class accuracy of the prompted digit, thickness / slant
 adherence, FID / KID against the 1,000 held-out digits, network evaluations counted, seconds per image):
 
-* the teacher with its stock scheduler at 50 and 20 steps, at ``--guidance``;
+* the teacher with its stock scheduler at 50 and 20 steps (``--teacher-steps``), at ``--guidance``;
 * the teacher through ``FewstepScheduler`` (its default solver) at each student's number of steps;
 * each student folder through its own stock call: ``DiffusionPipeline.from_pretrained(folder)`` and
   ``pipe(prompts, num_inference_steps=<its steps>, guidance_scale=...)`` with no fewstep code (a one-step
@@ -59,12 +59,15 @@ def images_per_second(pipe, steps: int, guidance_scale: float, batch: int, repea
 
 
 def fid_curves(folder: Path) -> dict:
-    """{stage: [(step, fid), ...]} from the run folder above ``DIR/export/<name>``."""
-    run = folder.parent.parent
+    """{stage: [(step, fid), ...]} from the run folder above ``DIR/export/<name>``, or for a shipped student the
+    curve published in benchmarks/results/curves/<name>.jsonl."""
+    logs = {log.parent.name: log for log in sorted(folder.parent.parent.glob("*/fid.jsonl"))}
+    if not logs and (OUT / "curves" / f"{folder.name}.jsonl").is_file():
+        logs = {"run": OUT / "curves" / f"{folder.name}.jsonl"}
     curves = {}
-    for log in sorted(run.glob("*/fid.jsonl")):
+    for stage, log in logs.items():
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        curves[log.parent.name] = [(r["step"], r["fid"]) for r in rows]
+        curves[stage] = [(r["step"], r["fid"]) for r in rows]
     return curves
 
 
@@ -73,12 +76,12 @@ def compact(row: dict, **extra) -> dict:
 
 
 def markdown(doc: dict) -> str:
-    teacher50 = next(r for r in doc["rows"] if r["what"] == "teacher" and r["steps"] == 50)
+    teacher50 = doc["rows"][0]  # the teacher's first stock row (50 steps by default)
     lines = [f"# Students of {doc['teacher']} through the stock diffusers call ({doc['date']}, {doc['machine']})", "",
              f"`{doc['command']}`; n = {doc['n']} images per row (the 90-prompt suite), FID / KID against the "
              f"{doc['n_reference']} held-out digits (real vs real at this n: FID {doc['baseline']['fid']:.2f}); "
              f"teacher guidance_scale {doc['guidance_scale']:g}. Wall time {doc['wall_time_s'] / 60:.1f} min.", "",
-             "| row | scheduler | steps | NFE | FID | x teacher@50 | KID | class acc. | thick / slant adherence "
+             f"| row | scheduler | steps | NFE | FID | x teacher@{teacher50['steps']} | KID | class acc. | thick / slant adherence "
              "| s/image | img/s b=1 | img/s b=64 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
@@ -124,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--student", action="append", type=Path, default=[], help="an exported student pipeline folder")
     p.add_argument("--guidance", type=float, default=3.0, help="the teacher's guidance_scale (and guided students')")
     p.add_argument("--n", type=int, default=2070)
+    p.add_argument("--teacher-steps", default="50,20", help="the teacher's stock-scheduler rows (the first is the "
+                                                            "speed baseline and the 'x teacher' column's)")
     p.add_argument("--quick", action="store_true", help="n = 90 and one speed repeat: checks the script")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -157,8 +162,8 @@ def main(argv=None) -> int:
         save()
 
     teacher = load_text_pipeline(args.teacher)
-    row(teacher, "teacher, stock 50 steps", "teacher", "stock", 50, args.guidance, speed=True)
-    row(teacher, "teacher, stock 20 steps", "teacher", "stock", 20, args.guidance)
+    for i, k in enumerate(int(k) for k in args.teacher_steps.split(",")):
+        row(teacher, f"teacher, stock {k} steps", "teacher", "stock", k, args.guidance, speed=i == 0)
     students = {folder: student_info(folder) for folder in args.student}
     for k in sorted({s["steps"] for s in students.values()}):
         row(teacher, f"teacher, fewstep {k} steps", "teacher", "fewstep", k, args.guidance)

@@ -42,8 +42,11 @@ TEACHER = {"model": "mnist-teacher", "solver": "dpmpp_2m", "steps": 25, "w": 1.0
 TARGET_RATIO = 2.0
 
 
-def main_plan(quick: bool) -> list[tuple[str, int]]:
-    """(scheduler, steps) rows of step 2."""
+def main_plan(quick: bool, plan: str | None = None) -> list[tuple[str, int]]:
+    """(scheduler, steps) rows of step 2 (``plan``: "stock:50,fewstep:5,..." instead of the default rows)."""
+    if plan:
+        rows = [item.rsplit(":", 1) for item in plan.split(",")]
+        return [(name, int(steps)) for name, steps in rows]
     if quick:
         return [("stock", 25), ("dpmsolver", 5), ("fewstep", 5)]
     few = [(name, k) for k in (5, 10, 20) for name in ("dpmsolver", "unipc", "fewstep", "fewstep:dpmpp_2m")]
@@ -102,7 +105,7 @@ def run_pipeline(run: Run, name: str, args, classifier, references: dict) -> Non
         run.save()
     best = min(entry["sweep"], key=lambda r: r["fid"])["guidance_scale"]
     entry["guidance_scale"] = best
-    for scheduler, steps in main_plan(args.quick):
+    for scheduler, steps in main_plan(args.quick, args.plan):
         try:
             r = evaluate_prompts(pipe, scheduler=scheduler, steps=steps, guidance_scale=best, n=args.n,
                                  reference=references[args.n], **common)
@@ -228,6 +231,8 @@ def parse(argv):
     p.add_argument("--sweep-n", type=int, default=None, help="images per guidance-sweep row (default 450)")
     p.add_argument("--guidance", default=None, help="comma-separated guidance scales (default 1,2,3,4.5,6)")
     p.add_argument("--quick", action="store_true", help="n = 90, guidance 1,3, three rows: checks the script")
+    p.add_argument("--plan", default=None, help="the rows of step 2 as scheduler:steps,... (default: all of them)")
+    p.add_argument("--out-name", default=None, help="results file stem (default textbed, textbed_quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=90)
     p.add_argument("--device", default="cpu")
@@ -252,7 +257,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     names = args.pipelines or default_pipelines()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / ("textbed_quick.json" if args.quick else "textbed.json")
+    path = args.out_dir / f"{args.out_name or ('textbed_quick' if args.quick else 'textbed')}.json"
     run = Run(path, args, argv)
     classifier = fewstep.load("mnist-classifier")
     references = {m: heldout_reference(m, classifier) for m in {args.n, args.sweep_n}}
