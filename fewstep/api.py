@@ -49,7 +49,11 @@ DIFFUSERS_CATALOGUE = {
     "mnist-vae": "AutoencoderKL for 32x32 digits -> 4x8x8 latents (the text-to-image test bed's VAE)",
     "mnist-sd": "text-to-image StableDiffusionPipeline on MNIST captions ('a thick seven slanted left')",
     "mnist-sd3": "text-to-image StableDiffusion3Pipeline (no T5) on MNIST captions",
+    "mnist-sd-dmd-1": "one-step DMD generator of mnist-sd, a StableDiffusionPipeline (DDIM, 1 step, w = 1 baked in)",
+    "mnist-sd3-dmd-1": "one-step DMD generator of mnist-sd3, a StableDiffusion3Pipeline (1 Euler step, w = 1 baked in)",
 }
+STUDENT_RECIPES = {"mnist-sd-dmd-1": "fewstep distill dmd --teacher mnist-sd --out DIR",
+                   "mnist-sd3-dmd-1": "fewstep distill dmd --teacher mnist-sd3 --out DIR"}
 TEXT_BED_RECIPES = ("mnist-sd", "mnist-sd3")  # their prompts follow fewstep.data.captions' grammar
 
 
@@ -63,7 +67,7 @@ def _installed(folder: Path) -> bool:
 SHIPPED = {name: what for name, what in CATALOGUE.items() if _installed(ASSETS / name)}
 DIFFUSERS_SHIPPED = {name: what for name, what in DIFFUSERS_CATALOGUE.items() if _installed(ASSETS / name)}
 RECIPE_OF = {"mnist-guided": "fewstep distill guided --out DIR", "mnist-dmd": "fewstep distill dmd --out DIR",
-             **{name: f"fewstep train {name} --out DIR" for name in DIFFUSERS_CATALOGUE}}
+             **{name: f"fewstep train {name} --out DIR" for name in DIFFUSERS_CATALOGUE}, **STUDENT_RECIPES}
 
 
 class NetworkModel:
@@ -280,7 +284,8 @@ def _resolve(name_or_path) -> Path:
             recipe = RECIPE_OF.get(name) or next((cmd for prefix, cmd in RECIPE_OF.items() if name.startswith(prefix)),
                                                  "its recipe")
             raise FileNotFoundError(f"{name!r} is not shipped in this version yet (its training is in progress); "
-                                    f"make it with `{recipe}` and load DIR/{name}")
+                                    f"make it with `{recipe}` and load DIR/{'export/' if name in STUDENT_RECIPES else ''}"
+                                    f"{name}")
     folder = Path(name_or_path)
     if not folder.exists():
         raise FileNotFoundError(f"no model named {name!r}: not a shipped model ({', '.join(_shipped_names())}) "
@@ -563,7 +568,7 @@ def check_prompts(pipe, prompts) -> list[str]:
     record = _pipeline_record(pipe)
     if "caption_words" in record:
         _check_prompt_words(prompts, record["caption_words"], getattr(pipe, "tokenizer", None))
-    elif record.get("recipe") in TEXT_BED_RECIPES:
+    elif record.get("recipe") in TEXT_BED_RECIPES or record.get("teacher") in TEXT_BED_RECIPES:
         for prompt in prompts:
             check_prompt(prompt)
     return prompts
