@@ -26,7 +26,7 @@ from _exact import ExactNet  # noqa: E402
 
 SCHEDULE = CosineVP()
 SPEC = ring8(labelling="coarse")
-KINDS = ("teacher", "guided", "progressive", "dmd")
+KINDS = ("teacher", "guided", "progressive", "dmd", "pipeline-dmd")
 CKPT_EVERY = 10
 
 
@@ -50,7 +50,29 @@ def build(kind: str):
         models = {"generator": net, "fake": FakeScore(copy.deepcopy(net))}
         return DMDLoss(ExactTeacher(), SCHEDULE, "v", fake_updates=2), models, DMDData(pairs), \
             {"lr": {"generator": 1e-4, "fake": 1e-3}}
+    if kind == "pipeline-dmd":  # DMD of a diffusers UNet2DConditionModel with a prompt-embedding bank, on latents
+        teacher = _tiny_text_unet()
+        pairs = {"z": torch.randn(64, 4, 8, 8), "labels": torch.randint(0, 3, (64,)), "x_ref": torch.randn(64, 4, 8, 8)}
+        models = {"generator": copy.deepcopy(teacher).requires_grad_(True),
+                  "fake": FakeScore(copy.deepcopy(teacher).requires_grad_(True))}
+        return DMDLoss(teacher, teacher.schedule, teacher.prediction, real_w=1.0, null_class=3), models, \
+            DMDData(pairs), {"lr": {"generator": 1e-4, "fake": 1e-3}, "batch_size": 8}
     raise ValueError(kind)
+
+
+def _tiny_text_unet():
+    """A tiny SD-style UNet as fewstep.diffusers.DiffusersNet: SD's scaled_linear VP config, eps, a bank of
+    three prompt contexts plus the empty one (row 3) standing for a pipeline teacher's prompt embeddings."""
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.diffusers import DiffusersNet
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    config = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+              "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    return DiffusersNet(unet, config, torch.randn(4, 5, 8), null_class=3)
 
 
 def run(kind: str, out_dir, steps: int, **kw):

@@ -57,7 +57,7 @@ def test_kill_9_then_resume_is_exact(tmp_path, kind, where):
         expect_from = 20
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and ckpt.name == f"ckpt-{expect_from:08d}"
-    name = "model" if kind != "dmd" else "generator"
+    name = "generator" if kind.endswith("dmd") else "model"
     assert load_checkpoint_weights(ckpt, "ema", network=name)  # loadable
     resumed = child.run(kind, out, STEPS)
     assert resumed.resumed_from == expect_from and resumed.steps_run == STEPS - expect_from
