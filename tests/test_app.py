@@ -18,7 +18,6 @@ from fewstep.api import ASSETS  # noqa: E402
 from fewstep.app import (MAX_IMAGES, TEXT_STUDENTS, app_models, compare, compare_text, launch,  # noqa: E402
                          parse_classes, parse_prompt_lines, text_methods)
 
-HAS_SD = (ASSETS / "mnist-sd" / "model_index.json").is_file()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,7 +92,6 @@ def test_parse_prompt_lines_checks_the_grammar():
             parse_prompt_lines(bad)
 
 
-@pytest.mark.skipif(not HAS_SD, reason="mnist-sd not shipped")
 def test_compare_text_puts_every_shipped_method_side_by_side(tmp_path):
     students = stand_in_students(tmp_path)
     methods = text_methods(students=students, reference_steps=REF)
@@ -128,7 +126,6 @@ def _free_port() -> int:
 
 
 def test_server_round_trip_through_gradio_client():
-    pytest.importorskip("gradio")
     from gradio_client import Client
     from PIL import Image
     port = _free_port()
@@ -144,14 +141,14 @@ def test_server_round_trip_through_gradio_client():
         assert evals == 4 and secs > 0 and "Speed-up" in md
         bad = client.predict("mnist-teacher", "ddim", 2, 1.0, "seven", 3, api_name="/compare")
         assert bad[0] is None and bad[2].startswith("**Error:**")
-        if HAS_SD:  # the text-to-image tab: the two teacher methods (no student shipped here), then the table
-            *images, md = client.predict("a thick seven", 2.0, 0, api_name="/compare_text")
-            assert len(images) == len([m for m in text_methods() if m.folder is not None]) >= 2
-            with Image.open(images[1]) as im:
-                assert np.asarray(im).std() > 10
-            assert _numbers(md, "mnist-sd, fewstep unipc_bh2_3, 5 steps")[0] == 10
-            *images, md = client.predict("a thick sevn", 2.0, 0, api_name="/compare_text")
-            assert all(i is None for i in images) and "unknown word 'sevn'" in md
+        # the text-to-image tab: the two teacher methods (no student shipped here), then the table
+        *images, md = client.predict("a thick seven", 2.0, 0, api_name="/compare_text")
+        assert len(images) == len([m for m in text_methods() if m.folder is not None]) >= 2
+        with Image.open(images[1]) as im:
+            assert np.asarray(im).std() > 10
+        assert _numbers(md, "mnist-sd, fewstep unipc_bh2_3, 5 steps")[0] == 10
+        *images, md = client.predict("a thick sevn", 2.0, 0, api_name="/compare_text")
+        assert all(i is None for i in images) and "unknown word 'sevn'" in md
     finally:
         demo.close()
 

@@ -11,7 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LINT = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
 
-pytestmark = pytest.mark.skipif(not Path(LINT).exists(), reason="import-linter is not installed (pip install -e .[test])")
 
 
 def _lint(cwd: Path) -> subprocess.CompletedProcess:
