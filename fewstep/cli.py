@@ -97,7 +97,6 @@ def _check_writable(path, *, file: bool = False, force: bool = True):
     or written, or (``file=True``) a file that is a folder, exists without ``force``, or whose folder
     cannot be written. Returns the path."""
     import os
-    from pathlib import Path
     path = Path(path)
     folder = path.parent if file else path
     if file and path.is_dir():
@@ -165,7 +164,6 @@ def bench_solvers(quick, json_path, model, w, nfe, samples, out_dir, threads):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
 def bench_speed(out_dir, batches, w, device, threads):
     """Images per second and seconds per image of every shipped model and sampler, batch 1 and 256, in one run."""
-    from pathlib import Path
 
     import torch
 
@@ -406,7 +404,6 @@ def demo_cmd(out, force, w, seed, fid_n, budget, threads):
     """The shipped teacher, its fast solvers and its distilled students side by side on the same
     classes and seeds: a comparison image and a table of network evaluations, seconds per image,
     speed-up over the teacher's 50-step DDIM, and FID/KID."""
-    from pathlib import Path
 
     import torch
 
@@ -496,8 +493,6 @@ def eval_cmd(ctx, model, w, solver, steps, spacing, grid, seed, stochastic, n, b
     with --sweep-steps / --sweep-w, for every (steps, w) with a table and a plot. A diffusers text
     pipeline (mnist-sd, mnist-sd3, a pipeline folder): the 90-prompt suite for every (guidance scale,
     scheduler, steps), with prompted-digit accuracy and thickness / slant adherence."""
-    import json
-    from pathlib import Path
 
     from .evaluate import evaluate, evaluate_grid, grid_markdown, plot_grid, text_pipeline_folder
     if steps and sweep_steps:
@@ -548,8 +543,6 @@ def eval_cmd(ctx, model, w, solver, steps, spacing, grid, seed, stochastic, n, b
 
 def _eval_prompts(ctx, model, *, steps, seed, n, json_path, schedulers, guidance_scales):
     """eval of a diffusers text pipeline: fewstep.evaluate.evaluate_prompts_grid; with --json, also .md and .png."""
-    import json
-    from pathlib import Path
 
     from click.core import ParameterSource
 

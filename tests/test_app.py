@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_demo import stand_in_students  # noqa: E402
 
 from fewstep import app  # noqa: E402
-from fewstep.api import ASSETS  # noqa: E402
 from fewstep.app import (MAX_IMAGES, TEXT_STUDENTS, app_models, compare, compare_text, launch,  # noqa: E402
                          parse_classes, parse_prompt_lines, text_methods)
 

@@ -40,11 +40,6 @@ TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
 COVERED_PIPELINES = TEXT_PIPELINES + ("DDPMPipeline", "DDIMPipeline")
 
 
-def is_pipeline_folder(spec) -> bool:
-    """Whether ``spec`` names a diffusers pipeline folder (a path or a shipped pipeline name)."""
-    return _pipeline_folder(spec) is not None
-
-
 def _pipeline_folder(spec) -> Path | None:
     for folder in (ASSETS / str(spec), Path(str(spec))):
         if (folder / "model_index.json").is_file():
@@ -119,7 +114,6 @@ class PipelineTeacher(DiffusionModel):
         if bank is not None:
             config.update(num_classes=len(self.prompts), null_class=null)
         super().__init__(net, config, source)
-        self.net.prediction = net.prediction
         self.folder = Path(getattr(pipe, "name_or_path", source) or source)
 
     def _prompt_bank(self, pipe, kind):
