@@ -49,10 +49,15 @@ DIFFUSERS_CATALOGUE = {
     "mnist-vae": "AutoencoderKL for 32x32 digits -> 4x8x8 latents (the text-to-image test bed's VAE)",
     "mnist-sd": "text-to-image StableDiffusionPipeline on MNIST captions ('a thick seven slanted left')",
     "mnist-sd3": "text-to-image StableDiffusion3Pipeline (no T5) on MNIST captions",
+    "mnist-sd-guided-4": "guided + progressive distilled mnist-sd, 4 steps, w an input (guidance_scale = 1 + w)",
     "mnist-sd-dmd-1": "one-step DMD generator of mnist-sd, a StableDiffusionPipeline (DDIM, 1 step, w = 1 baked in)",
+    "mnist-sd-dmd-1-lora": "mnist-sd-dmd-1 as a rank-16 LoRA of mnist-sd (pytorch_lora_weights.safetensors + "
+                           "merged pipeline)",
     "mnist-sd3-dmd-1": "one-step DMD generator of mnist-sd3, a StableDiffusion3Pipeline (1 Euler step, w = 1 baked in)",
 }
-STUDENT_RECIPES = {"mnist-sd-dmd-1": "fewstep distill dmd --teacher mnist-sd --out DIR",
+STUDENT_RECIPES = {"mnist-sd-guided-4": "fewstep distill guided --teacher mnist-sd --until 4 --out DIR",
+                   "mnist-sd-dmd-1": "fewstep distill dmd --teacher mnist-sd --out DIR",
+                   "mnist-sd-dmd-1-lora": "fewstep distill dmd --preset mnist-sd-dmd-1-lora --out DIR",
                    "mnist-sd3-dmd-1": "fewstep distill dmd --teacher mnist-sd3 --out DIR"}
 TEXT_BED_RECIPES = ("mnist-sd", "mnist-sd3")  # their prompts follow fewstep.data.captions' grammar
 

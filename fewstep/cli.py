@@ -666,6 +666,9 @@ def _teacher_options(f):
     f = click.option("--max-memory", "max_memory_gib", type=click.FloatRange(min=0, min_open=True), default=None,
                      metavar="GIB", help="Refuse up front a run whose weights, gradients, AdamW moments and EMA "
                                          "would need more than GIB GiB (printed before training).")(f)
+    f = click.option("--lora-targets", "lora_targets", type=click.Choice(["attention", "attention+ff", "all"]),
+                     default=None, help="Layers that get LoRA adapters (with --lora-rank; default: the preset's, "
+                                        "attention): attention, attention+ff, or all (also the UNet's convolutions).")(f)
     f = click.option("--lora-rank", "lora_rank", type=click.IntRange(min=1), default=None, metavar="R",
                      help="Train rank-R LoRA adapters (peft) over the teacher's frozen weights (pipeline teachers); "
                           "the export is a pytorch_lora_weights.safetensors for load_lora_weights, its scheduler/ "
@@ -674,6 +677,13 @@ def _teacher_options(f):
                      help="Recompute activations in the backward pass (diffusers teachers): less memory, slower steps.")(f)
     f = click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
                      help="Autocast precision of training (default: the preset's, no). fp16 needs a CUDA GPU.")(f)
+    f = click.option("--captions", type=click.Path(), default=None, metavar="FILE",
+                     help="With --data: the captions, a metadata.jsonl (lines {\"file_name\": ..., \"text\": ...}) "
+                          "or a CSV with columns file_name,text (default: DIR/metadata.jsonl).")(f)
+    f = click.option("--data", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                     help="Guided / progressive, pipeline teachers: train on your own captioned images (at the "
+                          "teacher's pixel size; the captions are the prompts) instead of the teacher's own samples; "
+                          "encoded once by its VAE and cached in --out.")(f)
     f = click.option("--prompts", type=click.Path(dir_okay=False), default=None,
                      help="Text-to-image teachers: a file of prompts, one per line, to distill over (default for the "
                           "shipped mnist-sd / mnist-sd3: the test bed's 90-prompt suite).")(f)
@@ -704,19 +714,33 @@ def _distill_settings(preset: str, teacher, suffix: str, **changes):
         raise click.UsageError(str(e)) from None
 
 
-def _teacher_provider(teacher, prompts) -> dict:
-    """The recipe's ``teacher=`` provider for --teacher / --prompts (checked now: one-line errors before any work)."""
-    if teacher is None and prompts is None:
+def _teacher_provider(teacher, prompts, data=None, captions=None, out=None) -> dict:
+    """The recipe's ``teacher=`` (and with --data, ``data=``) providers for --teacher / --prompts / --data /
+    --captions, checked now: one-line errors before any work. --data's captions are the prompts; its images,
+    which must have the teacher's pixel size, are encoded once by its VAE (cached in --out)."""
+    if teacher is None and prompts is None and data is None and captions is None:
         return {}
-    from .recipes.teachers import read_prompts, teacher_from
+    from .recipes.teachers import PipelineTeacher, read_prompts, teacher_from
     try:
-        texts = read_prompts(prompts) if prompts is not None else None
+        if captions is not None and data is None:
+            raise ValueError("--captions goes with --data DIR (the images it captions)")
         if teacher is None:
-            raise ValueError("--prompts needs a text-to-image --teacher (e.g. --teacher mnist-sd or a pipeline folder)")
+            raise ValueError(f"{'--prompts' if data is None else '--data'} needs a text-to-image --teacher (e.g. "
+                             "--teacher mnist-sd or a pipeline folder)")
+        if data is not None and prompts is not None:
+            raise ValueError("--data's captions are the prompts to distill over: leave --prompts out")
+        if data is None:
+            made = teacher_from(teacher, read_prompts(prompts) if prompts is not None else None)
+            return {"teacher": lambda: made}
+        from .recipes.latents import caption_prompts, check_image_sizes, encoded_data, pixel_geometry
+        paths, texts, labels = caption_prompts(data, captions)
         made = teacher_from(teacher, texts)
+        if not isinstance(made, PipelineTeacher):
+            raise ValueError(f"--data is for diffusers pipeline teachers; {teacher} trains on MNIST: leave it out")
+        check_image_sizes(paths, pixel_geometry(made.pipe)[1], data)
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
-    return {"teacher": lambda: made}
+    return {"teacher": lambda: made, "data": lambda: encoded_data(made, paths, labels, out)}
 
 
 @main.group()
@@ -728,6 +752,19 @@ _distill_options = _recipe_options("Run folder: one sub-folder per stage (checkp
                                    "exported students.")
 
 
+def _w_range(text):
+    """--w-range LO,HI -> (lo, hi), or None when not given; a malformed value is a one-line usage error."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected two numbers LO,HI such as 0,4, got {text!r}", param_hint="--w-range")
+    if not 0 <= lo <= hi:
+        raise click.BadParameter(f"need 0 <= LO <= HI, got {text!r}", param_hint="--w-range")
+    return (lo, hi)
+
+
 @distill.command("guided")
 @_distill_options
 @click.option("--until", type=click.IntRange(min=1), default=None,
@@ -736,18 +773,23 @@ _distill_options = _recipe_options("Run folder: one sub-folder per stage (checkp
               help="decoder: stage 1 and the sampling rounds; encoder: stage 1 and the distilled encoder's rounds "
                    "(the two can run at once in two processes on the same --out).")
 @_teacher_options
-def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, mixed_precision,
-                       gradient_checkpointing, lora_rank, max_memory_gib):
+@click.option("--w-range", type=str, default=None, metavar="LO,HI",
+              help="Guidance weights the w-conditioned student learns, drawn uniformly (default: the preset's, 0,4; "
+                   "diffusers' guidance_scale = 1 + w).")
+def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, data, captions, mixed_precision,
+                       gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w_range):
     """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
     steps. Of the shipped mnist-teacher by default (reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1); of a
     diffusers pipeline with --teacher (mnist-sd: reproduces mnist-sd-guided-4 with --until 4), exported to
     DIR/export/<name>-<N> as pipelines stock diffusers runs (guidance_scale = 1 + w)."""
     preset = "mnist-sd-guided" if teacher == "mnist-sd" else "mnist-guided"
-    settings, name = _distill_settings(preset, teacher, "guided", mixed_precision=mixed_precision,
+    settings, name = _distill_settings(preset, teacher, "guided", w_range=_w_range(w_range),
+                                       mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                                       lora_targets=lora_targets,
                                        max_memory_gib=max_memory_gib)
     exports = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, until=until, part=part,
-                          name=name, **_teacher_provider(teacher, prompts))
+                          name=name, **_teacher_provider(teacher, prompts, data, captions, out))
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -757,26 +799,29 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
 @click.option("--until", type=click.IntRange(min=1), default=None,
               help="Stop after the round that reaches this many steps (default: down to 4).")
 @_teacher_options
-def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, mixed_precision,
-                            gradient_checkpointing, lora_rank, max_memory_gib):
+def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, data, captions, mixed_precision,
+                            gradient_checkpointing, lora_rank, lora_targets, max_memory_gib):
     """Plain progressive distillation (Salimans & Ho 2022) of the teacher's conditional model (default: the
     shipped mnist-teacher; any fewstep model or diffusers pipeline folder with --teacher): rounds 32 -> 16 -> 8
     -> 4 steps, exported as <name>-<N> students (a pipeline teacher's: DIR/export/<name>-<N> pipelines)."""
     settings, name = _distill_settings("mnist-progressive", teacher, "progressive", mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                                       lora_targets=lora_targets,
                                        max_memory_gib=max_memory_gib)
     exports = _run_recipe("mnist-progressive", out, threads, settings, resume=resume, progress=progress, until=until,
-                          name=name, **_teacher_provider(teacher, prompts))
+                          name=name, **_teacher_provider(teacher, prompts, data, captions, out))
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
 
 @distill.command("dmd")
 @_distill_options
-@click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd3-dmd-1"]),
+@click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora",
+                                            "mnist-sd3-dmd-1"]),
               default=None, help="mnist-dmd-1 (the default): one-step DMD with regression; mnist-dmd2-4: DMD2 (no "
                                  "regression, 5 fake updates per generator update, GAN head, 4 steps); mnist-sd-dmd-1 / "
-                                 "mnist-sd3-dmd-1: one-step DMD of the text-to-image test bed's pipelines.")
+                                 "mnist-sd3-dmd-1: one-step DMD of the text-to-image test bed's pipelines; "
+                                 "mnist-sd-dmd-1-lora: mnist-sd-dmd-1 as a rank-16 LoRA.")
 @_teacher_options
 @click.option("--w", type=float, default=None, callback=_guidance_w,
               help="Guidance weight of the teacher's score, baked into the generator (default: the preset's).")
@@ -784,17 +829,25 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
               help="Training steps (default: the preset's).")
 @click.option("--steps", "old_steps", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated name of --train-steps (--steps is the budget of model calls elsewhere).")
-def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, mixed_precision, gradient_checkpointing,
-                    lora_rank, max_memory_gib, w, steps, old_steps):
+@click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
+              help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
+                   "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
+def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, mixed_precision,
+                    gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps, gen_prediction):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
+    if data is not None or captions is not None:
+        raise click.UsageError("distill dmd trains from noise and the teacher's scores (its regression pairs are the "
+                               "teacher's own samples): leave --data / --captions out")
     if old_steps is not None:
         click.echo("fewstep: warning: distill dmd --steps is deprecated; use --train-steps", err=True)
         steps = old_steps if steps is None else steps
     preset = preset or {"mnist-sd": "mnist-sd-dmd-1", "mnist-sd3": "mnist-sd3-dmd-1"}.get(teacher, "mnist-dmd-1")
-    settings, name = _distill_settings(preset, teacher, "dmd-1", steps=steps, real_w=w, mixed_precision=mixed_precision,
+    settings, name = _distill_settings(preset, teacher, "dmd-1", steps=steps, real_w=w, gen_prediction=gen_prediction,
+                                       mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
+                                       lora_targets=lora_targets,
                                        max_memory_gib=max_memory_gib)
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
                          **_teacher_provider(teacher, prompts))

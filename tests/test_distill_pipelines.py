@@ -75,16 +75,22 @@ def test_teacher_from_a_pipeline_folder_holds_the_prompt_bank(pipelines, one_thr
     torch.testing.assert_close(short, stock3, rtol=1e-4, atol=1e-4)
 
 
-def test_dmd_of_an_sd_pipeline_exports_a_one_step_pipeline_stock_diffusers_runs(pipelines, tmp_path, one_thread):
+@pytest.mark.parametrize("gen_prediction", [None, "x0"])
+def test_dmd_of_an_sd_pipeline_exports_a_one_step_pipeline_stock_diffusers_runs(pipelines, tmp_path, one_thread,
+                                                                                 gen_prediction):
     t = teacher_from(pipelines[0], PROMPTS)
-    folder = run_dmd(tmp_path, TINY_DMD, name="tiny-dmd-1", teacher=lambda: t, progress=False)
+    settings = replace(TINY_DMD, gen_prediction=gen_prediction)
+    folder = run_dmd(tmp_path, settings, name="tiny-dmd-1", teacher=lambda: t, progress=False)
     assert folder == tmp_path / "export" / "tiny-dmd-1" and (folder / "model_index.json").is_file()
     stock = _stock(folder)
     assert type(stock).__name__ == "StableDiffusionPipeline" and type(stock.scheduler).__name__ == "DDIMScheduler"
+    # an x0-predicting generator exports with the scheduler's prediction_type "sample"
+    assert stock.scheduler.config.prediction_type == ("sample" if gen_prediction == "x0" else "epsilon")
     lat, prompts = _latents(t), ["a thick seven", "a handwritten zero"]
     images = stock(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
     net = load_student(t, folder)
-    x0 = NetX0(net, t.schedule, t.prediction)(lat, generator_times(t.schedule, 1).expand(2), _ids(t, prompts))
+    x0 = NetX0(net, t.schedule, gen_prediction or t.prediction)(lat, generator_times(t.schedule, 1).expand(2),
+                                                                 _ids(t, prompts))
     ours = (t.decode(x0) + 1) / 2
     assert (ours - images).abs().max() < 1e-4
     # the generator was trained: it is no longer the teacher's UNet

@@ -8,7 +8,10 @@ distillation objective (guided stage 1, progressive rounds, DMD) trains them unc
   steps), flow matching ``t N`` (t = sigma);
 * labels: class ids. A model with a class embedding (``num_class_embeds``) gets them as
   ``class_labels``; a cross-attention model gets ``encoder_hidden_states = label_context[labels]``
-  (SD3 also ``pooled_projections = pooled_context[labels]``), a bank of one context per class.
+  (SD3 also ``pooled_projections = pooled_context[labels]``; an SDXL UNet, ``addition_embed_type=
+  "text_time"``, ``added_cond_kwargs = {"text_embeds": pooled_context[labels], "time_ids": time_ids}``
+  with one ``time_ids`` vector (original size, crop corner, target size) for every sample), a bank of
+  one context per class.
   The unconditional class is whatever ``null_class=`` says; there is none by default, and a net
   without one needs labels on every call and cannot do classifier-free guidance;
 * guidance weight w (guided distillation): ``with_w_input()``. A UNet whose class takes
@@ -91,6 +94,36 @@ def _attention_widths(model) -> tuple[int, ...]:
     return tuple(sorted({int(d) for d in dim})) if isinstance(dim, (list, tuple)) else (int(dim),)
 
 
+def _pooled_width(model, time_ids) -> int | None:
+    """The width of the pooled text a model takes (SD3: pooled_projection_dim; SDXL: what add_embedding's input
+    leaves after the time ids' sinusoidal features), None for none."""
+    cfg = model.config
+    if getattr(cfg, "pooled_projection_dim", None) is not None:
+        return int(cfg.pooled_projection_dim)
+    if getattr(cfg, "addition_embed_type", None) == "text_time":  # in = pooled + addition_time_embed_dim per id
+        return int(cfg.projection_class_embeddings_input_dim) - len(time_ids) * int(cfg.addition_time_embed_dim)
+    return None
+
+
+def _check_added_conditions(model, time_ids) -> bool:
+    """Whether the model takes SDXL's added conditions (text_time); one-line errors for any other added
+    embedding, and for time_ids that do not fit."""
+    kind = getattr(model.config, "addition_embed_type", None)
+    if kind not in (None, "text_time"):
+        raise ValueError(f"this UNet has addition_embed_type={kind!r} (Kandinsky-style added conditions), which "
+                         "DiffusersNet cannot feed; use DiffusersDenoiser with added_cond_kwargs")
+    if kind is None:
+        if time_ids is not None:
+            raise ValueError("time_ids are given, but this model has no SDXL added embedding (addition_embed_type is "
+                             "not 'text_time'); leave them out")
+        return False
+    if time_ids is None or time_ids.ndim != 1 or not len(time_ids):
+        got = None if time_ids is None else tuple(time_ids.shape)
+        raise ValueError("this UNet has SDXL's added conditions (addition_embed_type='text_time'): pass time_ids, "
+                         f"a (6,) vector of original size, crop corner and target size, got {got}")
+    return True
+
+
 def _time_embedding(model) -> tuple[nn.Module, int]:
     """The module whose output is the model's time embedding (where class embeddings are added), and its width."""
     for name in ("time_embedding", "time_text_embed"):  # UNets; SD3 (time + pooled text)
@@ -109,13 +142,17 @@ class DiffusersNet(nn.Module):
       (``pipe.scheduler.config``: VP or flow matching; the family, its timestep input and
       ``prediction`` come from it).
     label_context: (K, seq, width) contexts for a cross-attention model, one per class id.
-    pooled_context: (K, width) pooled contexts, one per class id (SD3's pooled_projections).
+    pooled_context: (K, width) pooled contexts, one per class id (SD3's pooled_projections, SDXL's
+      text_embeds).
+    time_ids: SDXL's added time ids (n,) (``StableDiffusionXLPipeline._get_add_time_ids``), the same for
+      every sample; for ``addition_embed_type="text_time"`` UNets only.
     null_class: the class id that means "no condition" (a model trained with label dropout, or
       the bank row of the empty prompt); None: the model has none (no guidance, labels required).
     """
 
     def __init__(self, unet: nn.Module, schedule, label_context: torch.Tensor | None = None, *,
-                 null_class: int | None = None, pooled_context: torch.Tensor | None = None):
+                 null_class: int | None = None, pooled_context: torch.Tensor | None = None,
+                 time_ids: torch.Tensor | None = None):
         super().__init__()
         self.family = _family(schedule)
         self.schedule = self.family.schedule
@@ -127,13 +164,11 @@ class DiffusersNet(nn.Module):
         if self._keyword and type(unet).__name__ not in COVERED_TRANSFORMERS:
             raise ValueError(f"{type(unet).__name__} is not supported by DiffusersNet (covered: UNets, "
                              f"{', '.join(COVERED_TRANSFORMERS)}): it packs latents or takes extra ids in its pipeline")
-        if getattr(cfg, "addition_embed_type", None) is not None:
-            raise ValueError(f"this UNet has addition_embed_type={cfg.addition_embed_type!r} (SDXL-style added "
-                             "conditions), which DiffusersNet cannot feed; use DiffusersDenoiser with "
-                             "added_cond_kwargs")
-        self.num_classes = self._check_context(unet, label_context, pooled_context)
+        self.text_time = _check_added_conditions(unet, time_ids)
+        self.num_classes = self._check_context(unet, label_context, pooled_context, time_ids)
         self.register_buffer("label_context", label_context, persistent=False)
         self.register_buffer("pooled_context", pooled_context, persistent=False)
+        self.register_buffer("time_ids", time_ids, persistent=False)
         if null_class is not None:
             if self.num_classes is None:
                 raise ValueError("null_class is given, but this model takes no class labels (no num_class_embeds, "
@@ -147,7 +182,7 @@ class DiffusersNet(nn.Module):
         self._w_emb = None  # the current call's w embedding, added by the hook on the time embedding
 
     @staticmethod
-    def _check_context(unet, label_context, pooled_context) -> int | None:
+    def _check_context(unet, label_context, pooled_context, time_ids=None) -> int | None:
         """The number of class ids (None: an unconditional model); one-line errors for a bank that cannot fit."""
         cfg, widths = unet.config, _attention_widths(unet)
         if widths:
@@ -159,14 +194,16 @@ class DiffusersNet(nn.Module):
                 raise ValueError(f"label_context has shape {tuple(label_context.shape)}, but this model's "
                                  f"cross-attention takes (K, seq, {' or '.join(map(str, widths))}) contexts: build "
                                  "the bank with the text encoder the model was trained with")
-            if getattr(cfg, "pooled_projection_dim", None) is not None:  # SD3
-                want = (label_context.shape[0], cfg.pooled_projection_dim)
+            width = _pooled_width(unet, time_ids)
+            if width is not None:  # SD3's pooled_projections, SDXL's text_embeds
+                want = (label_context.shape[0], width)
                 if pooled_context is None or tuple(pooled_context.shape) != want:
                     got = None if pooled_context is None else tuple(pooled_context.shape)
-                    raise ValueError(f"this transformer takes pooled_projections: pass pooled_context of shape {want} "
+                    raise ValueError(f"this model takes pooled text embeddings: pass pooled_context of shape {want} "
                                      f"(one pooled context per label_context row), got {got}")
             elif pooled_context is not None:
-                raise ValueError("pooled_context is given, but this model takes no pooled_projections; leave it out")
+                raise ValueError("pooled_context is given, but this model takes no pooled_projections / text_embeds; "
+                                 "leave it out")
             return label_context.shape[0]
         if label_context is not None or pooled_context is not None:
             raise ValueError("label_context / pooled_context are given, but this model has no cross-attention "
@@ -200,7 +237,10 @@ class DiffusersNet(nn.Module):
         labels = self._labels(labels, b, x.device)
         if labels is not None and self.label_context is not None:
             kwargs["encoder_hidden_states"] = self.label_context[labels].to(x.dtype)
-            if self.pooled_context is not None:
+            if self.text_time:  # SDXL: pooled text and size / crop ids through the added embedding
+                kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled_context[labels].to(x.dtype),
+                                               "time_ids": self.time_ids.to(x.dtype).expand(b, -1)}
+            elif self.pooled_context is not None:
                 kwargs["pooled_projections"] = self.pooled_context[labels].to(x.dtype)
         elif labels is not None:
             kwargs["class_labels"] = labels
@@ -237,7 +277,7 @@ class DiffusersNet(nn.Module):
         saved and loaded in this net's state_dict (``w_embedding.*``)."""
         if self.use_w:
             return copy.deepcopy(self)
-        kw = dict(label_context=self.label_context, null_class=self.null_class, pooled_context=self.pooled_context)
+        kw = self.conditioning()
         schedule = self._schedule_arg
         cls = type(self.unet)
         if "time_cond_proj_dim" in inspect.signature(cls.__init__).parameters:
@@ -253,6 +293,12 @@ class DiffusersNet(nn.Module):
         new = DiffusersNet(copy.deepcopy(self.unet), schedule, **kw)
         new._add_w(time_cond_proj_dim)
         return new
+
+    def conditioning(self) -> dict:
+        """The keyword arguments that give a copy of this net (another module, the same schedule) its inputs:
+        ``DiffusersNet(module, net._schedule_arg, **net.conditioning())``."""
+        return dict(label_context=self.label_context, null_class=self.null_class, pooled_context=self.pooled_context,
+                    time_ids=self.time_ids)
 
     def _add_w(self, features: int) -> None:
         module, width = _time_embedding(self.unet)

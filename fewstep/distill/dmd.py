@@ -152,6 +152,9 @@ class DMDLoss:
     gen_steps: generator steps (1 = one-step DMD; > 1 = DMD2's multi-step generator trained with
       backward simulation, which then uses no regression loss), at :func:`fewstep.distill.times.generator_times`
       (or ``times``: e.g. a flow pipeline's first time 1, pure noise, where its stock scheduler starts).
+    gen_prediction: the generator's output type (default: the teacher's). 'x0' for an eps teacher whose
+      first generator time is near pure noise: there eps -> x0 divides by alpha(t_0) (1/0.068 = 14.7 for
+      SD's t = 999), so every eps error is amplified that much in the sample; an x0 output is not.
     Batches are dicts with ``z``, ``labels`` (the paired set's noise and classes), ``x_ref`` (the
     teacher's ODE output from z) and, for the GAN, ``x_real`` / ``labels_real``.
     """
@@ -160,10 +163,11 @@ class DMDLoss:
                  dm_t: tuple[float, float] = DM_FRACTIONS, lambda_reg: float = 0.25, distance: str = "l2",
                  fake_updates: int = 1, gan_weight_g: float = 0.0, gan_weight_d: float = 0.0, gen_steps: int = 1,
                  null_class: int | None = None, lpips_net=None, use_fake: bool = True,
-                 times: torch.Tensor | None = None):
+                 times: torch.Tensor | None = None, gen_prediction: str | None = None):
         _check_options(distance, fake_updates, lambda_reg, gan_weight_g, gan_weight_d, real_w, gen_steps, lpips_net)
         dm_time_range(schedule, dm_t)  # validates the fractions and the schedule
         self.teacher, self.schedule, self.prediction = teacher, schedule, check_prediction(prediction)
+        self.gen_prediction = check_prediction(gen_prediction or prediction, "gen_prediction")
         self.real_w = float(real_w)
         real = NetX0(teacher, schedule, prediction)
         if self.real_w > 0:
@@ -204,7 +208,7 @@ class DMDLoss:
 
     # -- pieces -------------------------------------------------------------------
     def gen_x0(self, generator):
-        return NetX0(generator, self.schedule, self.prediction)
+        return NetX0(generator, self.schedule, self.gen_prediction)
 
     def generated(self, generator, z, labels) -> torch.Tensor:
         """G's sample from z: one step, or (multi-step) the output at a random step of its rollout,

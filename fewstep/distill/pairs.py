@@ -22,7 +22,7 @@ from ..sampling import sample
 from ..schedules import NoiseSchedule
 from ._common import check_prediction, guidance_null_class, null_labels
 
-__all__ = ["regression_pairs", "weights_hash", "DMDData"]
+__all__ = ["regression_pairs", "weights_hash", "cached_tensors", "DMDData"]
 
 
 def weights_hash(net: torch.nn.Module) -> str:
@@ -34,8 +34,9 @@ def weights_hash(net: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_cache(path: Path, settings: dict) -> tuple[dict | None, str]:
-    """(tensors, '') if the cache at ``path`` is valid for ``settings``; else (None, why not)."""
+def _read_cache(path: Path, settings: dict, names: tuple[str, ...], rows: int) -> tuple[dict | None, str]:
+    """(tensors, '') if the cache at ``path`` is valid for ``settings`` (exactly the tensors ``names``,
+    ``rows`` rows each, all finite); else (None, why not)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     if not path.is_file():
@@ -49,12 +50,32 @@ def _read_cache(path: Path, settings: dict) -> tuple[dict | None, str]:
     if meta != settings:
         changed = sorted(k for k in set(meta) | set(settings) if meta.get(k) != settings.get(k))
         return None, f"the cache {path} was made with other settings ({', '.join(changed)})"
-    n = settings["n"]
-    if sorted(tensors) != ["labels", "x_ref", "z"] or any(v.shape[0] != n for v in tensors.values()):
-        return None, f"the cache {path} does not hold {n} (z, labels, x_ref) rows"
-    if not (torch.isfinite(tensors["z"]).all() and torch.isfinite(tensors["x_ref"]).all()):
+    if sorted(tensors) != sorted(names) or any(v.shape[0] != rows for v in tensors.values()):
+        return None, f"the cache {path} does not hold {rows} ({', '.join(sorted(names))}) rows"
+    if not all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point()):
         return None, f"the cache {path} holds non-finite values"
     return tensors, ""
+
+
+def cached_tensors(path, settings: dict, names: tuple[str, ...], rows: int, build, what: str) -> dict:
+    """The tensors ``names`` (``rows`` rows each) cached in the safetensors file ``path`` for ``settings``
+    (recorded in its metadata): read back when valid, else made by ``build()`` (announced with the reason)
+    and written atomically by the main process."""
+    path = Path(path)
+    cached, why = _read_cache(path, settings, names, rows)
+    if cached is not None:
+        return cached
+    print(f"building {what}: {why}", file=sys.stderr)
+    tensors = build()
+    world, rank = process_group()
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"settings": json.dumps(settings)})
+        os.replace(tmp, path)
+    if world > 1:
+        torch.distributed.barrier()
+    return tensors
 
 
 @torch.no_grad()
@@ -80,21 +101,9 @@ def regression_pairs(teacher, path, *, n: int = 2000, solver: str = "dpmpp_2m", 
     path = Path(path)
     settings = {"teacher": src["id"], "n": int(n), "solver": solver, "steps": int(steps), "w": float(w),
                 "seed": int(seed), "image_shape": list(src["image_shape"]), **src["extra"]}
-    cached, why = _read_cache(path, settings)
-    if cached is not None:
-        return cached
-    print(f"building the DMD regression set ({n} teacher samples, {solver}, {steps} calls, w={w}): {why}",
-          file=sys.stderr)
-    tensors = _teacher_pairs(src, n, solver, steps, seed, batch_size, progress)
-    world, rank = process_group()
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"settings": json.dumps(settings)})
-        os.replace(tmp, path)
-    if world > 1:
-        torch.distributed.barrier()
-    return tensors
+    return cached_tensors(path, settings, ("labels", "x_ref", "z"), n,
+                          lambda: _teacher_pairs(src, n, solver, steps, seed, batch_size, progress),
+                          f"the DMD regression set ({n} teacher samples, {solver}, {steps} calls, w={w})")
 
 
 def _teacher_source(teacher, w, schedule, image_shape, prediction, num_classes, null_class, teacher_id) -> dict:

@@ -56,6 +56,7 @@ class DistillOptions:
     mixed_precision: str = "no"  # "bf16" (CPU or GPU) or "fp16" (GPU, loss scaling): the loop's autocast
     gradient_checkpointing: bool = False  # diffusers networks: recompute activations in the backward pass
     lora_rank: int | None = None  # LoRA adapters over the teacher's shared weights (pipeline teachers)
+    lora_targets: str = "attention"  # which layers get adapters: "attention", "attention+ff" or "all" (+ convs)
     max_memory_gib: float | None = None  # refuse up front a run whose weight memory exceeds it
 
 

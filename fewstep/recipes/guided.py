@@ -123,7 +123,7 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
             return lora_exporter(t, steps, guided=True, fid_log=out / run_dir / "fid.jsonl")
         return pipeline_exporter(t, steps) if pipeline else {}
 
-    first = with_w_input(t.net) if lora is None else with_lora(t.net, lora, w_input=256)
+    first = with_w_input(t.net) if lora is None else with_lora(t.net, lora, w_input=256, targets=settings.lora_targets)
     if pipeline:
         announce_memory(t, first, max_gib=settings.max_memory_gib)
 

@@ -271,7 +271,8 @@ def _adapter_state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in get_peft_model_state_dict(module).items()}
 
 
-def export_lora(teacher: PipelineTeacher, net: LoraNet, folder, *, steps: int | None, info: dict) -> Path:
+def export_lora(teacher: PipelineTeacher, net: LoraNet, folder, *, steps: int | None, info: dict,
+                prediction: str | None = None) -> Path:
     """Write the LoRA form of ``net`` to ``folder``: ``pytorch_lora_weights.safetensors`` (what the teacher
     pipeline's ``load_lora_weights(folder)`` reads, its LoraConfig in the file's metadata), a guided student's
     ``guidance_embedding.safetensors``, ``scheduler/`` (the student's, ``student_scheduler``), README.md (the
@@ -293,7 +294,7 @@ def export_lora(teacher: PipelineTeacher, net: LoraNet, folder, *, steps: int | 
     if net.lora["w_input"] is not None:
         weight = module.time_embedding.cond_proj.weight.detach().to("cpu", torch.float32).contiguous()
         save_file({f"{GUIDANCE_LAYER}.weight": weight}, str(folder / GUIDANCE_WEIGHTS))
-    scheduler = student_scheduler(teacher, steps)
+    scheduler = student_scheduler(teacher, steps, prediction)
     scheduler.save_pretrained(folder / "scheduler")
     record = {**info, "student_steps": steps, "teacher": teacher.source, "pipeline": teacher.kind,
               "prompts": len(teacher.prompts or []), "lora": dict(net.lora),
@@ -423,7 +424,8 @@ def last_quality(fid_log) -> dict | None:
             "class accuracy": last.get("class_accuracy"), "at training step": last.get("step")}
 
 
-def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool = False, fid_log=None) -> dict:
+def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool = False, fid_log=None,
+                  prediction: str | None = None) -> dict:
     """A Stage's ``save`` / ``load`` for LoRA students (pipeline_exporter's LoRA form), refusing before training
     what cannot be exported. The model card records this process's command (:func:`cli_command`) and the
     last point of ``fid_log`` as the measured quality."""
@@ -433,6 +435,7 @@ def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool =
         raise ValueError(f"a guided LoRA student of {type(module).__name__} would take w through a fewstep WEmbedding "
                          "that stock diffusers cannot feed; guided LoRA needs a UNet2DConditionModel teacher: leave "
                          "--lora-rank out")
+    student_scheduler(teacher, steps, prediction)  # refuses an unexportable student before training
     command = cli_command()
 
     def save(net, folder, extra):
@@ -442,6 +445,7 @@ def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool =
         quality = last_quality(fid_log)
         if quality is not None:
             info.setdefault("quality", quality)
-        export_student(teacher, merged_student(net), folder, steps=steps, info=info)  # the full pipeline too
-        return export_lora(teacher, net, folder, steps=steps, info=info)
+        export_student(teacher, merged_student(net), folder, steps=steps, info=info,
+                       prediction=prediction)  # the full pipeline too
+        return export_lora(teacher, net, folder, steps=steps, info=info, prediction=prediction)
     return {"save": save, "load": lambda folder: load_lora_student(teacher, folder)}

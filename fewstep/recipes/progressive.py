@@ -77,7 +77,7 @@ def run_progressive(out, settings: ProgressiveSettings = MNIST_PROGRESSIVE, *, n
                                         lora_exporter(t, n)) if pipeline else {})
     if settings.lora_rank is not None:
         from .lora import lora_exporter, with_lora
-    first = t.net if settings.lora_rank is None else with_lora(t.net, settings.lora_rank)
+    first = t.net if settings.lora_rank is None else with_lora(t.net, settings.lora_rank, targets=settings.lora_targets)
     if pipeline:
         announce_memory(t, first if settings.lora_rank else copy.deepcopy(first).requires_grad_(True),
                         max_gib=settings.max_memory_gib)

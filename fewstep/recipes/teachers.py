@@ -179,13 +179,21 @@ def _sd3_bank(embeds: torch.Tensor, pooled: torch.Tensor):
 # Students as pipeline folders
 # ---------------------------------------------------------------------------
 
-def student_scheduler(teacher: PipelineTeacher, steps: int | None):
+SCHEDULER_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # fewstep name -> diffusers'
+
+
+def student_scheduler(teacher: PipelineTeacher, steps: int | None, prediction: str | None = None):
     """A stock diffusers scheduler whose ``steps``-step sampling is the student's own (module docstring);
-    steps None (guided stage 1: a w-conditioned model for any sampler): the teacher's own scheduler."""
+    steps None (guided stage 1: a w-conditioned model for any sampler): the teacher's own scheduler.
+    ``prediction``: the student's output type when it is not the teacher's (a VP DMD generator that
+    predicts x0: ``prediction_type="sample"``)."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
     cfg = teacher.pipe.scheduler.config
     if steps is None:
         return type(teacher.pipe.scheduler).from_config(cfg)
+    if prediction not in (None, teacher.prediction) and teacher.net.family.name != "vp":
+        raise ValueError(f"a {teacher.net.family.name} student outputs the teacher's {teacher.prediction}; "
+                         f"gen_prediction={prediction!r} exports for VP teachers only: leave it unset")
     if teacher.net.family.name == "flow":
         if steps != 1:
             raise ValueError(f"a flow-matching student exports at one step only for now (got {steps}); sample "
@@ -193,8 +201,9 @@ def student_scheduler(teacher: PipelineTeacher, steps: int | None):
         return FlowMatchEulerDiscreteScheduler.from_config(cfg)
     if teacher.net.family.name != "vp":
         raise ValueError(f"students of {teacher.net.family.name} teachers cannot be exported as pipelines yet")
+    kind = {} if prediction in (None, teacher.prediction) else {"prediction_type": SCHEDULER_PREDICTIONS[prediction]}
     return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=True,
-                                     clip_sample=False, thresholding=False)
+                                     clip_sample=False, thresholding=False, **kind)
 
 
 def _stock_module(net: DiffusersNet):
@@ -209,13 +218,16 @@ def _stock_module(net: DiffusersNet):
     return module
 
 
-def export_student(teacher: PipelineTeacher, net: DiffusersNet, folder, *, steps: int | None, info: dict) -> Path:
+def export_student(teacher: PipelineTeacher, net: DiffusersNet, folder, *, steps: int | None, info: dict,
+                   prediction: str | None = None) -> Path:
     """Write ``net`` as the teacher's pipeline class with the student's scheduler to ``folder`` (plus
-    fewstep.json: ``info`` and the student's steps); returns the folder."""
+    fewstep.json: ``info`` and the student's steps); ``prediction``: the student's output type when it is
+    not the teacher's (student_scheduler). Returns the folder."""
     import copy
     folder = Path(folder)
     module = _stock_module(copy.deepcopy(net))
-    components = {**teacher.pipe.components, teacher.role: module, "scheduler": student_scheduler(teacher, steps)}
+    components = {**teacher.pipe.components, teacher.role: module,
+                  "scheduler": student_scheduler(teacher, steps, prediction)}
     extra = {"requires_safety_checker": False} if "safety_checker" in components else {}
     pipe = type(teacher.pipe)(**components, **extra)
     pipe.save_pretrained(folder)
@@ -238,11 +250,13 @@ def load_student(teacher: PipelineTeacher, folder) -> DiffusersNet:
     return fresh
 
 
-def pipeline_exporter(teacher: PipelineTeacher, steps: int | None) -> dict:
+def pipeline_exporter(teacher: PipelineTeacher, steps: int | None, prediction: str | None = None) -> dict:
     """A Stage's ``save`` / ``load`` for students of a pipeline teacher (pipeline folders, see export_student)."""
+    student_scheduler(teacher, steps, prediction)  # refuses an unexportable student before training
+
     def save(net, folder, extra):
         info = {k: v for k, v in extra.items() if k != "schedule"}  # the schedule is the scheduler config's
-        return export_student(teacher, net, folder, steps=steps, info=info)
+        return export_student(teacher, net, folder, steps=steps, info=info, prediction=prediction)
     return {"save": save, "load": lambda folder: load_student(teacher, folder)}
 
 

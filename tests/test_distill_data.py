@@ -1,0 +1,105 @@
+"""Distilling a pipeline teacher on your own captioned images (``--data DIR [--captions FILE]``): the captions
+become the prompt bank, the images are encoded once by the teacher's VAE and cached (rebuilt when a file
+changes), guided distillation trains on them, and bad folders are refused in one line before any work."""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_distill_pipelines import TINY_GUIDED  # noqa: E402
+from test_textbed import TINY_SD, TINY_VAE, tiny_data  # noqa: E402
+
+from fewstep.cli import main  # noqa: E402
+from fewstep.recipes.guided import run_guided  # noqa: E402
+from fewstep.recipes.latents import LATENT_CACHE, caption_prompts, encoded_data  # noqa: E402
+from fewstep.recipes.teachers import teacher_from  # noqa: E402
+from fewstep.recipes.textbed import run_sd, run_vae  # noqa: E402
+
+CAPTIONS = ["a thick seven", "a thin two slanted left", "a thick seven", "a handwritten zero"]
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    run_vae(out, TINY_VAE, data=tiny_data, progress=False)
+    return run_sd(out, TINY_SD, data=tiny_data, progress=False)
+
+
+def _folder(root: Path, side: int = 32) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, text in enumerate(CAPTIONS):
+        Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8), "L").save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_captions_become_the_prompt_bank_and_images_the_vae_latents_cached_once(sd, tmp_path, one_thread, capsys):
+    paths, prompts, labels = caption_prompts(_folder(tmp_path / "imgs"))
+    assert prompts == ["a thick seven", "a thin two slanted left", "a handwritten zero"]
+    assert labels.tolist() == [0, 1, 0, 2]
+    t = teacher_from(sd, prompts)
+    lat, lab = encoded_data(t, paths, labels, tmp_path / "run")
+    assert lat.shape == (4, *t.image_shape) and torch.equal(lab, labels)
+    # the latents are the VAE's posterior means, scaled as the pipeline's own latents
+    from fewstep.data.folder import load_image
+    x = load_image(paths[1], None, "L")[None]
+    vae = t.pipe.vae
+    with torch.no_grad():
+        ref = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    torch.testing.assert_close(lat[1:2], ref)
+    assert "building the training latents" in capsys.readouterr().err
+    # reused while nothing changed; rebuilt (with the reason) when an image changes
+    encoded_data(t, paths, labels, tmp_path / "run")
+    assert "building" not in capsys.readouterr().err
+    Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(paths[1])
+    again, _ = encoded_data(t, paths, labels, tmp_path / "run")
+    assert "other settings (files)" in capsys.readouterr().err
+    assert not torch.equal(again[1], lat[1]) and torch.equal(again[0], lat[0])
+    # a corrupt cache is rebuilt, not trusted
+    (tmp_path / "run" / LATENT_CACHE).write_bytes(b"not a safetensors file")
+    torch.testing.assert_close(encoded_data(t, paths, labels, tmp_path / "run")[0], again)
+
+
+def test_guided_distillation_trains_on_the_encoded_images(sd, tmp_path, one_thread):
+    paths, prompts, labels = caption_prompts(_folder(tmp_path / "imgs"))
+    t = teacher_from(sd, prompts)
+    settings = replace(TINY_GUIDED, rounds={4: 1})
+    exports = run_guided(tmp_path / "run", settings, name="tiny-guided", teacher=lambda: t, progress=False, until=4,
+                         data=lambda: encoded_data(t, paths, labels, tmp_path / "run"))
+    assert (exports["tiny-guided-4"] / "model_index.json").is_file()
+    assert not (tmp_path / "run" / "teacher-samples.safetensors").exists()  # the images, not the teacher's samples
+    assert (tmp_path / "run" / LATENT_CACHE).is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--captions", "x.jsonl"], "--captions goes with --data DIR"),
+    (["--prompts", "PROMPTS"], "leave --prompts out"),
+    (["SIZE"], "is 28x28, but the teacher works at 32x32 pixels"),
+])
+def test_bad_data_is_refused_in_one_line_before_any_work(sd, tmp_path, args, message):
+    good, small = _folder(tmp_path / "good"), _folder(tmp_path / "small", side=28)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a thick seven\n")
+    args = [str(prompts) if a == "PROMPTS" else a for a in args]
+    data = ["--data", str(small if args == ["SIZE"] else good)] if "--captions" not in args else []
+    args = [] if args == ["SIZE"] else args
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["distill", "guided", "--teacher", str(sd), "--out", str(out), *data, *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+    assert not (out / "stage1").exists()
+
+
+def test_dmd_refuses_data(sd, tmp_path):
+    r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--out", str(tmp_path / "o"),
+                                  "--data", str(_folder(tmp_path / "imgs"))])
+    assert r.exit_code == 2 and "leave --data / --captions out" in r.output
