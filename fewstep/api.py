@@ -433,6 +433,8 @@ def _tuned_grid(model, grid, solver: str, steps: int, w: float):
         if folder is None:
             raise ValueError("spacing='tuned' needs a shipped model or a model folder with grids/*.json")
         grid = find_grid(folder, solver, steps, w)
+    if isinstance(grid, TunedGrid) and grid.learned:  # checked here; its coefficients go on to the sampler
+        return grid.for_use(model.schedule, solver=solver, model=model, w=w)
     if isinstance(grid, TunedGrid):
         return grid.grid_for(model.schedule, solver=solver, model=model, w=w)
     return grid

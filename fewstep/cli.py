@@ -677,6 +677,9 @@ def _teacher_options(f):
                      help="Recompute activations in the backward pass (diffusers teachers): less memory, slower steps.")(f)
     f = click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
                      help="Autocast precision of training (default: the preset's, no). fp16 needs a CUDA GPU.")(f)
+    f = click.option("--null-class", "null_class", type=click.IntRange(min=0), default=None, metavar="K",
+                     help="Class-conditional UNet teachers: the class id it was trained with as unconditional "
+                          "(needed for guidance).")(f)
     f = click.option("--captions", type=click.Path(), default=None, metavar="FILE",
                      help="With --data: the captions, a metadata.jsonl (lines {\"file_name\": ..., \"text\": ...}) "
                           "or a CSV with columns file_name,text (default: DIR/metadata.jsonl).")(f)
@@ -690,6 +693,11 @@ def _teacher_options(f):
     return click.option("--teacher", default=None,
                         help="The teacher: a shipped name (mnist-teacher, mnist-sd, mnist-sd3), a fewstep model folder "
                              "or a diffusers pipeline folder (model_index.json). Default: the preset's.")(f)
+
+
+def _preset_settings(preset: str):
+    from .recipes import RECIPES
+    return RECIPES[preset].settings
 
 
 def _distill_settings(preset: str, teacher, suffix: str, **changes):
@@ -714,11 +722,13 @@ def _distill_settings(preset: str, teacher, suffix: str, **changes):
         raise click.UsageError(str(e)) from None
 
 
-def _teacher_provider(teacher, prompts, data=None, captions=None, out=None) -> dict:
+def _teacher_provider(teacher, prompts, data=None, captions=None, out=None, null_class=None, guidance=False) -> dict:
     """The recipe's ``teacher=`` (and with --data, ``data=``) providers for --teacher / --prompts / --data /
     --captions, checked now: one-line errors before any work. --data's captions are the prompts; its images,
     which must have the teacher's pixel size, are encoded once by its VAE (cached in --out)."""
     if teacher is None and prompts is None and data is None and captions is None:
+        if null_class is not None:
+            raise click.UsageError("--null-class needs a diffusers --teacher (a class-conditional UNet pipeline)")
         return {}
     from .recipes.teachers import PipelineTeacher, read_prompts, teacher_from
     try:
@@ -730,11 +740,12 @@ def _teacher_provider(teacher, prompts, data=None, captions=None, out=None) -> d
         if data is not None and prompts is not None:
             raise ValueError("--data's captions are the prompts to distill over: leave --prompts out")
         if data is None:
-            made = teacher_from(teacher, read_prompts(prompts) if prompts is not None else None)
+            made = teacher_from(teacher, read_prompts(prompts) if prompts is not None else None,
+                                null_class=null_class, guidance=guidance)
             return {"teacher": lambda: made}
         from .recipes.latents import caption_prompts, check_image_sizes, encoded_data, pixel_geometry
         paths, texts, labels = caption_prompts(data, captions)
-        made = teacher_from(teacher, texts)
+        made = teacher_from(teacher, texts, null_class=null_class, guidance=guidance)
         if not isinstance(made, PipelineTeacher):
             raise ValueError(f"--data is for diffusers pipeline teachers; {teacher} trains on MNIST: leave it out")
         check_image_sizes(paths, pixel_geometry(made.pipe)[1], data)
@@ -776,8 +787,8 @@ def _w_range(text):
 @click.option("--w-range", type=str, default=None, metavar="LO,HI",
               help="Guidance weights the w-conditioned student learns, drawn uniformly (default: the preset's, 0,4; "
                    "diffusers' guidance_scale = 1 + w).")
-def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, data, captions, mixed_precision,
-                       gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w_range):
+def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, data, captions, null_class,
+                       mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w_range):
     """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
     steps. Of the shipped mnist-teacher by default (reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1); of a
     diffusers pipeline with --teacher (mnist-sd: reproduces mnist-sd-guided-4 with --until 4), exported to
@@ -789,7 +800,7 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
                                        lora_targets=lora_targets,
                                        max_memory_gib=max_memory_gib)
     exports = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, until=until, part=part,
-                          name=name, **_teacher_provider(teacher, prompts, data, captions, out))
+                          name=name, **_teacher_provider(teacher, prompts, data, captions, out, null_class, True))
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -799,8 +810,8 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
 @click.option("--until", type=click.IntRange(min=1), default=None,
               help="Stop after the round that reaches this many steps (default: down to 4).")
 @_teacher_options
-def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, data, captions, mixed_precision,
-                            gradient_checkpointing, lora_rank, lora_targets, max_memory_gib):
+def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, data, captions, null_class,
+                            mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib):
     """Plain progressive distillation (Salimans & Ho 2022) of the teacher's conditional model (default: the
     shipped mnist-teacher; any fewstep model or diffusers pipeline folder with --teacher): rounds 32 -> 16 -> 8
     -> 4 steps, exported as <name>-<N> students (a pipeline teacher's: DIR/export/<name>-<N> pipelines)."""
@@ -809,7 +820,7 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
                                        lora_targets=lora_targets,
                                        max_memory_gib=max_memory_gib)
     exports = _run_recipe("mnist-progressive", out, threads, settings, resume=resume, progress=progress, until=until,
-                          name=name, **_teacher_provider(teacher, prompts, data, captions, out))
+                          name=name, **_teacher_provider(teacher, prompts, data, captions, out, null_class))
     for name, folder in exports.items():
         click.echo(f"{name}: {folder}")
 
@@ -832,8 +843,9 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
 @click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
               help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
                    "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
-def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, mixed_precision,
-                    gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps, gen_prediction):
+def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, null_class,
+                    mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps,
+                    gen_prediction):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
@@ -849,8 +861,9 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets,
                                        max_memory_gib=max_memory_gib)
+    real_w = (settings or _preset_settings(preset)).real_w
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
-                         **_teacher_provider(teacher, prompts))
+                         **_teacher_provider(teacher, prompts, out=out, null_class=null_class, guidance=real_w > 0))
     click.echo(f"{name}: {folder}")
 
 

@@ -8,6 +8,12 @@ the schedule and model it was fitted to, and its calibration and held-out errors
 ``fewstep.sample(..., grid=load_grid(path))``, ``FewstepScheduler(..., grid=...)`` or, for a
 shipped model, ``fewstep.generate(..., spacing="tuned")``.
 
+A learned solver (``fewstep.tune.tune_solver``) is the same file with ``learned`` filled in: the method
+(``pas`` or ``coeff``, ``fewstep.solvers.learned``), its coefficients (one row per step) and the PAS basis
+size; it is written as format ``fewstep-grid/2`` so that a reader that cannot apply the coefficients
+refuses it instead of sampling the times alone. ``fewstep.sample(..., grid=tuned)``,
+``FewstepScheduler(grid=tuned)`` and ``fewstep sample --grid`` apply the coefficients.
+
 Using a grid elsewhere than where it was fitted:
   * another solver, or a model / guidance weight other than the recorded one: a warning
     (``TunedGridWarning``); the grid is used as it is.
@@ -20,7 +26,7 @@ import hashlib
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,9 +34,10 @@ import torch
 from .schedules import NoiseSchedule
 
 __all__ = ["TunedGrid", "TunedGridWarning", "load_grid", "schedule_identity", "model_identity", "find_grid",
-           "shipped_grids", "FORMAT"]
+           "shipped_grids", "FORMAT", "LEARNED_FORMAT"]
 
 FORMAT = "fewstep-grid/1"
+LEARNED_FORMAT = "fewstep-grid/2"  # a grid with learned coefficients (``learned`` not empty)
 
 
 class TunedGridWarning(UserWarning):
@@ -73,6 +80,11 @@ class TunedGrid:
     heldout: dict = field(default_factory=dict)  # rmse on held-out noise / labels, with its baselines
     cost: dict = field(default_factory=dict)  # model calls and seconds spent fitting
     format: str = FORMAT
+    learned: dict = field(default_factory=dict)  # {"method", "coefficients", "basis"} of a learned solver, else {}
+
+    def __post_init__(self):
+        if self.learned:
+            self.format = LEARNED_FORMAT
 
     # -- file --------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -86,19 +98,35 @@ class TunedGrid:
 
     @classmethod
     def from_dict(cls, doc: dict) -> "TunedGrid":
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"not a fewstep tuned grid (format {doc.get('format')!r}, expected {FORMAT!r})")
+        if doc.get("format") not in (FORMAT, LEARNED_FORMAT):
+            raise ValueError(f"not a fewstep tuned grid (format {doc.get('format')!r}, expected {FORMAT!r} or "
+                             f"{LEARNED_FORMAT!r}); make one with `fewstep tune`")
         known = {f for f in cls.__dataclass_fields__}
         grid = cls(**{k: v for k, v in doc.items() if k in known})
         t = torch.tensor(grid.times, dtype=torch.float64)
         if t.numel() < 2 or not (t[1:] < t[:-1]).all() or len(grid.lambdas) != t.numel():
             raise ValueError("a tuned grid's times must be strictly decreasing, with one lambda per time")
+        if grid.learned:
+            _check_learned(grid.learned, t.numel() - 1)
         return grid
 
     # -- use ---------------------------------------------------------------
     @property
     def w(self) -> float | None:
         return self.model.get("w")
+
+    @property
+    def method(self) -> str:
+        """``pas`` or ``coeff`` for a learned solver, ``grid`` for times alone."""
+        return self.learned.get("method", "grid") if self.learned else "grid"
+
+    def for_use(self, schedule: NoiseSchedule, *, solver: str | None = None, model=None,
+                w: float | None = None) -> "TunedGrid":
+        """A copy whose times are this grid's on ``schedule`` (``grid_for``, with its warnings), recorded as
+        fitted there and for ``solver``, so passing it on (e.g. to ``fewstep.sample``) warns no more."""
+        times = self.grid_for(schedule, solver=solver, model=model, w=w)
+        return replace(self, times=times.tolist(), lambdas=lambdas_of(schedule, times),
+                       schedule=schedule_identity(schedule), solver=solver or self.solver)
 
     @property
     def sigmas(self) -> list:
@@ -149,8 +177,21 @@ class TunedGrid:
 
     def __repr__(self) -> str:
         err = self.heldout.get("rmse", self.calibration.get("rmse"))
-        return (f"TunedGrid({self.solver}, NFE {self.nfe}, model {self.model.get('name')!r}, w={self.w}, "
+        kind = "" if not self.learned else f"{self.method}, "
+        return (f"TunedGrid({kind}{self.solver}, NFE {self.nfe}, model {self.model.get('name')!r}, w={self.w}, "
                 f"error {err if err is None else f'{err:.3g}'})")
+
+
+def _check_learned(learned: dict, steps: int) -> None:
+    """A learned solver's record: a known method and one row of coefficients per step (``basis`` wide for pas)."""
+    method, rows = learned.get("method"), learned.get("coefficients")
+    if method not in ("pas", "coeff"):
+        raise ValueError(f"a learned solver's method must be 'pas' or 'coeff', got {method!r}; refit it with "
+                         "fewstep.tune.tune_solver")
+    width = int(learned.get("basis", 4)) if method == "pas" else 1
+    if not isinstance(rows, list) or len(rows) != steps or any(len(r) != width for r in rows):
+        raise ValueError(f"a {method} solver of {steps} steps needs {steps} rows of {width} coefficients; this file "
+                         "has others: refit it with fewstep.tune.tune_solver")
 
 
 def _warn(message: str) -> None:

@@ -10,6 +10,7 @@ from .grids import TunedGrid
 from .schedules import NoiseSchedule, custom_grid, default_end, time_grid
 from .solvers import SOLVERS, SamplerOutput, fast_orders, get_solver
 from .solvers.dpm_solver import PLACEMENTS, default_placement, singlestep_outer_grid
+from .solvers.learned import learned_sample
 
 __all__ = ["sample", "invert", "solver_grid", "expected_nfe", "DEFAULT_SOLVER"]
 
@@ -91,22 +92,26 @@ def expected_nfe(solver: str, grid: torch.Tensor, options: dict | None = None) -
     return None
 
 
-def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, solver: str = DEFAULT_SOLVER,
+def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, solver: str | None = None,
            steps: int = 10, spacing: str = "logsnr", final: str = "zero", grid=None, cond: dict | None = None,
            thresholding: bool | dict = False, generator=None, callback=None, progress: bool = False,
            placement: str | None = None, **options) -> SamplerOutput:
     """Sample from ``denoiser`` starting at ``x_T`` (noise at the grid's first time).
 
-    solver: a name from ``fewstep.solvers.SOLVERS`` (e.g. ``dpmpp_2m``); default ``DEFAULT_SOLVER`` (UniPC-3 bh2).
+    solver: a name from ``fewstep.solvers.SOLVERS`` (e.g. ``dpmpp_2m``); default: a ``TunedGrid``'s own solver,
+      else ``DEFAULT_SOLVER`` (UniPC-3 bh2).
     steps: the budget of model calls (see ``solver_grid``); ignored if ``grid`` is given.
     grid: an explicit decreasing time grid (ending in 0 for a final denoising step).
       or a ``TunedGrid`` (``fewstep.grids.load_grid``; warns when fitted to another solver or schedule).
+      A learned solver's grid (``fewstep.tune.tune_solver``) also applies its coefficients to every step.
     thresholding: True (or a dict of ``dynamic_threshold`` arguments) to clip x0_hat.
     placement: singlestep solvers only, ``"official"`` or ``"logsnr_fractions"`` (default: by solver): where
     the steps' ends and inner model calls go (``fewstep.solvers.dpm_solver.PLACEMENTS``).
     options: solver options (``lower_order_final``, ``eta`` for ddim, ``rtol`` ...).
     """
     _check_cond(cond, x_T)
+    tuned = grid if isinstance(grid, TunedGrid) else None
+    solver = solver or (tuned.solver if tuned is not None else DEFAULT_SOLVER)
     spec = get_solver(solver)
     if grid is None:
         grid, extra = solver_grid(schedule, solver, steps, spacing, final, placement)
@@ -120,8 +125,23 @@ def sample(denoiser: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, so
             options.setdefault("inner", None if placement == "logsnr_fractions" else spacing)
     if thresholding:
         denoiser = Thresholded(denoiser, **(thresholding if isinstance(thresholding, dict) else {}))
+    if tuned is not None and tuned.learned:  # a learned solver: the base solver's steps with its coefficients
+        return _sample_learned(tuned, spec, denoiser, x_T, grid, schedule, cond=cond, generator=generator,
+                               callback=callback, progress=progress, **options)
     return spec(denoiser, x_T, grid, schedule, cond=cond, generator=generator, callback=callback,
                 progress=progress, **options)
+
+
+def _sample_learned(tuned: TunedGrid, spec, denoiser, x_T, grid, schedule, **kw) -> SamplerOutput:
+    """``sample`` with a learned solver (``fewstep.solvers.learned``) over ``spec``'s step function."""
+    if spec.step is None or spec.kind != "multistep":
+        raise ValueError(f"a learned solver corrects one-call-per-step solvers; {spec.name!r} is {spec.kind}: "
+                         f"leave solver out (the grid's is {tuned.solver!r})")
+    run = {k: kw.pop(k) for k in ("cond", "generator", "callback", "progress")}
+    base = spec.stepper(**{**tuned.learned.get("options", {}), **kw})
+    return learned_sample(denoiser, x_T, grid, schedule, base=base, method=tuned.learned["method"],
+                          coefficients=tuned.learned["coefficients"], basis=int(tuned.learned.get("basis", 4)),
+                          desc=f"{tuned.learned['method']}[{spec.name}]", **run)
 
 
 def invert(denoiser: Callable, x0: torch.Tensor, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m",

@@ -50,19 +50,22 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
+from .distributed import (CallGuard, fsdp_modules, fsdp_plan, full_tensor, is_sharded, local_chunk, local_view,
+                          shard_network, sync_from_rank0)
 from .images import save_image_grid
 
 __all__ = ["train", "TrainResult", "make_batch_source", "save_image_grid", "latest_checkpoint",
            "load_checkpoint_weights"]
 
 CKPT_PREFIX = "ckpt-"
+SHARDED = "fewstep.sharded"  # a shard file's metadata key: the tensors split along dim 0 over the processes
 LATEST = "latest.json"
 LOG = "log.jsonl"
 
@@ -195,19 +198,22 @@ def _to_device(batch, device):
 # Nested state <-> (JSON, tensors)
 # ---------------------------------------------------------------------------
 
-def _split_tree(obj, tensors: dict, key: str):
-    """Replace tensors in a nested structure by references; collect them in ``tensors``."""
+def _split_tree(obj, tensors: dict, key: str, sharded: set | None = None):
+    """Replace tensors in a nested structure by references; collect them in ``tensors`` (a DTensor as
+    this process's shard, its key added to ``sharded``)."""
     if isinstance(obj, torch.Tensor):
-        tensors[key] = obj.detach().cpu().contiguous().clone()
+        if is_sharded(obj):
+            sharded.add(key)
+        tensors[key] = local_view(obj).detach().cpu().contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: _split_tree(v, tensors, f"{key}.{k}") for k, v in obj.items()}
-        return {"__items__": [[k, _split_tree(v, tensors, f"{key}.{k}")] for k, v in obj.items()]}
+            return {k: _split_tree(v, tensors, f"{key}.{k}", sharded) for k, v in obj.items()}
+        return {"__items__": [[k, _split_tree(v, tensors, f"{key}.{k}", sharded)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple__": [_split_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+        return {"__tuple__": [_split_tree(v, tensors, f"{key}.{i}", sharded) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [_split_tree(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+        return [_split_tree(v, tensors, f"{key}.{i}", sharded) for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot store a {type(obj).__name__} at {key} in a checkpoint")
@@ -264,8 +270,15 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _state_tensors(module: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+def _state_tensors(module: torch.nn.Module, sharded: set | None = None) -> dict:
+    """A copy of the module's state on the CPU; of a sharded module this process's shards (their keys
+    added to ``sharded``)."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if is_sharded(v):
+            sharded.add(k)
+        out[k] = local_view(v).detach().cpu().contiguous().clone()
+    return out
 
 
 def _file_names(name: str) -> tuple[str, str, str]:
@@ -276,30 +289,68 @@ def _file_names(name: str) -> tuple[str, str, str]:
     return f"{name}.safetensors", f"{name}.ema.safetensors", f"{name}.optimizer.safetensors"
 
 
-def save_checkpoint(out_dir: Path, step: int, nets: dict, source, extra: dict, keep: int = 2) -> Path:
-    """Write ``ckpt-<step>`` atomically (tmp folder + os.replace), update latest.json, prune old ones.
+def _shard_path(path: Path, rank: int, world: int) -> Path:
+    """``model.safetensors`` -> ``model.shard-<rank>-of-<world>.safetensors``."""
+    return path.with_name(f"{path.name[:-len('.safetensors')]}.shard-{rank}-of-{world}.safetensors")
 
-    ``nets`` maps each trained network's name to a :class:`_Trained` (model, EMA, optimizer, scheduler).
-    """
+
+def _save_tensors(path: Path, tensors: dict, sharded: set, shards: tuple[int, int] | None) -> None:
+    """One checkpoint file, or (``shards`` = (world, rank)) this process's shard file of it, which names
+    the tensors split along dim 0 over the processes in its metadata."""
     from safetensors.torch import save_file
+    if shards is None:
+        save_file(tensors, str(path))
+    else:
+        save_file(tensors, str(_shard_path(path, shards[1], shards[0])), metadata={SHARDED: json.dumps(sorted(sharded))})
 
-    final = out_dir / f"{CKPT_PREFIX}{step:08d}"
-    tmp = out_dir / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+def _write_networks(tmp: Path, nets: dict, shards) -> tuple[dict, dict]:
+    """Each network's weights, EMA and optimizer files; returns (optimizer metadata, scheduler states)."""
     opt_meta, sched = {}, {}
     for name, n in nets.items():
         f_model, f_ema, f_opt = _file_names(name)
-        save_file(_state_tensors(n.raw), str(tmp / f_model))
-        save_file(_state_tensors(n.ema), str(tmp / f_ema))
-        opt_tensors: dict = {}
-        opt_meta[name] = _split_tree(n.optimizer.state_dict(), opt_tensors, "opt")
-        save_file(opt_tensors, str(tmp / f_opt))
+        for module, fname in ((n.raw, f_model), (n.ema, f_ema)):
+            sharded: set = set()
+            _save_tensors(tmp / fname, _state_tensors(module, sharded), sharded, shards)
+        opt_tensors, sharded = {}, set()
+        opt_meta[name] = _split_tree(n.optimizer.state_dict(), opt_tensors, "opt", sharded)
+        _save_tensors(tmp / f_opt, opt_tensors, sharded, shards)
         sched[name] = n.scheduler.state_dict()
+    return opt_meta, sched
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def save_checkpoint(out_dir: Path, step: int, nets: dict, source, extra: dict, keep: int = 2,
+                    shards: tuple[int, int] | None = None) -> Path:
+    """Write ``ckpt-<step>`` atomically (tmp folder + os.replace), update latest.json, prune old ones.
+
+    ``nets`` maps each trained network's name to a :class:`_Trained` (model, EMA, optimizer, scheduler).
+    ``shards`` = (world, rank) of a sharded (FSDP) run: every process calls this and writes its own shard
+    of every weights / EMA / optimizer file (``<file>.shard-<rank>-of-<world>.safetensors``); once all are
+    written the main process adds state.json and moves the folder into place.
+    """
+    from safetensors.torch import save_file
+
+    world, rank = shards or (1, 0)
+    final = out_dir / f"{CKPT_PREFIX}{step:08d}"
+    tmp = out_dir / (final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world)
+    opt_meta, sched = _write_networks(tmp, nets, shards)
+    _barrier(world)
+    if rank != 0:
+        return final
     rng_js, rng_tensors = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    _write_json(tmp / "state.json", {"step": step, "networks": list(nets), "optimizers": opt_meta,
-                                     "schedulers": sched, "rng": rng_js, "data": source.state_dict(), **extra})
+    sharding = {"sharding": {"kind": "fsdp", "world": world}} if shards else {}
+    _write_json(tmp / "state.json", {"step": step, "networks": list(nets), "optimizers": opt_meta, "schedulers": sched,
+                                     "rng": rng_js, "data": source.state_dict(), **sharding, **extra})
     if final.exists():  # re-saving a step (e.g. after a resume): the previous checkpoint stays meanwhile
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -337,12 +388,110 @@ def _read_safetensors(path: Path) -> dict:
         raise ValueError(f"cannot read checkpoint file {path}: it is corrupt or truncated ({e})") from None
 
 
+def _shard_files(path: Path) -> list[Path]:
+    """The shard files of checkpoint file ``path`` written by a sharded run, in process order ([] if none)."""
+    stem = path.name[:-len(".safetensors")]
+    found = sorted(path.parent.glob(f"{stem}.shard-*-of-*.safetensors"))
+    if not found:
+        return []
+    world = int(found[0].name.rsplit("-of-", 1)[1].split(".")[0])
+    want = [_shard_path(path, r, world) for r in range(world)]
+    if sorted(found) != sorted(want):
+        raise ValueError(f"checkpoint file {path.name} has shards {[p.name for p in found]} in {path.parent}, "
+                         f"not the {world} that one run writes; the checkpoint is incomplete, resume from another")
+    return want
+
+
+class _ShardedFile(Mapping):
+    """A sharded checkpoint file as full tensors, read lazily one tensor at a time: the tensors its shards
+    name as split are concatenated along dim 0 in process order, the others read from shard 0."""
+
+    def __init__(self, parts: list[Path]):
+        from safetensors import safe_open
+        try:
+            self.handles = [safe_open(str(p), "pt") for p in parts]
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint shards {parts[0].parent}: corrupt or truncated ({e})") from None
+        self.split = set(json.loads((self.handles[0].metadata() or {}).get(SHARDED, "[]")))
+        self.name = parts[0].parent / parts[0].name.split(".shard-")[0]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.handles[0].keys():
+            raise KeyError(key)
+        try:
+            if key in self.split:
+                return torch.cat([h.get_tensor(key) for h in self.handles])
+            return self.handles[0].get_tensor(key)
+        except Exception as e:
+            raise ValueError(f"cannot read {key} from checkpoint file {self.name}: corrupt or truncated ({e})") from None
+
+    def __iter__(self):
+        return iter(self.handles[0].keys())
+
+    def __len__(self) -> int:
+        return len(self.handles[0].keys())
+
+
+def _checkpoint_file(path: Path) -> Mapping:
+    """The tensors of one checkpoint file (a mapping of full tensors), whether one process wrote it or
+    each process of a sharded run wrote its shard."""
+    parts = [] if path.is_file() else _shard_files(path)
+    return _ShardedFile(parts) if parts else _read_safetensors(path)
+
+
 def load_checkpoint_weights(ckpt: Path, which: str = "ema", network: str = "model") -> dict:
-    """State dict of a network ('model' for one-network runs) or its EMA from a checkpoint folder."""
+    """State dict of a network ('model' for one-network runs) or its EMA from a checkpoint folder; of a
+    sharded (FSDP) run's checkpoint the full tensors, assembled from its shards."""
     if which not in ("model", "ema"):
         raise ValueError(f"which must be 'model' or 'ema', got {which!r}")
     f_model, f_ema, _ = _file_names(network)
-    return _read_safetensors(Path(ckpt) / (f_model if which == "model" else f_ema))
+    return dict(_checkpoint_file(Path(ckpt) / (f_model if which == "model" else f_ema)))
+
+
+def _load_sharded(module: torch.nn.Module, tensors: Mapping) -> None:
+    """Load full tensors into a sharded module: each process copies in its own dim-0 chunk."""
+    target = module.state_dict()
+    if set(target) != set(tensors):
+        raise RuntimeError(f"Error(s) in loading state_dict:\n\tmissing {sorted(set(target) - set(tensors))[:3]}, "
+                           f"unexpected {sorted(set(tensors) - set(target))[:3]}")
+    with torch.no_grad():
+        for k, v in target.items():
+            full = tensors[k]
+            if full.shape != v.shape:
+                raise RuntimeError(f"Error(s) in loading state_dict:\n\tsize mismatch for {k}: the checkpoint "
+                                   f"has {tuple(full.shape)}, the network {tuple(v.shape)}")
+            local_view(v).copy_(local_chunk(full, v) if is_sharded(v) else full)
+
+
+def _load_network(module: torch.nn.Module, tensors: Mapping, ckpt: Path, name: str) -> None:
+    try:
+        if any(is_sharded(v) for v in module.state_dict().values()):
+            _load_sharded(module, tensors)
+        else:
+            module.load_state_dict(dict(tensors))
+    except RuntimeError as e:  # another architecture or size than the run that wrote the checkpoint
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"checkpoint {ckpt} does not fit network {name!r} of this run ({first} ...); "
+                         "resume with the network that wrote it, or use a new out_dir") from None
+
+
+def _as_shard(value, param):
+    """An optimizer state tensor read in full, as the DTensor shard of a sharded parameter's state."""
+    from torch.distributed.tensor import DTensor
+    if not (isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape == param.shape):
+        return value  # e.g. AdamW's step count
+    part = local_chunk(value, param).to(local_view(param).device)
+    return DTensor.from_local(part, param.device_mesh, param.placements, shape=param.shape, stride=param.stride(),
+                              run_check=False)
+
+
+def _shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state dict read in full, with the states of sharded parameters cut to this process's shards."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, st in state["state"].items():
+        if is_sharded(params[int(idx)]):
+            state["state"][idx] = {k: _as_shard(v, params[int(idx)]) for k, v in st.items()}
+    return state
 
 
 def _restore(ckpt: Path, nets: dict, source) -> dict:
@@ -355,14 +504,10 @@ def _restore(ckpt: Path, nets: dict, source) -> dict:
                          f"{list(nets)}; use a new out_dir")
     for name, n in nets.items():
         f_model, f_ema, f_opt = _file_names(name)
-        try:
-            n.raw.load_state_dict(_read_safetensors(ckpt / f_model))
-            n.ema.load_state_dict(_read_safetensors(ckpt / f_ema))
-        except RuntimeError as e:  # another architecture or size than the run that wrote the checkpoint
-            first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            raise ValueError(f"checkpoint {ckpt} does not fit network {name!r} of this run ({first} ...); "
-                             "resume with the network that wrote it, or use a new out_dir") from None
-        n.optimizer.load_state_dict(_join_tree(state["optimizers"][name], _read_safetensors(ckpt / f_opt)))
+        _load_network(n.raw, _checkpoint_file(ckpt / f_model), ckpt, name)
+        _load_network(n.ema, _checkpoint_file(ckpt / f_ema), ckpt, name)
+        opt_state = _join_tree(state["optimizers"][name], _checkpoint_file(ckpt / f_opt))
+        n.optimizer.load_state_dict(_shard_optimizer_state(opt_state, n.optimizer))
         n.scheduler.load_state_dict(state["schedulers"][name])
     source.load_state_dict(state["data"])
     _set_rng_state(state["rng"], _read_safetensors(ckpt / "rng.safetensors"))
@@ -422,8 +567,10 @@ class TrainResult:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for float tensors; other buffers are copied."""
+    """ema <- decay * ema + (1 - decay) * model for float tensors; other buffers are copied. Of sharded
+    networks each process updates its own shard (no communication)."""
     for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        e, m = local_view(e), local_view(m)
         if e.dtype.is_floating_point:
             e.lerp_(m.to(e.dtype), 1.0 - decay)
         else:
@@ -488,26 +635,103 @@ def _seed_all(seed: int) -> None:
 @dataclass
 class _Trained:
     """One trained network: the prepared (possibly DDP-wrapped) model, the raw module, its EMA,
-    AdamW optimizer and warm-up scheduler, and its EMA decay."""
+    AdamW optimizer and warm-up scheduler, and its EMA decay. A sharded (FSDP) network is its own raw
+    module and keeps ``template``: the unsharded architecture with its parameters on the meta device."""
     model: torch.nn.Module
     raw: torch.nn.Module
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     ema_decay: float
+    template: torch.nn.Module | None = None
 
 
-def _build(models: dict, accelerator, lrs: dict, weight_decays: dict, warmup: int, emas: dict) -> dict:
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float, warmup: int):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(warmup))
+
+
+def _meta_template(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no memory); buffers are copied."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad) for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _materialize(template: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """An ordinary (unsharded) module: ``template`` with the full tensors of ``state`` (a state dict)."""
+    params = dict(template.named_parameters(remove_duplicate=False))
+    memo = {id(p): torch.nn.Parameter(state[k], p.requires_grad) for k, p in params.items()}
+    plain = copy.deepcopy(template, memo)
+    plain.load_state_dict(state)  # the persistent buffers
+    return plain
+
+
+def _build_sharded(model, plan, device, lr: float, weight_decay: float, warmup: int, ema_decay: float) -> _Trained:
+    """Shard one network and its EMA (FSDP) after every process took process 0's weights; the optimizer
+    is built over the shards, so its state is sharded too."""
+    sync_from_rank0(model, device)
+    template = _meta_template(model)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    shard_network(model, plan, device)
+    shard_network(ema, plan, device)
+    optimizer, scheduler = _optimizer(model, lr, weight_decay, warmup)
+    return _Trained(model, model, ema, optimizer, scheduler, ema_decay, template)
+
+
+def _build(models: dict, accelerator, lrs: dict, weight_decays: dict, warmup: int, emas: dict, plan=None) -> dict:
     out = {}
     for name, model in models.items():
+        if plan is not None:
+            out[name] = _build_sharded(model, plan, accelerator.device, lrs[name], weight_decays[name], warmup,
+                                       emas[name])
+            continue
         ema = copy.deepcopy(model).requires_grad_(False).eval()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lrs[name],
-                                      weight_decay=weight_decays[name])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_lambda(warmup))
+        optimizer, scheduler = _optimizer(model, lrs[name], weight_decays[name], warmup)
         prepared, optimizer = accelerator.prepare(model, optimizer)
         ema.to(accelerator.device)
         out[name] = _Trained(prepared, accelerator.unwrap_model(prepared), ema, optimizer, scheduler, emas[name])
     return out
+
+
+def _full_state(module: torch.nn.Module, keep: bool = True) -> dict:
+    """The full tensors of a sharded module's state (a collective: every process calls it), on the CPU;
+    ``keep=False``: take part in the gathering, keep nothing."""
+    out = {}
+    for k, v in module.state_dict().items():
+        full = full_tensor(v.detach())
+        if keep:
+            out[k] = full.to("cpu", copy=True)
+    return out
+
+
+def _unsharded(n: _Trained, which: str, keep: bool = True):
+    """A sharded network's model or EMA as an ordinary module on the CPU (None where ``keep`` is False)."""
+    state = _full_state(n.raw if which == "model" else n.ema, keep)
+    if not keep:
+        return None
+    plain = _materialize(n.template, state).to("cpu")
+    return plain.requires_grad_(False).eval() if which == "ema" else plain.train()
+
+
+class _Sharding:
+    """A sharded run's duties around each optimizer step: under FULL_SHARD the check that every process
+    calls the networks alike (:class:`fewstep.distributed.CallGuard`), and freeing gathered parameters."""
+
+    def __init__(self, plan, nets: dict, device):
+        self.guard = CallGuard({k: n.model for k, n in nets.items()}, device) if plan.reshard_after_forward else None
+        self.groups = [g for n in nets.values() for g in fsdp_modules(n.model)]
+
+    def end_of_objective(self) -> None:
+        if self.guard is not None:
+            self.guard.end()
+
+    def reshard(self) -> None:
+        for g in self.groups:
+            g.reshard()
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.remove()
 
 
 class _OneNetwork:
@@ -530,7 +754,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
           sample_fn: Callable | None = None, sample_every_minutes: float | None = 10.0,
           sample_every_steps: int | None = None, log_every: int = 50, resume: bool = True, seed: int = 0,
           keep_checkpoints: int = 2, on_step: Callable | None = None, progress: bool = True,
-          cpu: bool | None = None, run_info: dict | None = None) -> TrainResult:
+          cpu: bool | None = None, run_info: dict | None = None, sharding: str | None = None) -> TrainResult:
     """Train ``model`` on ``objective`` for ``steps`` steps; see the module docstring.
 
     One network: ``model`` is an nn.Module and ``objective(model, batch) -> (B,)``.
@@ -549,6 +773,11 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     reuse a folder that has checkpoints. ``on_step(step, loss)`` is called after each step.
     ``run_info`` (JSON-able) is stored in ``run.json`` and every checkpoint. ``sample_fn`` gets the
     first network's EMA.
+
+    ``sharding``: "fsdp" shards every trained network over the processes (torch FSDP2, see
+    docs/fsdp.md), "none" never does, None (default) follows the launcher (``accelerate launch
+    --use_fsdp`` or an FSDP config file). Sharded runs write sharded checkpoints and return full
+    (unsharded) copies of the networks and EMAs on each process's device.
     """
     from tqdm.auto import tqdm
 
@@ -574,10 +803,13 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
                          "or choose a new out_dir")
     accelerator = _make_accelerator(mixed_precision, cpu)
     main = accelerator.is_main_process
+    plan = _sharding_plan(sharding, accelerator, mixed_precision)
     _seed_all(seed)
     shards = _Shards(accelerator.num_processes, accelerator.process_index, grad_accum, batch_size, seed)
     source = make_batch_source(data, batch_size * shards.count, seed)  # every process draws the same global batch
-    nets = _build(models, accelerator, lrs, wds, warmup, emas)
+    nets = _build(models, accelerator, lrs, wds, warmup, emas, plan)
+    sharded = _Sharding(plan, nets, accelerator.device) if plan is not None else None
+    ckpt_shards = (accelerator.num_processes, accelerator.process_index) if sharded else None
     step, resumed_from = 0, None
     if ckpt is not None:
         step = resumed_from = _restore(ckpt, nets, source)["step"]
@@ -587,12 +819,14 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     info = {"steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "grad_clip": grad_clip,
             "ema_decay": ema_decay, "weight_decay": weight_decay, "mixed_precision": mixed_precision,
             "grad_accum": grad_accum, "seed": seed, "info": run_info or {}}
+    if plan is not None:
+        info["sharding"] = {"kind": "fsdp", "processes": accelerator.num_processes, **asdict(plan)}
     if main:
         _write_json(out_dir / "run.json", info)
 
     def checkpoint():
-        if main:
-            save_checkpoint(out_dir, step, nets, source, {"run": info}, keep_checkpoints)
+        if main or sharded:
+            save_checkpoint(out_dir, step, nets, source, {"run": info}, keep_checkpoints, ckpt_shards)
         accelerator.wait_for_everyone()
 
     first = nets[names[0]]
@@ -612,7 +846,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
                 # the other networks enter unwrapped: only the updated one synchronises its gradients
                 loss_val, grad_norm = _train_step(
                     lambda m, b: objective({**{k: v.raw for k, v in nets.items()}, name: m}, b, name),
-                    n.model, source, n.optimizer, accelerator, shards, (step, phase), grad_clip)
+                    n.model, source, n.optimizer, accelerator, shards, (step, phase), grad_clip, sharded)
             except FloatingPointError as e:  # nothing of this step was applied; no checkpoint is written
                 good = latest_checkpoint(out_dir)
                 raise FloatingPointError(f"step {step + 1} ({name}): {e}. Training stopped; the last good checkpoint "
@@ -635,22 +869,60 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
             window, t_window = {}, now
         if on_step is not None:
             on_step(step, loss_val)
-        if sample_fn is not None and main and _due(step, sample_every_steps, time.monotonic() - t_sample,
-                                                   sample_every_minutes):
-            bar.write(f"step {step}: samples -> {_run_sample_fn(sample_fn, first.ema, step, out_dir)}")
+        if sample_fn is not None and _agree(accelerator, _due(step, sample_every_steps, time.monotonic() - t_sample,
+                                                              sample_every_minutes)):
+            made = _preview(sample_fn, first, step, out_dir, main, sharded is not None)
+            if made is not None:
+                bar.write(f"step {step}: samples -> {made}")
             t_sample = time.monotonic()
-        if step < steps and _due(step, ckpt_every_steps, time.monotonic() - t_ckpt, ckpt_every_minutes):
+        if step < steps and _agree(accelerator, _due(step, ckpt_every_steps, time.monotonic() - t_ckpt,
+                                                     ckpt_every_minutes)):
             checkpoint()
             last_ckpt_step, t_ckpt = step, time.monotonic()
             bar.write(f"step {step}: checkpoint written")
     bar.close()
-    if last_ckpt_step != step or latest_checkpoint(out_dir) is None:
+    if _agree(accelerator, last_ckpt_step != step or latest_checkpoint(out_dir) is None):
         checkpoint()
+    models_out, emas_out = _results(nets, sharded, accelerator.device)
     if sample_fn is not None and main:
-        _run_sample_fn(sample_fn, first.ema, step, out_dir)
-    return TrainResult(model=first.raw, ema=first.ema, step=step, out_dir=out_dir, last_loss=loss_val,
-                       models={k: v.raw for k, v in nets.items()}, emas={k: v.ema for k, v in nets.items()},
-                       resumed_from=resumed_from, steps_run=step - first_step)
+        _run_sample_fn(sample_fn, emas_out[names[0]], step, out_dir)
+    return TrainResult(model=models_out[names[0]], ema=emas_out[names[0]], step=step, out_dir=out_dir,
+                       last_loss=loss_val, models=models_out, emas=emas_out, resumed_from=resumed_from,
+                       steps_run=step - first_step)
+
+
+def _sharding_plan(sharding, accelerator, mixed_precision: str):
+    """The run's FSDP plan (None: replicated); refuses what sharded training cannot do."""
+    plan = fsdp_plan(sharding, accelerator.num_processes)
+    if plan is not None and mixed_precision == "fp16":
+        raise ValueError("fp16 loss scaling is not supported with FSDP sharding; use mixed_precision bf16 or no")
+    return plan
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """The main process's decision, for every process: time-based triggers (checkpoint and preview
+    intervals in minutes) can fall on different steps in different processes, and both are collective."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def _preview(sample_fn, first: _Trained, step: int, out_dir: Path, main: bool, sharded: bool) -> Path | None:
+    """The periodic sample grid, written by the main process; of a sharded run from its EMA gathered
+    into an ordinary module on the main process's CPU (every process takes part in the gathering)."""
+    ema = _unsharded(first, "ema", keep=main) if sharded else first.ema
+    return _run_sample_fn(sample_fn, ema, step, out_dir) if main else None
+
+
+def _results(nets: dict, sharded, device) -> tuple[dict, dict]:
+    """The trained networks and EMAs to return; of a sharded run full copies on ``device``."""
+    if sharded is None:
+        return {k: v.raw for k, v in nets.items()}, {k: v.ema for k, v in nets.items()}
+    sharded.close()
+    models = {k: _unsharded(v, "model").to(device) for k, v in nets.items()}
+    return models, {k: _unsharded(v, "ema").to(device) for k, v in nets.items()}
 
 
 def _check_writable(out_dir: Path, need_bytes: int = 1 << 20) -> None:
@@ -690,14 +962,16 @@ def _make_accelerator(mixed_precision: str, cpu: bool | None):
     if cpu is None and launched > 1 and not torch.cuda.is_available():
         cpu = True  # several CPU processes (gloo); without this accelerate would run each one alone
     try:
-        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        with _without_accelerate_fsdp():
+            accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError as e:
         if "already been initialized" not in str(e):
             raise
         # accelerate keeps one global state per process; drop its precision settings (keeping the
         # distributed setup) so that successive trainers in one process can differ in precision
         AcceleratorState._reset_state(reset_partial_state=False)
-        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        with _without_accelerate_fsdp():
+            accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     if accelerator.num_processes != launched:  # never train N independent copies by mistake
         raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate sees "
                            f"{accelerator.num_processes}; check the launcher's device settings (e.g. "
@@ -705,6 +979,19 @@ def _make_accelerator(mixed_precision: str, cpu: bool | None):
     if launched > 1:
         _close_process_group_at_exit()
     return accelerator
+
+
+@contextlib.contextmanager
+def _without_accelerate_fsdp():
+    """Hide accelerate's FSDP switch while the Accelerator is made: the loop shards its networks itself
+    (fewstep.distributed.shard_network, read from the same variables), the same way on GPUs and CPUs;
+    accelerate would otherwise take over the models' preparation on GPUs only."""
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
 @functools.cache
@@ -750,20 +1037,24 @@ class _Shards:
         return batch
 
 
-def _train_step(objective, model, source, optimizer, accelerator, shards, where, grad_clip):
+def _train_step(objective, model, source, optimizer, accelerator, shards, where, grad_clip, sharded=None):
     """One optimizer step over this process's shards of (step, phase) = ``where``;
-    returns (mean loss over all processes, grad norm)."""
+    returns (mean loss over all processes, grad norm). ``sharded``: the run's :class:`_Sharding` (FSDP
+    reduces the gradients of every micro-batch, so there is no no_sync)."""
     total, mine = 0.0, shards.at(*where)
     batch = source.next() if source.global_batches else None
     for micro, (k, shard_seed) in enumerate(mine):
         part = shards.take(batch, k) if batch is not None else source.next()
         part = _to_device(part, accelerator.device)
         sync = micro == len(mine) - 1
-        ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else contextlib.nullcontext()
+        ddp_accumulate = not sync and accelerator.num_processes > 1 and sharded is None
+        ctx = accelerator.no_sync(model) if ddp_accumulate else contextlib.nullcontext()
         torch.manual_seed(shard_seed)
         with ctx:
             with accelerator.autocast():
                 per_sample = objective(model, part)
+            if sharded is not None:
+                sharded.end_of_objective()
             if per_sample.ndim != 1:
                 raise ValueError(f"the objective must return a per-sample loss of shape (B,), "
                                  f"got {tuple(per_sample.shape)}")
@@ -775,7 +1066,13 @@ def _train_step(objective, model, source, optimizer, accelerator, shards, where,
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss became {total}; lower lr or enable grad_clip")  # step added by train()
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = accelerator.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    max_norm = grad_clip if grad_clip is not None else float("inf")
+    if sharded is None:
+        norm = accelerator.clip_grad_norm_(params, max_norm)
+    else:  # the norm over all shards (a DTensor, the same on every process)
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if sharded is not None:
+        sharded.reshard()
     return total, float(norm)

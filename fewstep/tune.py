@@ -41,7 +41,8 @@ from .solvers._common import grid_points
 from .solvers.baseline import ddim_step
 
 __all__ = ["Calibration", "Trajectory", "calibration_set", "reference_trajectory", "dp_grid", "refine_grid",
-           "tune_grid", "tune_model", "grid_rmse", "step_costs", "METHODS"]
+           "tune_grid", "tune_model", "grid_rmse", "step_costs", "METHODS", "tune_solver", "SOLVER_METHODS",
+           "DEFAULT_SOLVER_METHOD", "default_starts", "flow_shift_grid", "grid_targets", "heldout_errors", "is_flow"]
 
 METHODS = ("dp", "refine", "dp+refine")
 FIXED_SPACINGS = ("logsnr", "karras", "time_uniform", "time_quadratic")  # the starts refine chooses from
@@ -371,3 +372,413 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe: int = 5, w: float = 0.0,
     with torch.no_grad():
         return tune_grid(model.denoiser(w), model.schedule, solver=solver, nfe=nfe, calibration=cal, model=model,
                          conditioning={"w": float(w)}, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Learned solvers: times and per-step coefficients fitted together (fewstep.solvers.learned)
+# ---------------------------------------------------------------------------
+
+SOLVER_METHODS = ("coeff", "pas", "grid")
+DEFAULT_SOLVER_METHOD = "coeff"  # measured against pas on held-out noises: benchmarks/results/learned_*.md
+FLOW_SHIFTS = (1.0, 2.0, 3.0, 4.0, 5.0, 7.0)  # shifted flow grids tried as starts (SD3 / Sana 3, Flux ~3.2, Wan 5)
+PAS_RIDGE = (0.0, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths of the PAS fit, relative; chosen on the validation split
+
+
+def is_flow(schedule: NoiseSchedule) -> bool:
+    """Rectified flow / flow matching (alpha = 1 - t, sigma = t)."""
+    return getattr(schedule, "kind", "") in ("rectified_flow", "flow_matching")
+
+
+def flow_shift_grid(schedule: NoiseSchedule, nfe: int, shift: float) -> torch.Tensor:
+    """The grid a flow-matching pipeline samples with ``nfe`` calls at ``shift`` (FlowMatchEuler and the flow
+    modes of DPM-Solver / UniPC: sigma_k = k / nfe shifted, s sigma / (1 + (s - 1) sigma), SD3 paper eq. 23),
+    its first point moved to the schedule's t_max, ending in 0."""
+    sig = torch.arange(nfe, 0, -1, dtype=torch.float64) / nfe
+    t = shift * sig / (1.0 + (shift - 1.0) * sig)
+    t = t.clamp(schedule.t_min, schedule.t_max)
+    t[0] = schedule.t_max
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def default_starts(schedule: NoiseSchedule, nfe: int) -> dict:
+    """Starting grids beyond the fixed spacings: for a flow schedule the pipelines' own shifted grids
+    (``FLOW_SHIFTS``); none for other families (their fixed spacings are their pipelines' grids)."""
+    if not is_flow(schedule) or nfe < 2:
+        return {}
+    out = {}
+    for s in FLOW_SHIFTS:
+        g = flow_shift_grid(schedule, nfe, s)
+        if bool((g[1:] < g[:-1]).all()):
+            out[f"flow_shift{s:g}"] = g
+    return out
+
+
+def _subset(cal: Calibration, idx: torch.Tensor) -> Calibration:
+    """The calibration samples ``idx`` (noises, conditions and their slice of the reference trajectory)."""
+    take = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == cal.x_T.shape[0] else v  # noqa: E731
+    traj = cal.trajectory
+    sub = None if traj is None else Trajectory(traj.times, [take(v) for v in traj.xs], [take(v) for v in traj.x0s],
+                                               take(traj.final), traj.error, traj.model_calls, traj.seconds)
+    cond = None if cal.cond is None else {k: take(v) for k, v in cal.cond.items()}
+    return Calibration(take(cal.x_T), cond, cal.seed, sub)
+
+
+def _split(cal: Calibration, validation: float) -> tuple[Calibration, Calibration]:
+    """(train, validation): the last ``validation`` share of the calibration samples validate (at least one)."""
+    n = int(cal.x_T.shape[0])
+    if n < 2:
+        raise ValueError(f"a learned solver needs at least 2 calibration noises (fit + validation), got {n}")
+    n_val = min(n - 1, max(1, round(n * validation)))
+    idx = torch.arange(n)
+    return _subset(cal, idx[: n - n_val]), _subset(cal, idx[n - n_val:])
+
+
+def _gap_logits(schedule, grid: torch.Tensor, free_end: bool):
+    """(u, lam0, span, t_max): the free log-SNR points of ``grid`` as the logits ``_times_of`` maps back."""
+    t_max = float(grid[0])
+    lam0, lam1 = (float(v) for v in schedule.lambda_(torch.tensor([t_max, schedule.t_min], dtype=torch.float64)))
+    span = lam1 - lam0
+    inner = schedule.lambda_(grid[1:-1 if free_end else -2].to(torch.float64)).clamp(lam0, lam1)
+    gaps = torch.diff(torch.cat([torch.tensor([lam0], dtype=torch.float64), inner,
+                                 torch.tensor([lam1], dtype=torch.float64)])).clamp_min(1e-3 * span)
+    return torch.log(gaps[:-1] / gaps[-1]), lam0, span, t_max
+
+
+class _Problem:
+    """One calibration split seen by the fitter: the final-sample RMSE of a (grid, coefficients) pair."""
+
+    def __init__(self, denoiser, schedule, solver: str, options: dict, cal: Calibration, basis: int):
+        self.denoiser, self.schedule, self.cal, self.basis = denoiser, schedule, cal, basis
+        self.solver, self.options = solver, options
+        self.step = get_solver(solver).stepper(**options)
+
+    def run(self, grid: torch.Tensor, method: str | None, rows=None, fit=None) -> torch.Tensor:
+        from .solvers.learned import learned_sample, zero_coefficients
+        if method is None:
+            return sample(self.denoiser, self.cal.x_T, self.schedule, solver=self.solver, grid=grid,
+                          cond=self.cal.cond, **self.options).x
+        rows = rows if rows is not None else zero_coefficients(method, len(grid) - 1, self.basis)
+        return learned_sample(self.denoiser, self.cal.x_T, grid, self.schedule, base=self.step, method=method,
+                              coefficients=rows, basis=self.basis, cond=self.cal.cond, fit=fit).x
+
+    def error(self, grid: torch.Tensor, method: str | None = None, rows=None) -> float:
+        return rmse(self.run(grid, method, rows), self.cal.trajectory.final)
+
+
+def grid_targets(denoiser, schedule, x_T: torch.Tensor, cond, times: torch.Tensor, final: torch.Tensor,
+                 steps: int) -> list:
+    """The converged ODE solution at each time of ``times`` after the first (x at t_max = ``x_T``), by RK4 in
+    log-SNR (``fewstep.reference``) from one grid time to the next, about ``steps`` steps over the whole
+    log-SNR range; the last target (t = 0) is ``final``, the reference trajectory's answer."""
+    from .reference import reference_path
+    lam = schedule.lambda_(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
+    span = float(lam[1] - lam[0])
+    x, out = x_T, []
+    for a, b in zip(times[:-1].tolist(), times[1:].tolist()):
+        if b == 0.0:
+            out.append(final.to(torch.float64))
+            break
+        gap = float(schedule.lambda_(torch.tensor(b, dtype=torch.float64)) - schedule.lambda_(torch.tensor(a, dtype=torch.float64)))
+        x = reference_path(denoiser, schedule, x, a, b, steps=max(4, math.ceil(steps * gap / span)), cond=cond).x
+        out.append(x)
+        x = x.to(x_T.dtype)
+    return out
+
+
+def _fit_pas(train: _Problem, val: _Problem, grid: torch.Tensor, targets: list, basis: int,
+             log) -> tuple[list, list, dict]:
+    """PAS coefficients on ``grid``: step by step, the ridge least-squares fit of the corrected step's output
+    to the reference at the next grid time (PAS, arXiv 2411.06503, eq. 9 solved in closed form: the output
+    is linear in the coefficients), for each ridge strength of ``PAS_RIDGE``; the strength with the lowest
+    validation error is kept, then each step's correction is dropped where dropping it does not raise the
+    validation error (PAS's adaptive search, judged on the validation split)."""
+    def fit_rows(ridge: float) -> list:
+        rows = {}
+
+        def fit(i, parts):
+            dirs, target = parts["dirs"] * parts["weight"], targets[i].reshape(len(parts["x_next"]), -1)
+            resid = target - parts["x_next"].reshape(len(target), -1).to(torch.float64)
+            a = torch.einsum("bkn,bjn->kj", dirs, dirs)
+            rhs = torch.einsum("bkn,bn->k", dirs, resid)
+            scale = float(a.diagonal().mean()) if float(a.diagonal().mean()) > 0 else 1.0
+            reg = (ridge * scale + 1e-12 * scale) * torch.eye(len(rhs), dtype=torch.float64)
+            c = torch.linalg.solve(a + reg, rhs) if bool(a.diagonal().gt(0).any()) else torch.zeros_like(rhs)
+            c = torch.where(a.diagonal() > 0, c, torch.zeros_like(c))
+            rows[i] = [float(v) for v in c]
+            return rows[i]
+        train.run(grid, "pas", fit=fit)
+        return [rows[i] for i in range(len(grid) - 1)]
+
+    zero = [[0.0] * basis for _ in range(len(grid) - 1)]
+    base_val = val.error(grid, "pas", zero)
+    history = [train.error(grid, "pas", zero)]
+    best_rows, best_val, per_ridge = zero, base_val, {}
+    for ridge in PAS_RIDGE:
+        rows = fit_rows(ridge)
+        v = val.error(grid, "pas", rows)
+        per_ridge[ridge] = v
+        history.append(min(history[-1], train.error(grid, "pas", rows)))
+        if v < best_val:
+            best_rows, best_val = rows, v
+    dropped = []
+    if best_rows is not zero:
+        for i in range(len(best_rows)):
+            if not any(best_rows[i]):
+                continue
+            trial = [r if j != i else [0.0] * basis for j, r in enumerate(best_rows)]
+            v = val.error(grid, "pas", trial)
+            if v <= best_val:
+                best_rows, best_val = trial, v
+                dropped.append(i)
+    log(f"pas: validation RMSE {base_val:.4g} -> {best_val:.4g} (ridge {min(per_ridge, key=per_ridge.get):g}; "
+        f"steps left uncorrected {dropped})")
+    history.append(min(history[-1], train.error(grid, "pas", best_rows)))
+    return best_rows, history, {"validation_by_ridge": {f"{k:g}": v for k, v in per_ridge.items()},
+                                "validation_uncorrected": base_val, "dropped_steps": dropped}
+
+
+@torch.no_grad()
+def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m", nfe: int = 5,
+                calibration: Calibration | torch.Tensor | tuple, method: str = DEFAULT_SOLVER_METHOD,
+                validation: float = 0.25, reference_steps: int = 128, candidates: int = 64,
+                max_evals: int | None = None, options: dict | None = None, free_end: bool | None = None,
+                model=None, conditioning: dict | None = None, starts: dict | None = None, basis: int = 4,
+                heldout: Calibration | torch.Tensor | tuple | None = None,
+                log: Callable[[str], None] | None = None) -> TunedGrid:
+    """Fit a learned solver: the time grid of ``nfe`` model calls and per-step coefficients of ``solver``
+    (``fewstep.solvers.learned``) whose final sample comes closest to the converged probability-flow ODE
+    solution. The sibling of ``tune_grid``, with the same arguments; use the result with
+    ``fewstep.sample(denoiser, x_T, schedule, grid=tuned)``, ``FewstepScheduler(..., grid=tuned)`` or
+    ``fewstep sample --grid``.
+
+    calibration: as ``tune_grid`` (noises drawn with their own seed, e.g. ``calibration_set``; conditions
+      too). Its last ``validation`` share (default 25 %) is never fitted on: it picks the starting grid, stops
+      the coeff search early and picks PAS's ridge strength, so what improves is the error on noises the fit
+      did not see.
+    method: ``coeff`` (default; one scale per step on the high-order term, fitted together with the times,
+      Nelder-Mead from the tuned grid), ``pas`` (PCA-based coefficients, ``basis`` per step, on the tuned
+      grid; a closed-form fit per step) or ``grid`` (the tuned times alone). Every method starts with
+      ``tune_grid`` (dp + refine) on the fitting split, from the fixed spacings, ``starts`` and, for a flow
+      schedule, the flow pipelines' shifted grids (``default_starts``). The result is never worse on the
+      validation split than that grid, nor than the best start.
+    free_end: let the last finite time move (default: yes for flow schedules, whose pipelines' grids end well
+      above t_min; no for VP / EDM, see ``tune_grid``).
+    heldout: more noises (and conditions), never used in fitting: their errors against a fresh reference solve
+      (the result, its times alone, the best fixed spacing) are recorded in ``heldout``.
+    max_evals: Nelder-Mead evaluations of the coeff search (default 15 * (2 nfe - 3) + 30).
+    """
+    spec = get_solver(solver)
+    if spec.kind != "multistep" or spec.stochastic or spec.step is None:
+        raise ValueError(f"tune_solver fits deterministic one-call-per-step solvers with a step function; {solver!r} "
+                         f"is {'stochastic' if spec.stochastic else spec.kind}: use e.g. dpmpp_2m or unipc_bh2_2")
+    if method not in SOLVER_METHODS:
+        raise ValueError(f"method must be one of {', '.join(SOLVER_METHODS)}, got {method!r}")
+    if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if not 0.0 < validation < 1.0:
+        raise ValueError(f"validation must be a share in (0, 1), got {validation!r}")
+    if not isinstance(basis, int) or not 1 <= basis <= 8:
+        raise ValueError(f"basis must be an integer from 1 to 8, got {basis!r}")
+    if method == "coeff" and spec.order < 2:
+        raise ValueError(f"method 'coeff' scales a high-order term; {solver!r} is first order: use 'pas' or a "
+                         "solver such as dpmpp_2m")
+    cal, log = _as_calibration(calibration), log or (lambda msg: None)
+    free_end = is_flow(schedule) if free_end is None else bool(free_end)
+    opts = dict(options or {})
+    if cal.trajectory is None:
+        cal.trajectory = reference_trajectory(denoiser, schedule, cal.x_T, cal.cond, steps=reference_steps,
+                                              candidates=candidates)
+        log(f"reference: {cal.trajectory.model_calls} calls, {cal.trajectory.seconds:.0f} s, "
+            f"own error {cal.trajectory.error['rmse']:.2g}")
+    key = ("split", validation)
+    if key not in cal.costs:  # cached with the calibration, so the DP costs of the fitting split are reused
+        cal.costs[key] = _split(cal, validation)
+    fit_cal, val_cal = cal.costs[key]
+    start, counted = time.perf_counter(), CountingDenoiser(denoiser)
+    all_starts = {**default_starts(schedule, nfe), **(starts or {})}
+    base = tune_grid(counted, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
+                     reference_steps=reference_steps, candidates=candidates, options=opts, free_end=free_end,
+                     starts=all_starts)
+    train = _Problem(counted, schedule, solver, opts, fit_cal, basis)
+    val = _Problem(counted, schedule, solver, opts, val_cal, basis)
+    # the starting grid: the tuned one or the best start on the fitting split, whichever validates better
+    fixed = {sp: time_grid(schedule, nfe, sp) for sp in FIXED_SPACINGS}
+    fixed.update({k: _check_start(schedule, k, g, nfe) for k, g in all_starts.items()})
+    best_start = base.calibration["start"]
+    tuned_times = torch.tensor(base.times, dtype=torch.float64)
+    val_tuned, val_start = val.error(tuned_times), val.error(fixed[best_start])
+    grid, grid_from = (tuned_times, "tune_grid") if val_tuned <= val_start else (fixed[best_start], best_start)
+    log(f"grid ({grid_from}): fitting RMSE {train.error(grid):.4g}, validation {min(val_tuned, val_start):.4g} "
+        f"(best start {best_start}: {val_start:.4g})")
+    record = {"grid_from": grid_from, "start": best_start, "grid_objective": base.calibration["objective"],
+              "grid_validation_rmse": min(val_tuned, val_start), "start_validation_rmse": val_start,
+              "fixed_spacings": base.calibration["fixed_spacings"]}
+    learned, rows = {}, None
+    if method == "coeff":
+        evals = max_evals or 15 * (2 * nfe - 3) + 30
+        grid, rows, history, extra = _fit_coeff_lm(train, val, grid, nfe, free_end, evals, log)
+        record.update(extra, objective=[train.error(tuned_times if grid_from == "tune_grid" else fixed[best_start])]
+                      + history)
+    elif method == "pas":
+        targets = grid_targets(counted, schedule, fit_cal.x_T, fit_cal.cond, grid, fit_cal.trajectory.final,
+                               reference_steps)
+        rows, history, extra = _fit_pas(train, val, grid, targets, basis, log)  # PAS's own per-step fit, then
+        rows, history2, extra2 = _fit_pas_lm(train, val, grid, basis, rows, max_evals or 40 * nfe * basis, log)
+        record.update(extra, **extra2, objective=history + history2)  # the final error, all steps together
+    else:
+        record["objective"] = [train.error(grid)]
+    if rows is not None:
+        learned = {"method": method, "coefficients": rows, "options": opts, **({"basis": basis} if method == "pas"
+                                                                                 else {})}
+    m = method if learned else None
+    fit_rmse, val_rmse = train.error(grid, m, rows), val.error(grid, m, rows)
+    if val_rmse > record["grid_validation_rmse"]:  # never worse on the validation split than the grid alone
+        learned, m, rows = {}, None, None
+        grid = grid if method == "grid" else (tuned_times if grid_from == "tune_grid" else fixed[best_start])
+        fit_rmse, val_rmse = train.error(grid), val.error(grid)
+        record["fell_back_to_grid"] = True
+    record["objective"] = [min(record["objective"][:k + 1]) for k in range(len(record["objective"]))]
+    log(f"{method} {solver} NFE {nfe}: fitting RMSE {fit_rmse:.4g}, validation RMSE {val_rmse:.4g} "
+        f"(grid alone {record['grid_validation_rmse']:.4g})")
+    traj = cal.trajectory
+    result = TunedGrid(
+        solver=solver, nfe=nfe, times=grid.tolist(), lambdas=lambdas_of(schedule, grid),
+        schedule=schedule_identity(schedule),
+        model={**(model_identity(model) if model is not None else {}), **(conditioning or {})},
+        calibration={"samples": int(cal.x_T.shape[0]), "seed": cal.seed, "method": method, "free_end": free_end,
+                     "fitting_samples": int(fit_cal.x_T.shape[0]), "validation_samples": int(val_cal.x_T.shape[0]),
+                     "rmse": fit_rmse, "validation_rmse": val_rmse, **record,
+                     "reference": {**traj.error, "candidates": len(traj.times)}, "options": opts},
+        cost={"model_calls": counted.nfe, "seconds": round(time.perf_counter() - start, 1),
+              "reference_model_calls": traj.model_calls, "reference_seconds": round(traj.seconds, 1),
+              "batch": int(cal.x_T.shape[0])},
+        learned=learned)
+    if heldout is not None:
+        result.heldout = heldout_errors(denoiser, schedule, result, heldout, reference_steps=reference_steps)
+        log(f"held-out RMSE {result.heldout['rmse']:.4g} (times alone {result.heldout['grid_alone']:.4g}, best fixed "
+            f"spacing {result.heldout['best_fixed']:.4g})")
+    return result
+
+
+@torch.no_grad()
+def heldout_errors(denoiser, schedule: NoiseSchedule, tuned: TunedGrid, heldout, *, reference_steps: int = 128) -> dict:
+    """RMSE on held-out noises against their converged reference (RK4, ``fewstep.reference``): of ``tuned``, of
+    its times alone, and of each fixed spacing with the same solver and NFE."""
+    from .reference import reference_solution
+    ho = _as_calibration(heldout)
+    ref, err = reference_solution(denoiser, schedule, ho.x_T, schedule.t_max, 0.0, steps=reference_steps, cond=ho.cond)
+    times = torch.tensor(tuned.times, dtype=torch.float64)
+    opts = tuned.calibration.get("options", {})
+    run = lambda g: rmse(sample(denoiser, ho.x_T, schedule, solver=tuned.solver, grid=g, cond=ho.cond, **opts).x, ref)  # noqa: E731
+    fixed = {sp: run(time_grid(schedule, tuned.nfe, sp)) for sp in FIXED_SPACINGS}
+    return {"rmse": run(tuned), "grid_alone": run(times), "fixed_spacings": fixed, "best_fixed": min(fixed.values()),
+            "samples": int(ho.x_T.shape[0]), "seed": ho.seed,
+            "reference": f"fewstep.reference.reference_solution, {2 * reference_steps} RK4 steps, "
+                         f"max|x(2N) - x(N)| = {err:.2g}"}
+
+
+def _levenberg_marquardt(residual: Callable, p0, val_error: Callable, *, max_iters: int, log, h: float = 1e-3,
+                         patience: int = 2, max_runs: int | None = None) -> tuple:
+    """Minimise mean(residual(p)^2) by Levenberg-Marquardt with forward-difference Jacobians (one run per
+    parameter), keeping the iterate with the lowest ``val_error`` and stopping when that has not improved
+    for ``patience`` iterations (early stopping on the validation split). ``residual`` returns None where
+    ``p`` is not allowed (e.g. times out of order). Returns (best p, fitting RMSE after each iteration,
+    validation RMSE after each iteration, runs)."""
+    p = torch.as_tensor(p0, dtype=torch.float64).clone()
+    r, runs = residual(p), 1
+    f = float(r.pow(2).mean())
+    best_p, best_val = p.clone(), val_error(p)
+    history, val_history, lam, since = [math.sqrt(f)], [best_val], 1e-3, 0
+    for it in range(max_iters):
+        if max_runs is not None and runs + p.numel() + 1 > max_runs:
+            break
+        cols = []
+        for k in range(p.numel()):
+            q = p.clone()
+            q[k] += h
+            rq = residual(q)
+            if rq is None:  # step backwards where forwards leaves the allowed set
+                q[k] -= 2 * h
+                rq = residual(q)
+                cols.append((r - rq) / h if rq is not None else torch.zeros_like(r))
+            else:
+                cols.append((rq - r) / h)
+            runs += 1
+        jac = torch.stack(cols, 1)  # (residuals, parameters)
+        hess, grad = jac.T @ jac, jac.T @ r
+        diag = hess.diagonal().clamp_min(1e-12 * float(hess.diagonal().max().clamp_min(1e-30)))
+        accepted = False
+        while lam < 1e8:
+            step = torch.linalg.solve(hess + lam * torch.diag(diag), -grad)
+            r_new = residual(p + step)
+            runs += 1
+            f_new = math.inf if r_new is None else float(r_new.pow(2).mean())
+            if f_new < f:
+                p, r, f, lam, accepted = p + step, r_new, f_new, max(lam / 3.0, 1e-7), True
+                break
+            lam *= 4.0
+        history.append(math.sqrt(f))
+        if not accepted:
+            break
+        v = val_error(p)
+        val_history.append(v)
+        if v < best_val:
+            best_p, best_val, since = p.clone(), v, 0
+        else:
+            since += 1
+            if since >= patience:
+                log(f"early stop after {it + 1} iterations (validation error stopped improving)")
+                break
+    return best_p, history, val_history, runs
+
+
+def _residual(problem: "_Problem", grid, method, rows):
+    return (problem.run(grid, method, rows).to(torch.float64) - problem.cal.trajectory.final.to(torch.float64)).flatten()
+
+
+def _fit_coeff_lm(train: "_Problem", val: "_Problem", grid: torch.Tensor, nfe: int, free_end: bool, max_runs: int,
+                  log) -> tuple:
+    """Times and one scale per step (``coeff``) together, by Levenberg-Marquardt on the fitting split's final
+    error (LD3's objective, arXiv 2405.15506, with the scales added), from ``grid`` and zero scales;
+    early-stopped on the validation split."""
+    active = list(range(1, nfe - 1))  # the first step is first order and the last denoises: no correction term
+    if not active:
+        raise ValueError(f"method 'coeff' needs nfe >= 3 (a step with a high-order term), got {nfe}; use 'grid'")
+    u0, lam0, span, t_max = _gap_logits(train.schedule, grid, free_end)
+    nu = u0.numel()
+
+    def unpack(p):
+        times = _times_of(p[:nu], lam0, span, train.schedule, t_max, free_end) if nu else grid
+        rows = [[0.0] for _ in range(nfe)]
+        for j, v in zip(active, p[nu:].tolist()):
+            rows[j] = [v]
+        return times, rows
+
+    def residual(p):
+        times, rows = unpack(p)
+        return _residual(train, times, "coeff", rows) if bool((times[1:] < times[:-1]).all()) else None
+
+    def val_error(p):
+        times, rows = unpack(p)
+        return val.error(times, "coeff", rows)
+
+    p0 = torch.cat([u0, torch.zeros(len(active), dtype=torch.float64)])
+    best, history, val_history, runs = _levenberg_marquardt(residual, p0, val_error, max_iters=30, log=log,
+                                                            max_runs=max_runs)
+    times, rows = unpack(best)
+    return times, rows, history, {"validation_objective": val_history, "evaluations": runs}
+
+
+def _fit_pas_lm(train: "_Problem", val: "_Problem", grid: torch.Tensor, basis: int, start_rows: list, max_runs: int,
+                log) -> tuple:
+    """PAS coefficients on ``grid`` by Levenberg-Marquardt on the fitting split's final error (the
+    coefficients of every step together), from ``start_rows``; early-stopped on the validation split."""
+    n = len(grid) - 1
+
+    def unpack(p):
+        return [p[i * basis:(i + 1) * basis].tolist() for i in range(n)]
+
+    best, history, val_history, runs = _levenberg_marquardt(
+        lambda p: _residual(train, grid, "pas", unpack(p)), torch.tensor(start_rows, dtype=torch.float64).flatten(),
+        lambda p: val.error(grid, "pas", unpack(p)), max_iters=20, log=log, max_runs=max_runs)
+    return unpack(best), history, {"validation_objective": val_history, "evaluations": runs}

@@ -245,6 +245,23 @@ CLI_CASES = [
      ["--lora-rank"]),
     ("distill --gradient-checkpointing on a fewstep model teacher",
      lambda p: ["distill", "dmd", "--gradient-checkpointing", "--out", str(p / "run")], ["--gradient-checkpointing"]),
+    ("distill --captions without --data",
+     lambda p: ["distill", "guided", "--teacher", "mnist-sd", "--captions", "c.jsonl", "--out", str(p / "r")],
+     ["--captions goes with --data"]),
+    ("distill --data with a fewstep class-conditional teacher",
+     lambda p: ["distill", "guided", "--teacher", "mnist-teacher", "--data", _captioned_folder(p), "--out",
+                str(p / "r")], ["leave --prompts out"]),
+    ("distill --data images of another size than the pipeline's",
+     lambda p: ["distill", "guided", "--teacher", "mnist-sd", "--data", _captioned_folder(p, 28), "--out",
+                str(p / "r")], ["is 28x28", "resize the images to 32x32"]),
+    ("distill dmd --data (DMD trains from noise)",
+     lambda p: ["distill", "dmd", "--teacher", "mnist-sd", "--data", _captioned_folder(p), "--out", str(p / "r")],
+     ["leave --data / --captions out"]),
+    ("distill --w-range with LO > HI",
+     lambda p: ["distill", "guided", "--w-range", "4,1", "--out", str(p / "r")], ["--w-range", "LO <= HI"]),
+    ("distill --gen-prediction x0 for a flow teacher",
+     lambda p: ["distill", "dmd", "--teacher", "mnist-sd3", "--gen-prediction", "x0", "--out", str(p / "r")],
+     ["exports for VP teachers only"]),
     ("sample a class model with --prompt",
      lambda p: ["sample", "--model", "mnist-teacher", "--prompt", "a thick seven"], ["--labels"]),
     ("train mnist-sd on a --data folder that does not exist",
@@ -255,6 +272,20 @@ CLI_CASES = [
 def _prompts_file(p: Path) -> str:
     (p / "prompts.txt").write_text("a thick seven\n")
     return str(p / "prompts.txt")
+
+
+def _captioned_folder(p: Path, side: int = 32) -> str:
+    """Two captioned grayscale images of side x side pixels (metadata.jsonl)."""
+    import json
+
+    from PIL import Image
+    root = p / f"imgs{side}"
+    root.mkdir()
+    for i in range(2):
+        Image.new("L", (side, side), 40 * i).save(root / f"{i}.png")
+    rows = [json.dumps({"file_name": f"{i}.png", "text": "a thick seven"}) for i in range(2)]
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return str(root)
 
 
 def _unet_folder_without_scheduler(p: Path) -> str:

@@ -175,7 +175,8 @@ class DiffusersNet(nn.Module):
                                  "no cross-attention); leave null_class out")
             if isinstance(null_class, bool) or not isinstance(null_class, int) or \
                     not 0 <= null_class < self.num_classes:
-                raise ValueError(f"null_class must be a class id in 0..{self.num_classes - 1}, got {null_class!r}")
+                raise ValueError(f"null_class must be a class id in 0..{self.num_classes - 1}, got {null_class!r}: "
+                                 "pass the id the model was trained with as unconditional")
         self.null_class = null_class
         self.use_w = getattr(cfg, "time_cond_proj_dim", None) is not None
         self.w_embedding: WEmbedding | None = None  # set by with_w_input for models without time_cond_proj_dim

@@ -14,11 +14,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from ..denoisers import dynamic_threshold
-from ..sampling import solver_grid
+from ..sampling import DEFAULT_SOLVER, solver_grid
 from ..schedules import SPACINGS
 from ..solvers import SOLVERS, get_solver
 from ..solvers._common import grid_points
 from ..solvers.baseline import ddim_step
+from ..solvers.learned import learned_stepper
 from .families import FAMILY_CLASSES, _col, family_of, log_unused, source_class, translate_config
 
 __all__ = ["FewstepScheduler", "STEPPABLE"]
@@ -70,7 +71,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     denoises to clean data) or ``tmin``. Timesteps are the model's (possibly fractional) inputs.
     grid: a tuned grid (``fewstep.grids.TunedGrid``, its dict or a JSON path; VP and flow configs, flow
     without dynamic shifting): then ``set_timesteps(n)`` uses its times (n must be its NFE; a flow grid
-    starts from pure noise, sigma = 1); it warns if fitted to another schedule or solver.
+    starts from pure noise, sigma = 1); it warns if fitted to another schedule or solver. Without
+    ``solver`` the grid's own solver is used. A learned solver (``fewstep.tune.tune_solver``) also applies
+    its per-step coefficients in ``step`` and keeps its fitted first point (also on flow configs), so the
+    loop equals ``fewstep.sample(..., grid=tuned)`` on the same noise.
     ``set_timesteps(sigmas=tuned.sigmas)`` gives any VP scheduler the same points.
     """
 
@@ -80,7 +84,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
-                 solver: str = "unipc_bh2_3", spacing: str = "logsnr", final: str = "zero",
+                 solver: str | None = None, spacing: str = "logsnr", final: str = "zero",
                  lower_order_final: bool = True, thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
                  solver_options: dict | None = None, family: str = "vp", source_grid: str | None = None,
@@ -91,6 +95,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  time_shift_type: str = "exponential", shift_terminal: float | None = None,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0,
                  sigma_schedule: str = "karras", grid=None):
+        tuned = _as_tuned(grid) if grid is not None else None
+        if solver is None:  # a tuned grid's own solver, else fewstep's default
+            solver = tuned.solver if tuned is not None else DEFAULT_SOLVER
+            self.register_to_config(solver=solver)
         if solver not in STEPPABLE:
             spec = get_solver(solver)  # raises for unknown names, with suggestions
             raise ValueError(f"solver {solver!r} ({spec.kind}) cannot run one model call per step inside a "
@@ -117,16 +125,20 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("a tuned grid fixes the sigmas, but this flow config has use_dynamic_shifting=True "
                                  "(its shift follows the image size): tune at one size with use_dynamic_shifting "
                                  "off, or leave grid out")
-            self._tuned = _as_tuned(grid)
+            self._tuned = tuned
             self.register_to_config(grid=self._tuned.to_dict())
             self._tuned.grid_for(self.schedule, solver=solver)  # warns now if fitted elsewhere
         if hasattr(self.schedule, "alphas_cumprod"):  # VP: read by some diffusers pipelines
             self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         spec = get_solver(solver)
-        options = dict(solver_options or {})
+        learned = tuned.learned if tuned is not None else {}
+        options = {**learned.get("options", {}), **(solver_options or {})}
         if "lower_order_final" in inspect.signature(spec.step).parameters:  # first-order steps have none
             options.setdefault("lower_order_final", lower_order_final)
         self._step_fn = spec.stepper(**options)
+        if learned:  # a learned solver: the same step function with its per-step corrections
+            self._step_fn = learned_stepper(self._step_fn, learned["method"], learned["coefficients"],
+                                            basis=int(learned.get("basis", 4)))
         self.num_inference_steps = None
         self.timesteps = None
         self.sigmas = None
@@ -222,7 +234,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 return t
         elif self.config.grid is not None:
             t = self._tuned_times(n)
-            if fam.starts_from_pure_noise:
+            if fam.starts_from_pure_noise and not self.config.grid.get("learned"):
+                # (a learned solver keeps its fitted first point, so it equals fewstep.sample step for step)
                 t = t.clone()
                 t[0] = self.schedule.t_upper  # run from pure noise, as the pipeline's latents are drawn
             return t

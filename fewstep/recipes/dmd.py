@@ -21,8 +21,8 @@ from ..distill.pairs import DMDData, regression_pairs
 from ..schedules import schedule_from_config
 from ._stage import DistillOptions, Hyper, Runner, Stage, provide, teacher_conventions
 from .previews import FID_PROBE_N, generator_preview
-from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from,
-                       trainable)
+from .teachers import (PipelineTeacher, announce_memory, check_guidance, pipeline_exporter, pipeline_preview_options,
+                       teacher_from, trainable)
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,7 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     ``gan_weight_d > 0``). Every setting is checked before the regression set is made."""
     out = Path(out)
     t = provide(teacher, lambda: teacher_from(settings.teacher))
+    check_guidance(t, settings.real_w)
     pipeline = isinstance(t, PipelineTeacher)
     if pipeline and settings.gan_weight_d > 0:
         raise ValueError("DMD2's GAN head reads fewstep UNet features; with a diffusers pipeline teacher set "
@@ -131,6 +132,12 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     lora = settings.lora_rank
     if lora is not None:
         from .lora import lora_exporter, with_lora
+    fid_n = settings.fid_probe if not pipeline or t.prompt_digits() is not None else 0
+    if lora is not None:  # the exporters refuse an unexportable student before any work
+        exporter = lora_exporter(t, settings.gen_steps, fid_log=out / "run" / "fid.jsonl" if fid_n else None,
+                                 prediction=settings.gen_prediction)
+    else:
+        exporter = pipeline_exporter(t, settings.gen_steps, settings.gen_prediction) if pipeline else {}
 
     def student(seed):
         if lora is None:
@@ -148,15 +155,9 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
                    gen_prediction=settings.gen_prediction)
     pairs = _pairs(t, settings, out, progress)
     real = provide(data, lambda: load_mnist("train")) if settings.gan_weight_d > 0 else None
-    fid_n = settings.fid_probe if not pipeline or t.prompt_digits() is not None else 0
     preview = generator_preview(loss, t.image_shape, t.num_classes, fid_n=fid_n,
                                 fid_log=out / "run" / "fid.jsonl" if fid_n else None,
                                 **(pipeline_preview_options(t) if pipeline else {}))
-    if lora is not None:
-        exporter = lora_exporter(t, settings.gen_steps, fid_log=out / "run" / "fid.jsonl" if fid_n else None,
-                                 prediction=settings.gen_prediction)
-    else:
-        exporter = pipeline_exporter(t, settings.gen_steps, settings.gen_prediction) if pipeline else {}
     stage = Stage(f"export/{name}" if pipeline else name, "run", loss, {"generator": generator, "fake": fake},
                   Hyper(settings.steps, settings.lr, settings.warmup, settings.ema_decay),
                   lambda ema, step, secs: generator_config(t.config, settings, name, step, secs, loss.times), preview,

@@ -19,8 +19,8 @@ from .dmd import PairSettings
 from ._stage import (DistillOptions, Hyper, Rounds, Runner, Stage, check_halving, provide,
                      teacher_conventions)
 from .previews import FID_PROBE_N, student_preview
-from .teachers import (PipelineTeacher, announce_memory, pipeline_exporter, pipeline_preview_options, teacher_from, trainable,
-                       training_inputs)
+from .teachers import (PipelineTeacher, announce_memory, check_guidance, pipeline_exporter, pipeline_preview_options,
+                       teacher_from, trainable, training_inputs)
 
 
 @dataclass
@@ -97,6 +97,7 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
         raise ValueError(f"part must be 'all', 'decoder' or 'encoder', got {part!r}")
     out = Path(out)
     t = provide(teacher, lambda: teacher_from(settings.teacher))
+    check_guidance(t)
     pipeline = isinstance(t, PipelineTeacher)
     if pipeline:
         if part == "encoder":

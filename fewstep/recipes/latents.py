@@ -2,7 +2,7 @@
 ``fewstep distill guided|progressive --teacher T --data DIR [--captions FILE]``.
 
 The captions are the prompts (each distinct caption one class of the teacher's prompt bank); each image is
-encoded once by the pipeline's VAE (the posterior mean, shifted and scaled as the pipeline's own latents)
+encoded once by the pipeline's VAE (the posterior mean, scaled as the pipeline's own latents)
 and cached in ``OUT/data-latents.safetensors``, keyed by the VAE's weights and the files' names, sizes and
 modification times (rebuilt when stale or corrupt, as DMD's regression set is). Images must already have
 the pipeline's pixel size (the UNet's sample size times the VAE's downsampling): a silent resize would
@@ -17,6 +17,7 @@ import torch
 
 from ..data.folder import captioned_files, image_size_of, load_image
 from ..distill.pairs import cached_tensors, weights_hash
+from .teachers import scale_latents
 
 __all__ = ["caption_prompts", "pixel_geometry", "check_image_sizes", "encoded_data"]
 
@@ -66,9 +67,8 @@ def _encode(pipe, paths: list[Path], mode: str, batch: int = 250) -> torch.Tenso
     if vae is None:
         return images
     dtype = next(vae.parameters()).dtype
-    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
-    out = [(vae.encode(x.to(vae.device, dtype)).latent_dist.mean.float().cpu() - shift) * scale
-           for x in images.split(batch)]
+    out = [scale_latents(vae.encode(x.to(vae.device, dtype)).latent_dist.mean.float().cpu(), vae.config,
+                         type(pipe).__name__) for x in images.split(batch)]
     return torch.cat(out)
 
 

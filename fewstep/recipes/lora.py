@@ -173,8 +173,7 @@ def with_lora(net: DiffusersNet, rank: int, *, alpha: float | None = None, targe
         torch.manual_seed(seed)
         module.add_adapter(_lora_config(r=rank, lora_alpha=rank if alpha is None else alpha,
                                         target_modules=list(target)))
-    student = LoraNet(module, net._schedule_arg, net.label_context, null_class=net.null_class,
-                      pooled_context=net.pooled_context)
+    student = LoraNet(module, net._schedule_arg, **net.conditioning())
     student.prediction = net.prediction
     if w_input is not None and not student.use_w:  # SD3 / UNet2DModel: a fewstep WEmbedding (not exportable)
         student._add_w(int(w_input))
@@ -395,8 +394,7 @@ def merged_student(net: LoraNet) -> DiffusersNet:
     module = copy.deepcopy(net.unet)  # the module alone: a full copy, the teacher's weights untouched
     module.fuse_lora()
     module.unload_lora()
-    plain = DiffusersNet(module.requires_grad_(True), net._schedule_arg, net.label_context, null_class=net.null_class,
-                         pooled_context=net.pooled_context)
+    plain = DiffusersNet(module.requires_grad_(True), net._schedule_arg, **net.conditioning())
     plain.prediction = net.prediction
     return plain
 

@@ -1,29 +1,54 @@
-"""Distillation teachers from diffusers pipeline folders, and students exported back to pipeline folders.
+"""Distillation teachers from diffusers folders, and students exported back to pipeline folders.
 
-``teacher_from(spec, prompts)`` turns a ``--teacher`` argument into what the recipes train against:
-a fewstep model (``fewstep.load``) for fewstep names and folders, or a :class:`PipelineTeacher` for a
-diffusers pipeline folder (``model_index.json``; the shipped ``mnist-sd`` / ``mnist-sd3`` too).
+``teacher_from(spec, prompts, null_class=)`` turns a ``--teacher`` argument into what the recipes train
+against: a fewstep model (``fewstep.load``) for fewstep names and folders, or a :class:`PipelineTeacher`
+for a diffusers folder:
+
+* a pipeline folder (``model_index.json``; the shipped ``mnist-sd`` / ``mnist-sd3`` too) of one of
+  :data:`COVERED_PIPELINES`: StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline
+  (text-to-image), DDPMPipeline / DDIMPipeline (pixel UNet2DModel, unconditional or class-conditional);
+* a bare ``UNet2DModel`` folder (``config.json`` with ``_class_name`` + weights) with the scheduler it was
+  trained with beside it (``scheduler_config.json`` in the folder, or ``scheduler/scheduler_config.json``
+  in it or next to it): a DDPMPipeline teacher built in memory (no VAE: the latents are the images). A bare
+  UNet2DConditionModel / SD3Transformer2DModel is refused: its text embeddings come from the pipeline's
+  text encoders, so pass the pipeline folder.
 
 A PipelineTeacher is a :class:`fewstep.api.DiffusionModel` on the pipeline's latents: its net is the
 pipeline's UNet / SD3 transformer as a :class:`fewstep.diffusers.DiffusersNet`, its schedule and
-prediction type come from the pipeline's scheduler config, and its "classes" are the prompts of
-``--prompts``: class k is prompt k, whose text embeddings are computed once by the pipeline's own
-``encode_prompt`` and kept as a bank (so the text encoders are not called during training), and the
-null class is the empty prompt, the unconditional input of classifier-free guidance.
+prediction type come from the pipeline's scheduler config. Its classes:
 
-``export_student`` writes a student as a pipeline of the teacher's own class whose scheduler samples
-the student's own grid, so that stock diffusers runs it:
+* text pipelines: the prompts of ``--prompts``: class k is prompt k, whose text embeddings are computed once
+  by the pipeline's own ``encode_prompt`` and kept as a bank (the text encoders are not called during
+  training); the null class (the unconditional input of classifier-free guidance) is the last bank row:
+  the empty prompt's embeddings for SD and SD3. SDXL banks ``prompt_embeds`` (both text encoders) and
+  ``pooled_prompt_embeds``, and feeds its added conditions ``text_embeds`` = the pooled row and
+  ``time_ids`` = (original size, crop corner (0, 0), target size) at the stock call's default size
+  (UNet sample_size x vae_scale_factor). Its null row is what the stock SDXL call uses as the negative
+  when it guides without a negative prompt: zeros for ``prompt_embeds`` and ``pooled_prompt_embeds`` when
+  the pipeline's ``force_zeros_for_empty_prompt`` is set (SDXL's default), else the empty prompt's
+  embeddings;
+* a class-conditional UNet2DModel (``num_class_embeds``): its class ids. It has no null class unless
+  ``null_class=K`` (``--null-class K``) names the id it was trained with as unconditional; guidance (DMD's
+  real_w > 0, guided distillation) needs one (:func:`check_guidance`). The classes distilled over are the
+  ids below K when K is the last id (the usual layout), else every id;
+* an unconditional UNet2DModel: none.
+
+``export_student`` writes a student as a pipeline of the teacher's own class (a bare UNet's: DDPMPipeline)
+whose scheduler samples the student's own grid, so that stock diffusers runs it:
 
 * VP teachers: ``DDIMScheduler`` with ``timestep_spacing="trailing"`` and ``set_alpha_to_one=True``;
   at N steps its timesteps N_train (1 - i/N) - 1 are fewstep's student grid t_max i / N, and its last
   step returns x0_hat (alpha_prev = 1), as the student's DDIM sampler does. A guided student takes w
-  through the UNet's ``time_cond_proj_dim`` input, which the stock SD pipeline fills with the guidance
-  embedding of ``guidance_scale - 1`` (and then runs no classifier-free guidance).
+  through the UNet's ``time_cond_proj_dim`` input, which the stock SD and SDXL pipelines fill with the
+  guidance embedding of ``guidance_scale - 1`` (and then run no classifier-free guidance). SDXL exports keep
+  the teacher's ``force_zeros_for_empty_prompt``. A class-conditional UNet's DDPMPipeline loads in stock
+  diffusers, but its call passes no class labels: step its scheduler with ``unet(x, t, class_labels=...)``.
 * flow teachers (SD3): ``FlowMatchEulerDiscreteScheduler``; at one step it goes from sigma 1 to 0 in
   one Euler step, x0 = x - v, the one-step generator's own output.
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -34,17 +59,40 @@ from ..diffusers import DiffusersNet
 from .textbed import INFO  # what fewstep records in a pipeline folder it writes (recipe, steps, w, train_steps)
 
 __all__ = ["PipelineTeacher", "teacher_from", "trainable", "read_prompts", "export_student", "load_student", "INFO",
-           "TEXT_PIPELINES", "COVERED_PIPELINES"]
+           "TEXT_PIPELINES", "COVERED_PIPELINES", "BARE_MODELS", "check_guidance", "NO_NULL_CLASS"]
 
-TEXT_PIPELINES = ("StableDiffusionPipeline", "StableDiffusion3Pipeline")
+SDXL = "StableDiffusionXLPipeline"
+TEXT_PIPELINES = ("StableDiffusionPipeline", SDXL, "StableDiffusion3Pipeline")
 COVERED_PIPELINES = TEXT_PIPELINES + ("DDPMPipeline", "DDIMPipeline")
+BARE_MODELS = ("UNet2DModel",)  # model folders that are a teacher with the scheduler beside them
+TEXT_MODELS = ("UNet2DConditionModel", "SD3Transformer2DModel")  # bare: their text encoders are missing
+NO_NULL_CLASS = ("this class-conditional UNet has no null class: pass --null-class K, the class id it was trained "
+                 "with as unconditional")
 
 
-def _pipeline_folder(spec) -> Path | None:
+def _diffusers_folder(spec) -> tuple[Path, str] | None:
+    """(folder, diffusers class) of a pipeline folder or a bare model folder, None for a fewstep model; one line
+    for an existing folder that is neither."""
     for folder in (ASSETS / str(spec), Path(str(spec))):
-        if (folder / "model_index.json").is_file():
-            return folder
+        for name in ("model_index.json", "config.json"):
+            try:
+                cfg = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(cfg, dict) and "_class_name" in cfg:
+                return folder, str(cfg["_class_name"])
+    folder = Path(str(spec))
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("config.json", "model/config.json")):
+        raise ValueError(f"{folder} is neither a fewstep model folder (config.json + model.safetensors) nor a "
+                         "diffusers folder (model_index.json, or a model's config.json with _class_name): pass one "
+                         "of those")
     return None
+
+
+def _check_covered(kind: str) -> None:
+    if kind not in COVERED_PIPELINES:
+        raise ValueError(f"{kind} is not a covered teacher pipeline (covered: {', '.join(COVERED_PIPELINES)}); "
+                         "Flux / Sana pack latents or take extra ids these recipes do not feed yet")
 
 
 def read_prompts(path) -> list[str]:
@@ -70,30 +118,85 @@ def default_prompts(folder: Path) -> list[str] | None:
     return [caption(d, th, sl) for d in range(len(DIGITS)) for th in THICKNESS for sl in SLANT]
 
 
-def teacher_from(spec, prompts: list[str] | None = None, device: str | torch.device = "cpu"):
+def teacher_from(spec, prompts: list[str] | None = None, device: str | torch.device = "cpu", *,
+                 null_class: int | None = None, guidance: bool = False):
     """The teacher named by ``--teacher``: a fewstep model, or a :class:`PipelineTeacher` for a diffusers
-    pipeline folder (``prompts``: the text pipelines' prompts; the shipped test-bed pipelines default to
-    their prompt suite)."""
-    folder = _pipeline_folder(spec)
-    if folder is None:
-        if prompts is not None:
-            raise ValueError(f"--prompts is for text-to-image pipeline teachers; {spec} is a fewstep class-"
-                             "conditional model (it distills over its classes): leave --prompts out")
-        return load(spec).to(device)
-    pipe = load(folder)
-    if prompts is None:
-        prompts = default_prompts(folder)
-    return PipelineTeacher(pipe.to(device), prompts, str(spec))
+    pipeline folder or bare UNet2DModel folder (module docstring). ``prompts``: the text pipelines' prompts
+    (the shipped test-bed pipelines default to their prompt suite); ``null_class``: a class-conditional
+    UNet's unconditional class id; ``guidance=True``: the run guides (DMD real_w > 0, guided distillation),
+    so a class-conditional teacher without a null class is refused now (:func:`check_guidance`)."""
+    found = _diffusers_folder(spec)
+    if found is None:
+        teacher = _fewstep_teacher(spec, prompts, null_class, device)
+    elif (found[0] / "model_index.json").is_file():
+        _check_covered(found[1])  # before loading: an uncovered pipeline may not even load
+        if prompts is None:
+            prompts = default_prompts(found[0])
+        teacher = PipelineTeacher(load(found[0]).to(device), prompts, str(spec), null_class=null_class)
+    else:
+        teacher = PipelineTeacher(_bare_pipeline(*found).to(device), prompts, str(spec), null_class=null_class)
+    if guidance:
+        check_guidance(teacher)
+    return teacher
+
+
+def _fewstep_teacher(spec, prompts, null_class, device):
+    if prompts is not None:
+        raise ValueError(f"--prompts is for text-to-image pipeline teachers; {spec} is a fewstep class-"
+                         "conditional model (it distills over its classes): leave --prompts out")
+    if null_class is not None:
+        raise ValueError(f"--null-class is for class-conditional diffusers UNets; {spec} is a fewstep model that "
+                         "records its own null class: leave --null-class out")
+    return load(spec).to(device)
+
+
+def _bare_pipeline(folder: Path, kind: str):
+    """A DDPMPipeline in memory around a bare UNet2DModel folder and the scheduler beside it."""
+    if kind in TEXT_MODELS:
+        raise ValueError(f"{folder} holds a bare {kind}, whose text embeddings come from its pipeline's text "
+                         "encoders: pass the pipeline folder (model_index.json, text_encoder/, tokenizer/) instead")
+    if kind not in BARE_MODELS:
+        raise ValueError(f"{folder} holds a diffusers {kind}, not a denoiser fewstep distills (bare folders: "
+                         f"{', '.join(BARE_MODELS)}; pipelines: {', '.join(COVERED_PIPELINES)}): pass one of those")
+    from diffusers import DDPMPipeline
+    scheduler = _scheduler_beside(folder, kind)
+    return DDPMPipeline(unet=load(folder), scheduler=scheduler)
+
+
+def _scheduler_beside(folder: Path, kind: str):
+    """The scheduler saved beside a bare model folder (in it, its scheduler/ sub-folder, or a sibling scheduler/)."""
+    import diffusers
+    places = [folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json",
+              folder.parent / "scheduler" / "scheduler_config.json"]
+    path = next((p for p in places if p.is_file()), None)
+    if path is None:
+        raise ValueError(f"no scheduler for the {kind} in {folder}: looked for {', '.join(map(str, places))}; save the "
+                         "scheduler it was trained with there (scheduler.save_pretrained)")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"cannot read {path} ({e}); write the scheduler's config there (scheduler.save_pretrained)") \
+            from None
+    cls = getattr(diffusers, str(cfg.get("_class_name")) if isinstance(cfg, dict) else "", None)
+    if not (inspect.isclass(cls) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"{path} names {cfg.get('_class_name')!r}, which is not a diffusers scheduler class; write "
+                         "the scheduler's own config there (scheduler.save_pretrained)")
+    return cls.from_config(cfg)
+
+
+def check_guidance(teacher, w: float = 1.0) -> None:
+    """Refuse, before any work, guidance at ``w`` (DMD's real_w > 0, guided distillation) from a
+    class-conditional teacher that has no null class."""
+    if w and getattr(teacher, "num_classes", None) is not None and getattr(teacher, "null_class", None) is None:
+        raise ValueError(NO_NULL_CLASS)
 
 
 class PipelineTeacher(DiffusionModel):
     """A diffusers pipeline as a distillation teacher (see the module docstring)."""
 
-    def __init__(self, pipe, prompts: list[str] | None, source: str):
+    def __init__(self, pipe, prompts: list[str] | None, source: str, *, null_class: int | None = None):
         kind = type(pipe).__name__
-        if kind not in COVERED_PIPELINES:
-            raise ValueError(f"{kind} is not a covered teacher pipeline (covered: {', '.join(COVERED_PIPELINES)}); "
-                             "Flux / Sana / SDXL pack latents or add conditions these recipes do not feed yet")
+        _check_covered(kind)
         if any(p.dtype != torch.float32 for c in pipe.components.values() if isinstance(c, torch.nn.Module)
                for p in c.parameters()):
             pipe = pipe.to(dtype=torch.float32)  # trained in float32 (fewstep.load gives float32 already)
@@ -101,37 +204,33 @@ class PipelineTeacher(DiffusionModel):
         self.role = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
         module = getattr(pipe, self.role)
         self.prompts = list(prompts) if prompts is not None else None
-        bank, pooled, self.repeated_rows = self._prompt_bank(pipe, kind)
-        null = len(self.prompts) if bank is not None else None
-        net = DiffusersNet(module, pipe.scheduler.config, bank, null_class=null, pooled_context=pooled)
+        inputs, self.repeated_rows = self._conditioning(pipe, kind, module, null_class)
+        net = DiffusersNet(module, pipe.scheduler.config, **inputs)
         if self.repeated_rows:
             from ..nets.textbed import RepeatedTokenJointAttnProcessor
             module.set_attn_processor(RepeatedTokenJointAttnProcessor(self.repeated_rows))
         size = module.config.sample_size
         shape = [module.config.in_channels, *((size, size) if isinstance(size, int) else size)]
         config = {"schedule": net.schedule.config(), "prediction": net.prediction, "image_shape": shape,
-                  "recipe": kind}
-        if bank is not None:
-            config.update(num_classes=len(self.prompts), null_class=null)
+                  "recipe": kind, **_class_config(net)}
         super().__init__(net, config, source)
         self.folder = Path(getattr(pipe, "name_or_path", source) or source)
 
-    def _prompt_bank(self, pipe, kind):
-        """(prompt embeddings bank with the empty prompt last, pooled bank or None, repeated zero rows)."""
-        if kind not in TEXT_PIPELINES:
-            if self.prompts is not None:
-                raise ValueError(f"--prompts is for text-to-image pipelines; {kind} takes no text: leave it out")
-            return None, None, 0
-        if not self.prompts:
-            raise ValueError(f"a {kind} teacher distills over prompts: pass --prompts FILE (one prompt per line)")
-        texts = self.prompts + [""]
-        with torch.no_grad():
-            if kind == "StableDiffusion3Pipeline":
-                embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=pipe.device,
-                                                          do_classifier_free_guidance=False)
-                return _sd3_bank(embeds.float(), pooled.float())
-            embeds = pipe.encode_prompt(texts, pipe.device, 1, False)[0]
-        return embeds.float(), None, 0
+    def _conditioning(self, pipe, kind, module, null_class) -> tuple[dict, int]:
+        """(DiffusersNet's conditioning keywords, repeated zero rows of SD3's bank)."""
+        if kind in TEXT_PIPELINES:
+            if null_class is not None:
+                raise ValueError(f"--null-class is for class-conditional UNets; a {kind} teacher's null class is its "
+                                 "empty prompt: leave --null-class out")
+            if not self.prompts:
+                raise ValueError(f"a {kind} teacher distills over prompts: pass --prompts FILE (one prompt per line)")
+            return _text_bank(pipe, kind, self.prompts)
+        if self.prompts is not None:
+            classes = getattr(module.config, "num_class_embeds", None)
+            what = f"this class-conditional UNet distills over its {classes} class ids" if classes else \
+                f"{kind} takes no text"
+            raise ValueError(f"--prompts is for text-to-image pipelines; {what}: leave --prompts out")
+        return {"null_class": null_class}, 0
 
     def generator_times(self, steps: int) -> torch.Tensor:
         """A DMD generator's input times: fewstep's, with a flow pipeline's first time at 1 (pure noise, sigma = 1),
@@ -148,13 +247,12 @@ class PipelineTeacher(DiffusionModel):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from the pipeline's latents (its VAE with scaling and shift; pixel pipelines: as is)."""
+        """Images in [-1, 1] from the pipeline's latents, unscaled as its own call does (pixel pipelines: as is)."""
         vae = self.vae
         if vae is None:
             return latents.clamp(-1, 1)
-        z = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        return vae.decode(z + shift if shift is not None else z).sample.float().clamp(-1, 1)
+        z = _unscale(latents.to(next(vae.parameters()).dtype), vae.config, self.kind)
+        return vae.decode(z).sample.float().clamp(-1, 1)
 
     def prompt_digits(self) -> torch.Tensor | None:
         """The digit each prompt names (the test bed's grammar), or None when a prompt does not parse."""
@@ -163,6 +261,73 @@ class PipelineTeacher(DiffusionModel):
         from ..data.captions import parse_caption
         parsed = [parse_caption(p) for p in self.prompts]
         return None if any(p is None for p in parsed) else torch.tensor([p[0] for p in parsed])
+
+
+def _class_config(net: DiffusersNet) -> dict:
+    """num_classes / null_class of the teacher's config: the ids below the null class when it is the last id (a
+    prompt bank's empty prompt, the usual class-embedding layout), else every id."""
+    if net.num_classes is None:
+        return {}
+    null = net.null_class
+    config = {"num_classes": net.num_classes - 1 if null == net.num_classes - 1 else net.num_classes}
+    return config if null is None else {**config, "null_class": null}
+
+
+def scale_latents(z: torch.Tensor, cfg, kind: str) -> torch.Tensor:
+    """The denoiser's latents from the VAE's (the inverse of :func:`_unscale`, as the pipeline's training scales)."""
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if kind == SDXL and mean is not None and std is not None:
+        view = (1, -1) + (1,) * (z.ndim - 2)
+        return (z - torch.tensor(mean).view(view).to(z)) * cfg.scaling_factor / torch.tensor(std).view(view).to(z)
+    shift = getattr(cfg, "shift_factor", None) if kind == "StableDiffusion3Pipeline" else None
+    return ((z - shift) if shift is not None else z) * cfg.scaling_factor
+
+
+def _unscale(z: torch.Tensor, cfg, kind: str) -> torch.Tensor:
+    """The VAE's latents from the denoiser's, as the pipeline's call unscales them before decoding."""
+    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+    if kind == SDXL and mean is not None and std is not None:  # SDXL: z std / scaling + mean, per channel
+        view = (1, -1) + (1,) * (z.ndim - 2)
+        return z * torch.tensor(std).view(view).to(z) / cfg.scaling_factor + torch.tensor(mean).view(view).to(z)
+    z = z / cfg.scaling_factor
+    shift = getattr(cfg, "shift_factor", None) if kind == "StableDiffusion3Pipeline" else None  # SD / SDXL: none
+    return z + shift if shift is not None else z
+
+
+def _text_bank(pipe, kind: str, prompts: list[str]) -> tuple[dict, int]:
+    """The prompt bank with the null row last (module docstring), as DiffusersNet keywords; SD3's repeated rows."""
+    texts, null = prompts + [""], len(prompts)
+    with torch.no_grad():
+        if kind == "StableDiffusion3Pipeline":
+            embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, device=pipe.device,
+                                                      do_classifier_free_guidance=False)
+            embeds, pooled, rows = _sd3_bank(embeds.float(), pooled.float())
+            return {"label_context": embeds, "pooled_context": pooled, "null_class": null}, rows
+        if kind == SDXL:
+            return {**_sdxl_bank(pipe, texts), "null_class": null}, 0
+        embeds = pipe.encode_prompt(texts, pipe.device, 1, False)[0]
+    return {"label_context": embeds.float(), "null_class": null}, 0
+
+
+def _sdxl_bank(pipe, texts: list[str]) -> dict:
+    """SDXL's prompt_embeds and pooled_prompt_embeds of ``texts`` (the last, "", becomes the stock negative) and
+    its time ids."""
+    embeds, _, pooled, _ = pipe.encode_prompt(texts, device=pipe.device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    embeds, pooled = embeds.float().clone(), pooled.float().clone()
+    if pipe.config.force_zeros_for_empty_prompt:  # encode_prompt's negative without a negative prompt: zeros
+        embeds[-1], pooled[-1] = 0.0, 0.0
+    return {"label_context": embeds, "pooled_context": pooled, "time_ids": sdxl_time_ids(pipe, pooled.shape[-1])}
+
+
+def sdxl_time_ids(pipe, pooled_width: int) -> torch.Tensor:
+    """SDXL's (6,) added time ids at the stock call's default size: original = target = (H, W) with H = W = UNet
+    sample_size x vae_scale_factor, crop corner (0, 0), built by the pipeline's own ``_get_add_time_ids``."""
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    encoder = getattr(pipe, "text_encoder_2", None)
+    dim = encoder.config.projection_dim if encoder is not None else pooled_width  # as the SDXL call chooses
+    return pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=torch.float32,
+                                  text_encoder_projection_dim=dim)[0]
 
 
 def _sd3_bank(embeds: torch.Tensor, pooled: torch.Tensor):
@@ -218,6 +383,14 @@ def _stock_module(net: DiffusersNet):
     return module
 
 
+def _pipeline_options(pipe) -> dict:
+    """The constructor options of ``pipe``'s config besides its components: SDXL's force_zeros_for_empty_prompt
+    (what its null prompt is) kept; SD's requires_safety_checker False (no checker is exported)."""
+    params = inspect.signature(type(pipe).__init__).parameters
+    options = {k: pipe.config[k] for k in params if k in pipe.config and k not in pipe.components}
+    return {**options, "requires_safety_checker": False} if "requires_safety_checker" in params else options
+
+
 def export_student(teacher: PipelineTeacher, net: DiffusersNet, folder, *, steps: int | None, info: dict,
                    prediction: str | None = None) -> Path:
     """Write ``net`` as the teacher's pipeline class with the student's scheduler to ``folder`` (plus
@@ -228,11 +401,12 @@ def export_student(teacher: PipelineTeacher, net: DiffusersNet, folder, *, steps
     module = _stock_module(copy.deepcopy(net))
     components = {**teacher.pipe.components, teacher.role: module,
                   "scheduler": student_scheduler(teacher, steps, prediction)}
-    extra = {"requires_safety_checker": False} if "safety_checker" in components else {}
-    pipe = type(teacher.pipe)(**components, **extra)
+    pipe = type(teacher.pipe)(**components, **_pipeline_options(teacher.pipe))
     pipe.save_pretrained(folder)
     record = {**info, "student_steps": steps, "teacher": teacher.source, "pipeline": teacher.kind,
               "prompts": len(teacher.prompts or [])}
+    if teacher.prompts is None and teacher.num_classes is not None:  # a class-conditional UNet's ids
+        record.update(num_classes=teacher.num_classes, null_class=teacher.null_class)
     (folder / INFO).write_text(json.dumps(record, indent=1) + "\n")
     return folder
 
@@ -241,9 +415,7 @@ def load_student(teacher: PipelineTeacher, folder) -> DiffusersNet:
     """An exported student's network as a DiffusersNet with the teacher's prompt bank (to continue from it)."""
     cls = type(getattr(teacher.pipe, teacher.role))
     module = cls.from_pretrained(Path(folder) / teacher.role)
-    net = teacher.net
-    fresh = DiffusersNet(module, teacher.pipe.scheduler.config, net.label_context, null_class=net.null_class,
-                         pooled_context=net.pooled_context)
+    fresh = DiffusersNet(module, teacher.pipe.scheduler.config, **teacher.net.conditioning())
     if teacher.repeated_rows:
         from ..nets.textbed import RepeatedTokenJointAttnProcessor
         module.set_attn_processor(RepeatedTokenJointAttnProcessor(teacher.repeated_rows))
@@ -280,13 +452,15 @@ def training_inputs(teacher, out: Path, samples, progress: bool):
     """The images the guided / progressive recipes noise when no data is given: MNIST for fewstep teachers; a
     pipeline teacher's own latents from ``samples.n`` seeded noises at w = 1 (``samples.solver`` in
     ``samples.steps`` calls) with their prompt ids, made once and cached in ``out/teacher-samples.safetensors``
-    like DMD's regression set (fewstep.distill.pairs)."""
+    like DMD's regression set (fewstep.distill.pairs); a teacher without a null class (an unconditional or
+    class-id UNet given no --null-class) at w = 0."""
     if not isinstance(teacher, PipelineTeacher):
         from ..data.mnist import load_mnist
         return load_mnist("train")
     from ..distill.pairs import regression_pairs
+    w = 1.0 if teacher.null_class is not None else 0.0
     pairs = regression_pairs(teacher, Path(out) / "teacher-samples.safetensors", n=samples.n, solver=samples.solver,
-                             steps=samples.steps, w=1.0, seed=samples.seed, progress=progress)
+                             steps=samples.steps, w=w, seed=samples.seed, progress=progress)
     return pairs["x_ref"], pairs["labels"]
 
 

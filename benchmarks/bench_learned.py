@@ -1,0 +1,316 @@
+"""Learned solvers (fewstep.tune.tune_solver: pas, coeff) against the tuned grid alone, fewstep's best fixed
+solver and diffusers' default and best schedulers, on held-out noises only.
+
+    python benchmarks/bench_learned.py --model gmm-mnist              # exact guided MNIST mixture (VP, eps)
+    python benchmarks/bench_learned.py --model flow-mixture           # exact mixture under flow matching, shift 3
+    python benchmarks/bench_learned.py --model gmm-mnist --quick      # NFE 5, 8; one tuned solver
+
+Calibration: ``--calibration`` noises (random labels) from seed 1234, of which tune_solver's default 25 % are
+its validation split; held-out: ``--heldout`` noises from seed 0 (labels i mod 10), never seen by a fit.
+Every learned or tuned row is ``tune_solver`` with its defaults (no starts, no free-end flag); the flow
+model also gets the flow benchmark's hand-picked ``tune_grid`` settings (its pipeline grids as starts, free
+end, 1024 reference steps) as a row, to show the defaults match them.
+
+gmm-mnist: reference RK4 in log-SNR (``fewstep.bench.runner.reference``); diffusers rows by diffusers' own
+loop (``DIFFUSERS_CONFIGS`` of ``fewstep bench solvers``: DPM-Solver++ default / Karras / Lu, singlestep,
+UniPC, DEIS, Euler, Heun, DDIM), default = DPMSolverMultistepScheduler. flow-mixture: every row through the
+scheduler interface from pure noise at sigma = 1 (``fewstep.bench.flow``), reference fewstep unipc_bh2_3
+at 1000 steps; diffusers rows FlowMatchEuler (default), DPM-Solver and UniPC in flow mode.
+Writes ``benchmarks/results/learned_<model>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep.bench.machine import machine_info, machine_line
+from fewstep.reference import rmse
+from fewstep.schedules import time_grid
+from fewstep.tune import calibration_set, tune_grid, tune_solver
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXED_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "dpm_solver_2m", "dpm_solver_3m", "unipc_bh1_2", "unipc_bh1_3",
+                 "unipc_bh2_2", "unipc_bh2_3")
+VP_SPACINGS = ("logsnr", "karras", "time_uniform", "time_quadratic")
+METHODS = ("grid", "coeff", "pas")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} learned] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The two models
+# ---------------------------------------------------------------------------
+
+class GMMMnist:
+    """The guided exact MNIST mixture on linear betas (eps), as ``fewstep bench solvers`` runs it."""
+    name, family = "gmm-mnist", "vp"
+
+    def __init__(self, w: float, n_heldout: int, ref_steps: int):
+        from fewstep.bench.models import NULL_LABEL, load_bench_model
+        from fewstep.bench.runner import reference
+        from fewstep.denoisers import ClassifierFreeGuidance, ModelDenoiser
+        self.bm = bm = load_bench_model("gmm-mnist", w)
+        den = ModelDenoiser(bm.model, bm.schedule, "eps", time_input="discrete")
+        self.denoiser = ClassifierFreeGuidance(den, w, lambda c: {"labels": torch.full_like(c["labels"], NULL_LABEL)})
+        self.schedule, self.shape, self.w = bm.schedule, bm.shape, w
+        self.x_T = torch.randn((n_heldout, *bm.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        self.cond, self.uncond = bm.conditioning(n_heldout)
+        self.ref, self.ref_info = reference(bm, self.x_T, self.cond, self.uncond, ref_steps)
+
+    def calibration(self, n: int):
+        return calibration_set(n, self.shape, seed=1234, num_classes=10, dtype=torch.float64)
+
+    def fixed_rows(self, nfe: int) -> list:
+        from fewstep.sampling import sample
+        rows = []
+        for solver in FIXED_SOLVERS:
+            for sp in VP_SPACINGS:
+                x = sample(self.denoiser, self.x_T, self.schedule, solver=solver, grid=time_grid(self.schedule, nfe, sp),
+                           cond=self.cond).x
+                rows.append({"impl": "fewstep", "row": f"{solver} / {sp}", "kind": "fixed", "nfe": nfe,
+                             "rmse": rmse(x, self.ref)})
+        return rows
+
+    def diffusers_rows(self, nfe: int) -> list:
+        from fewstep.bench.runner import diffusers_sample
+        from fewstep.bench.solvers import DIFFUSERS_CONFIGS
+        rows = []
+        for name, spacing, extra in DIFFUSERS_CONFIGS:
+            x, calls = diffusers_sample(self.bm, self.x_T.float(), name, extra, nfe, self.cond, self.uncond)
+            if calls != nfe:  # Heun spends 2 steps - 1 calls: only budgets it can hit exactly
+                continue
+            rows.append({"impl": "diffusers", "row": f"{name} / {spacing}", "kind": "diffusers", "nfe": nfe,
+                         "rmse": rmse(x, self.ref), "default": (name, spacing) == ("DPMSolverMultistepScheduler",
+                                                                                   "default")})
+        return rows
+
+    def heldout_rmse(self, tuned) -> float:
+        from fewstep.sampling import sample
+        return rmse(sample(self.denoiser, self.x_T, self.schedule, grid=tuned, cond=self.cond).x, self.ref)
+
+
+class FlowMixtureProblem:
+    """The exact MNIST mixture under flow matching (SD3's shift 3), every row through a scheduler."""
+    name, family = "flow-mixture", "flow"
+
+    def __init__(self, n_heldout: int, ref_steps: int):
+        from fewstep.bench.flow import FLOW_EULER, FlowMixture, diffusers_schedulers, run_scheduler
+        from fewstep.bench.models import mnist_mixture
+        from fewstep.diffusers import FewstepScheduler
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        self.gmm = mnist_mixture()
+        self.model, self.makers = FlowMixture(self.gmm), diffusers_schedulers()
+        self.src = self.makers[FLOW_EULER]().config
+        self.schedule = FewstepScheduler.from_config(self.src, solver="dpmpp_2m").schedule
+        self.denoiser, self.shape = self.gmm.denoiser(self.schedule), (1, 28, 28)
+        self.x_T = torch.randn((n_heldout, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+        self.run_scheduler = run_scheduler
+        start = time.perf_counter()
+        self.ref, _ = run_scheduler(FewstepScheduler.from_config(self.src, solver="unipc_bh2_3"), self.model,
+                                    self.x_T.clone(), 1000)
+        check, _ = run_scheduler(FewstepScheduler.from_config(self.src, solver="dpmpp_3m"), self.model,
+                                 self.x_T.clone(), 1000)
+        self.ref_info = {"method": "fewstep unipc_bh2_3, 1000 steps, through FewstepScheduler from sigma = 1",
+                         "error_estimate": rmse(check, self.ref), "check": "dpmpp_3m, 1000 steps",
+                         "seconds": round(time.perf_counter() - start, 1)}
+        self.default_name = FLOW_EULER
+
+    def calibration(self, n: int):
+        cal = calibration_set(n, self.shape, seed=1234)
+        cal.x_T = cal.x_T * float(self.schedule.sigma(torch.tensor(self.schedule.t_max, dtype=torch.float64)))
+        return cal
+
+    def _row(self, impl, row, kind, sched, nfe, **extra):
+        x, calls = self.run_scheduler(sched, self.model, self.x_T.clone(), nfe)
+        return {"impl": impl, "row": row, "kind": kind, "nfe": calls, "rmse": rmse(x, self.ref), **extra}
+
+    def fixed_rows(self, nfe: int) -> list:
+        from fewstep.bench.flow import SPACINGS
+        from fewstep.diffusers import FewstepScheduler
+        rows = []
+        for solver in FIXED_SOLVERS:
+            for spacing, grid in SPACINGS:
+                kw = {"source_grid": grid} if grid else {}
+                rows.append(self._row("fewstep", f"{solver} / {spacing}{':' + grid if grid else ''}", "fixed",
+                                      FewstepScheduler.from_config(self.src, solver=solver, spacing=spacing, **kw), nfe))
+        return rows
+
+    def diffusers_rows(self, nfe: int) -> list:
+        return [self._row("diffusers", name, "diffusers", make(), nfe, default=name == self.default_name)
+                for name, make in self.makers.items()]
+
+    def heldout_rmse(self, tuned) -> float:
+        from fewstep.diffusers import FewstepScheduler
+        return self._row("fewstep", "", "", FewstepScheduler.from_config(self.src, grid=tuned), tuned.nfe)["rmse"]
+
+    def handpicked(self, cal, solver: str, nfe: int):
+        """The flow benchmark's own tune_grid settings (``fewstep.bench.flow.tune_flow_grids``)."""
+        from fewstep.bench.flow import flow_starts
+        from fewstep.tune import Calibration
+        fresh = Calibration(cal.x_T, cal.cond, cal.seed)  # its own 1024-step reference
+        return tune_grid(self.denoiser, self.schedule, solver=solver, nfe=nfe, calibration=fresh, reference_steps=1024,
+                         candidates=64, starts=flow_starts(self.src, nfe), free_end=True)
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+def run(args) -> dict:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    p = GMMMnist(args.w, args.heldout, args.ref_steps) if args.model == "gmm-mnist" else \
+        FlowMixtureProblem(args.heldout, args.ref_steps)
+    log(f"{p.name}: held-out reference ready ({p.ref_info.get('error_estimate', 0):.2g} own error)")
+    cal = p.calibration(args.calibration)
+    rows, fits = [], []
+    for nfe in args.nfe:
+        rows += p.diffusers_rows(nfe)
+        rows += p.fixed_rows(nfe)
+        for solver in args.solvers:
+            for method in args.methods:
+                if method == "coeff" and nfe < 3:
+                    continue
+                start = time.perf_counter()
+                tuned = tune_solver(p.denoiser, p.schedule, solver=solver, nfe=nfe, calibration=cal, method=method,
+                                    reference_steps=args.tune_ref_steps, conditioning={"name": p.name},
+                                    log=lambda m: log(f"  {m}"))
+                seconds = time.perf_counter() - start
+                e = p.heldout_rmse(tuned)
+                kind = "learned" if tuned.learned else "tuned_grid"
+                rows.append({"impl": "fewstep", "row": f"{solver} / {method}", "kind": kind if method != "grid" else
+                             "tuned_grid", "method": method, "nfe": nfe, "rmse": e})
+                fits.append({"solver": solver, "method": method, "nfe": nfe, "heldout_rmse": e,
+                             "fitting_rmse": tuned.calibration["rmse"], "validation_rmse": tuned.calibration["validation_rmse"],
+                             "fell_back_to_grid": bool(tuned.calibration.get("fell_back_to_grid")),
+                             "model_calls": tuned.cost["model_calls"], "seconds": round(seconds, 1),
+                             "reference_model_calls": tuned.cost["reference_model_calls"],
+                             "reference_seconds": tuned.cost["reference_seconds"], "times": tuned.times,
+                             "learned": tuned.learned})
+                log(f"{solver} NFE {nfe} {method}: held-out {e:.4g} (fit {tuned.calibration['rmse']:.4g}, validation "
+                    f"{tuned.calibration['validation_rmse']:.4g}; {tuned.cost['model_calls']} calls, {seconds:.0f} s)")
+            if p.family == "flow" and args.handpicked:
+                g = p.handpicked(cal, solver, nfe)
+                e = p.heldout_rmse(g)
+                rows.append({"impl": "fewstep", "row": f"{solver} / flow benchmark's tune_grid settings",
+                             "kind": "handpicked", "nfe": nfe, "rmse": e})
+                log(f"{solver} NFE {nfe} hand-picked tune_grid: held-out {e:.4g}")
+    m = machine_info()
+    return {"model": p.name, "w": getattr(p, "w", None), "command": "python benchmarks/bench_learned.py "
+            + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"), "machine": machine_line(m),
+            "load_average": m["load_average_at_start"], "wall_time_s": round(time.perf_counter() - t0, 1),
+            "heldout": {"samples": args.heldout, "seed": 0, "reference": p.ref_info},
+            "calibration": {"samples": args.calibration, "seed": 1234, "validation_share": 0.25,
+                            "reference_steps": args.tune_ref_steps},
+            "nfes": list(args.nfe), "rows": rows, "fits": fits, "summary": summarize(rows, args.nfe)}
+
+
+def summarize(rows: list, nfes) -> dict:
+    out = {}
+    for n in nfes:
+        at = [r for r in rows if r["nfe"] == n]
+        best = lambda kind: min((r for r in at if r["kind"] == kind), key=lambda r: r["rmse"], default=None)  # noqa: E731
+        d_best, d_default = best("diffusers"), next(r for r in at if r.get("default"))
+        entry = {"diffusers_best": d_best["row"], "diffusers_best_rmse": d_best["rmse"],
+                 "diffusers_default_rmse": d_default["rmse"]}
+        for kind in ("fixed", "tuned_grid", "learned", "handpicked"):
+            b = best(kind)
+            if b is not None:
+                entry[kind] = b["row"]
+                entry[f"{kind}_rmse"] = b["rmse"]
+                entry[f"{kind}_vs_diffusers_best"] = b["rmse"] / d_best["rmse"]
+                entry[f"{kind}_vs_diffusers_default"] = b["rmse"] / d_default["rmse"]
+        for method in ("coeff", "pas", "grid"):
+            b = min((r for r in at if r.get("method") == method), key=lambda r: r["rmse"], default=None)
+            if b is not None:
+                entry[f"{method}_rmse"] = b["rmse"]
+                entry[f"{method}_vs_diffusers_best"] = b["rmse"] / d_best["rmse"]
+        out[n] = entry
+    return out
+
+
+def markdown(doc: dict) -> str:
+    nfes, s = doc["nfes"], doc["summary"]
+    ref = doc["heldout"]["reference"]
+    lines = [f"# Learned solvers on {doc['model']}" + (f" (w = {doc['w']:g})" if doc["w"] is not None else ""), "",
+             f"Generated by `{doc['command']}` on {doc['date']}: {doc['machine']}, load average {doc['load_average']}, "
+             f"{doc['wall_time_s']:.0f} s in all.", "",
+             f"- Held-out: {doc['heldout']['samples']} noises (seed 0); reference: "
+             f"{ref.get('method', ref.get('convergence', ''))} (own error {ref.get('error_estimate', 0):.2g}).",
+             f"- Calibration: {doc['calibration']['samples']} noises (seed 1234), 25 % of them the validation split; "
+             f"`tune_solver` defaults ({doc['calibration']['reference_steps']} reference steps).",
+             "- RMSE of the final sample against the reference, held-out noises only; ratios are to diffusers' best "
+             "scheduler at the same number of model calls.", "",
+             "| NFE | diffusers default | diffusers best | best fixed fewstep | tuned grid | coeff | pas | best learned "
+             "| best learned / diffusers best |", "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
+    for n in nfes:
+        e = s[n] if n in s else s[str(n)]
+        lines.append(f"| {n} | {fmt(e['diffusers_default_rmse'])} | {fmt(e['diffusers_best_rmse'])} ({e['diffusers_best']}) "
+                     f"| {fmt(e.get('fixed_rmse'))} ({e.get('fixed')}) | {fmt(e.get('grid_rmse'))} | "
+                     f"{fmt(e.get('coeff_rmse'))} | {fmt(e.get('pas_rmse'))} | {fmt(e.get('learned_rmse'))} "
+                     f"({e.get('learned')}) | {e.get('learned_vs_diffusers_best', float('nan')):.3f} |")
+    if any("handpicked_rmse" in e for e in s.values()):
+        lines += ["", "Tuned grid with `tune_solver`'s defaults against the flow benchmark's hand-picked `tune_grid` "
+                  "settings (its pipeline grids as starts, free end, 1024 reference steps):", "",
+                  "| NFE | tune_solver method grid (defaults) | hand-picked tune_grid |", "|---|---|---|"]
+        for n in nfes:
+            e = s[n] if n in s else s[str(n)]
+            lines.append(f"| {n} | {fmt(e.get('grid_rmse'))} | {fmt(e.get('handpicked_rmse'))} |")
+    lines += ["", "Fitting cost (beyond the shared reference solve of the calibration noises) and errors:", "",
+              "| solver | method | NFE | model calls | seconds | fitting RMSE | validation RMSE | held-out RMSE | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for f in doc["fits"]:
+        note = "fell back to the grid" if f["fell_back_to_grid"] else ""
+        lines.append(f"| {f['solver']} | {f['method']} | {f['nfe']} | {f['model_calls']} | {f['seconds']:.0f} | "
+                     f"{f['fitting_rmse']:.3e} | {f['validation_rmse']:.3e} | {f['heldout_rmse']:.3e} | {note} |")
+    if doc["fits"]:
+        f = doc["fits"][0]
+        lines += ["", f"The calibration reference solve: {f['reference_model_calls']} model calls, "
+                  f"{f['reference_seconds']:.0f} s (once per model, shared by every fit)."]
+    lines += ["", "Every row:", "", "| impl | row | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+              "|---|---|" + "---|" * len(nfes)]
+    keys = list(dict.fromkeys((r["impl"], r["row"]) for r in doc["rows"]))
+    for k in keys:
+        vals = {r["nfe"]: r["rmse"] for r in doc["rows"] if (r["impl"], r["row"]) == k}
+        lines.append(f"| {k[0]} | {k[1]} | " + " | ".join(fmt(vals.get(n)) for n in nfes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gmm-mnist", choices=["gmm-mnist", "flow-mixture"])
+    ap.add_argument("--w", type=float, default=1.0, help="guidance weight (gmm-mnist)")
+    ap.add_argument("--nfe", default="4,5,6,8,10")
+    ap.add_argument("--solvers", default="dpmpp_2m,unipc_bh2_2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--calibration", type=int, default=64)
+    ap.add_argument("--heldout", type=int, default=64)
+    ap.add_argument("--ref-steps", type=int, default=64, help="held-out reference RK4 steps (x2 internally; gmm-mnist)")
+    ap.add_argument("--tune-ref-steps", type=int, default=128, help="tune_solver's reference_steps (its default)")
+    ap.add_argument("--no-handpicked", dest="handpicked", action="store_false")
+    ap.add_argument("--quick", action="store_true", help="NFE 5, 8; dpmpp_2m only")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.nfe, args.solvers = "5,8", "dpmpp_2m"
+    args.nfe = [int(v) for v in args.nfe.split(",")]
+    args.solvers, args.methods = args.solvers.split(","), args.methods.split(",")
+    doc = run(args)
+    out = ROOT / "benchmarks" / "results" / f"learned_{args.model}{args.tag}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
