@@ -20,7 +20,6 @@ prompted-digit accuracy (the shipped classifier). Students that are not shipped 
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import TEXT_STUDENTS, TEXT_TEACHER, TextMethod, text_methods
+from .images import save_captioned_rows
 
 __all__ = ["DemoRow", "demo_rows", "run_demo", "TextMethod", "TEXT_TEACHER", "TEXT_STUDENTS", "TEXT_W", "demo_prompts",
            "text_plan", "run_text_section"]
@@ -151,7 +151,7 @@ def run_text_section(plan: list[TextMethod], *, w: float = TEXT_W, seed: int = 0
 def _text_image(section: dict, images: list[torch.Tensor], path: Path) -> Path:
     captions = [_row_caption(r["label"], round(r["network_evals"]), r["speedup"],
                              f", {r['prompted_digit_accuracy']:.0%} digits") for r in section["rows"]]
-    return _image_rows(captions, images, path, titles=section["prompts"])
+    return save_captioned_rows(captions, images, path, titles=section["prompts"])
 
 
 def _text_markdown(section: dict) -> list[str]:
@@ -177,34 +177,9 @@ def _row_caption(label: str, evals: int, speedup: float, extra: str = "") -> str
     return f"{label}\n{evals} eval{'s' if evals != 1 else ''}, {speed}{extra}"
 
 
-def _image_rows(captions: list[str], images: list[torch.Tensor], path: Path, titles: list[str] | None = None) -> Path:
-    """One row of images (N, 1, H, W) in [-1, 1] per caption; ``titles`` above the columns."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cols = images[0].shape[0]
-    top = 0.4 if titles else 0.0
-    fig, axes = plt.subplots(len(images), cols, figsize=(0.62 * cols + 3.4, 0.72 * len(images) + 0.3 + top),
-                             squeeze=False)
-    for r, (caption, imgs) in enumerate(zip(captions, images)):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(((imgs[c, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(caption, rotation=0, ha="right", va="center", fontsize=7)
-    for c, title in enumerate(titles or []):
-        axes[0][c].set_title(textwrap.fill(title, 14), fontsize=5.5)
-    fig.subplots_adjust(left=0.3, right=0.99, top=0.99 - top / fig.get_size_inches()[1], bottom=0.01, wspace=0.04,
-                        hspace=0.06)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _comparison_image(rows: list[dict], images: list[torch.Tensor], path: Path) -> Path:
-    return _image_rows([_row_caption(r["label"], r["network_evals"], r["speedup"]) for r in rows], images, path)
+    captions = [_row_caption(r["label"], r["network_evals"], r["speedup"]) for r in rows]
+    return save_captioned_rows(captions, images, path)
 
 
 def _markdown(doc: dict) -> str:

@@ -146,6 +146,9 @@ def fsdp_plan(sharding: str | None, world: int) -> FSDPPlan | None:
                       "processes with accelerate launch or torchrun to shard)")
         return None
     _refuse_unsupported_env()
+    if os.environ.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT").strip().upper() != "SHARDED_STATE_DICT":
+        warnings.warn("fewstep always writes sharded checkpoints (one file per process); "
+                      "fewstep.train.load_checkpoint_weights reads them as full tensors")
     policy, min_params, classes = _wrap_from_env()
     return FSDPPlan(_strategy_from_env() == "FULL_SHARD", policy, min_params, classes)
 
@@ -172,6 +175,8 @@ def _wrap_targets(module: torch.nn.Module, plan: FSDPPlan) -> list:
         return [m for m in reversed(list(module.modules())[1:]) if type(m).__name__ in classes]
     targets, covered = [], set()
     for m in reversed(list(module.modules())[1:]):  # children before their parents
+        if type(m).forward is torch.nn.Module.forward:
+            continue  # a container (ModuleList, ModuleDict) never runs itself: its parameters go to the parent
         own = [p for p in m.parameters() if id(p) not in covered]
         if sum(p.numel() for p in own) >= plan.min_params:
             targets.append(m)
@@ -197,7 +202,17 @@ def shard_network(module: torch.nn.Module, plan: FSDPPlan, device: torch.device)
     for m in _wrap_targets(module, plan):
         fully_shard(m, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
+    _register_entry_points(module)
     return module
+
+
+def _register_entry_points(module: torch.nn.Module) -> None:
+    """Methods other than ``forward`` that callers use to run a network (a module lists them in its
+    ``fsdp_forward_methods``, e.g. a GAN head's ``logits``) gather its parameters as ``forward`` does."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    for m in module.modules():
+        for name in getattr(m, "fsdp_forward_methods", ()):
+            register_fsdp_forward_method(m, name)
 
 
 def fsdp_modules(module: torch.nn.Module) -> list:

@@ -301,7 +301,8 @@ def _save_tensors(path: Path, tensors: dict, sharded: set, shards: tuple[int, in
     if shards is None:
         save_file(tensors, str(path))
     else:
-        save_file(tensors, str(_shard_path(path, shards[1], shards[0])), metadata={SHARDED: json.dumps(sorted(sharded))})
+        world, rank = shards
+        save_file(tensors, str(_shard_path(path, rank, world)), metadata={SHARDED: json.dumps(sorted(sharded))})
 
 
 def _write_networks(tmp: Path, nets: dict, shards) -> tuple[dict, dict]:
@@ -423,7 +424,8 @@ class _ShardedFile(Mapping):
                 return torch.cat([h.get_tensor(key) for h in self.handles])
             return self.handles[0].get_tensor(key)
         except Exception as e:
-            raise ValueError(f"cannot read {key} from checkpoint file {self.name}: corrupt or truncated ({e})") from None
+            raise ValueError(f"cannot read {key} from checkpoint file {self.name}: corrupt or truncated "
+                             f"({e})") from None
 
     def __iter__(self):
         return iter(self.handles[0].keys())
@@ -820,7 +822,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
             "ema_decay": ema_decay, "weight_decay": weight_decay, "mixed_precision": mixed_precision,
             "grad_accum": grad_accum, "seed": seed, "info": run_info or {}}
     if plan is not None:
-        info["sharding"] = {"kind": "fsdp", "processes": accelerator.num_processes, **asdict(plan)}
+        info["sharding"] = {"kind": "fsdp", "processes": accelerator.num_processes, **asdict(plan),
+                            "groups": {k: len(fsdp_modules(n.model)) for k, n in nets.items()}}
     if main:
         _write_json(out_dir / "run.json", info)
 
@@ -1037,6 +1040,19 @@ class _Shards:
         return batch
 
 
+@contextlib.contextmanager
+def _explain_entry_points(sharded: bool):
+    """A sharded network run through a method other than forward computes with its shards: say how to fix it."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (sharded and "mixed torch.Tensor and DTensor" in str(e)):
+            raise
+        raise RuntimeError("a sharded network was run through a method other than forward (e.g. a GAN head's "
+                           "logits), so its parameters were not gathered; name such methods in the module's "
+                           "fsdp_forward_methods attribute, e.g. fsdp_forward_methods = ('logits',)") from None
+
+
 def _train_step(objective, model, source, optimizer, accelerator, shards, where, grad_clip, sharded=None):
     """One optimizer step over this process's shards of (step, phase) = ``where``;
     returns (mean loss over all processes, grad norm). ``sharded``: the run's :class:`_Sharding` (FSDP
@@ -1051,7 +1067,7 @@ def _train_step(objective, model, source, optimizer, accelerator, shards, where,
         ctx = accelerator.no_sync(model) if ddp_accumulate else contextlib.nullcontext()
         torch.manual_seed(shard_seed)
         with ctx:
-            with accelerator.autocast():
+            with accelerator.autocast(), _explain_entry_points(sharded is not None):
                 per_sample = objective(model, part)
             if sharded is not None:
                 sharded.end_of_objective()

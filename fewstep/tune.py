@@ -444,13 +444,43 @@ def _gap_logits(schedule, grid: torch.Tensor, free_end: bool):
     return torch.log(gaps[:-1] / gaps[-1]), lam0, span, t_max
 
 
+OUTLIER_SCALE = 3.0  # robust errors: a sample's error is capped at this many times the median (at the start)
+
+
 class _Problem:
-    """One calibration split seen by the fitter: the final-sample RMSE of a (grid, coefficients) pair."""
+    """One calibration split seen by the fitter: the final-sample error of a (grid, coefficients) pair.
+
+    After ``set_scale`` the error is robust: sqrt(mean_b min(e_b, delta)^2), e_b one sample's RMSE, delta =
+    ``OUTLIER_SCALE`` x the median e_b at the starting grid (a capped, "trimmed" square loss). On a
+    multi-modal model a few samples that a few-step solver sends to another mode carry most of the RMSE of a
+    small set; fitting or early-stopping on them chases those samples, which does not carry over to other
+    noises (measured on gmm-mnist: one such sample in 8 turned a 4x validation gain into a held-out loss)."""
 
     def __init__(self, denoiser, schedule, solver: str, options: dict, cal: Calibration, basis: int):
         self.denoiser, self.schedule, self.cal, self.basis = denoiser, schedule, cal, basis
         self.solver, self.options = solver, options
         self.step = get_solver(solver).stepper(**options)
+        self.delta = None
+
+    def per_sample(self, grid, method=None, rows=None) -> torch.Tensor:
+        diff = self.run(grid, method, rows).to(torch.float64) - self.cal.trajectory.final.to(torch.float64)
+        return diff.reshape(diff.shape[0], -1)
+
+    def set_scale(self, grid) -> None:
+        self.delta = OUTLIER_SCALE * float(self.per_sample(grid).pow(2).mean(1).sqrt().median())
+
+    def residual(self, grid, method, rows) -> torch.Tensor:
+        """Per-value residuals whose mean square is the (robust) error squared."""
+        r = self.per_sample(grid, method, rows)
+        if self.delta is None:
+            return r.flatten()
+        e = r.pow(2).mean(1).sqrt().clamp_min(1e-300)
+        return (r * (self.delta / e).clamp(max=1.0)[:, None]).flatten()
+
+    def error(self, grid: torch.Tensor, method: str | None = None, rows=None, plain: bool = False) -> float:
+        if plain or self.delta is None:
+            return rmse(self.run(grid, method, rows), self.cal.trajectory.final)
+        return float(self.residual(grid, method, rows).pow(2).mean().sqrt())
 
     def run(self, grid: torch.Tensor, method: str | None, rows=None, fit=None) -> torch.Tensor:
         from .solvers.learned import learned_sample, zero_coefficients
@@ -460,9 +490,6 @@ class _Problem:
         rows = rows if rows is not None else zero_coefficients(method, len(grid) - 1, self.basis)
         return learned_sample(self.denoiser, self.cal.x_T, grid, self.schedule, base=self.step, method=method,
                               coefficients=rows, basis=self.basis, cond=self.cal.cond, fit=fit).x
-
-    def error(self, grid: torch.Tensor, method: str | None = None, rows=None) -> float:
-        return rmse(self.run(grid, method, rows), self.cal.trajectory.final)
 
 
 def grid_targets(denoiser, schedule, x_T: torch.Tensor, cond, times: torch.Tensor, final: torch.Tensor,
@@ -606,12 +633,14 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
     fixed.update({k: _check_start(schedule, k, g, nfe) for k, g in all_starts.items()})
     best_start = base.calibration["start"]
     tuned_times = torch.tensor(base.times, dtype=torch.float64)
+    train.set_scale(fixed[best_start])
+    val.set_scale(fixed[best_start])
     val_tuned, val_start = val.error(tuned_times), val.error(fixed[best_start])
     grid, grid_from = (tuned_times, "tune_grid") if val_tuned <= val_start else (fixed[best_start], best_start)
-    log(f"grid ({grid_from}): fitting RMSE {train.error(grid):.4g}, validation {min(val_tuned, val_start):.4g} "
-        f"(best start {best_start}: {val_start:.4g})")
+    log(f"grid ({grid_from}): fitting error {train.error(grid):.4g}, validation {min(val_tuned, val_start):.4g} "
+        f"(best start {best_start}: {val_start:.4g}; robust errors, see _Problem)")
     record = {"grid_from": grid_from, "start": best_start, "grid_objective": base.calibration["objective"],
-              "grid_validation_rmse": min(val_tuned, val_start), "start_validation_rmse": val_start,
+              "grid_validation_error": min(val_tuned, val_start), "start_validation_error": val_start,
               "fixed_spacings": base.calibration["fixed_spacings"]}
     learned, rows = {}, None
     if method == "coeff":
@@ -631,15 +660,16 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         learned = {"method": method, "coefficients": rows, "options": opts, **({"basis": basis} if method == "pas"
                                                                                  else {})}
     m = method if learned else None
-    fit_rmse, val_rmse = train.error(grid, m, rows), val.error(grid, m, rows)
-    if val_rmse > record["grid_validation_rmse"]:  # never worse on the validation split than the grid alone
+    if val.error(grid, m, rows) > record["grid_validation_error"]:  # never worse on the validation split than the grid
         learned, m, rows = {}, None, None
         grid = grid if method == "grid" else (tuned_times if grid_from == "tune_grid" else fixed[best_start])
-        fit_rmse, val_rmse = train.error(grid), val.error(grid)
         record["fell_back_to_grid"] = True
+    fit_rmse, val_rmse = train.error(grid, m, rows, plain=True), val.error(grid, m, rows, plain=True)
+    record.update(fitting_error=train.error(grid, m, rows), validation_error=val.error(grid, m, rows),
+                  outlier_cap={"fitting": train.delta, "validation": val.delta})
     record["objective"] = [min(record["objective"][:k + 1]) for k in range(len(record["objective"]))]
     log(f"{method} {solver} NFE {nfe}: fitting RMSE {fit_rmse:.4g}, validation RMSE {val_rmse:.4g} "
-        f"(grid alone {record['grid_validation_rmse']:.4g})")
+        f"(grid alone {record['grid_validation_error']:.4g})")
     traj = cal.trajectory
     result = TunedGrid(
         solver=solver, nfe=nfe, times=grid.tolist(), lambdas=lambdas_of(schedule, grid),
@@ -733,7 +763,7 @@ def _levenberg_marquardt(residual: Callable, p0, val_error: Callable, *, max_ite
 
 
 def _residual(problem: "_Problem", grid, method, rows):
-    return (problem.run(grid, method, rows).to(torch.float64) - problem.cal.trajectory.final.to(torch.float64)).flatten()
+    return problem.residual(grid, method, rows)
 
 
 def _fit_coeff_lm(train: "_Problem", val: "_Problem", grid: torch.Tensor, nfe: int, free_end: bool, max_runs: int,

@@ -6,9 +6,11 @@ CPU processes over gloo; every process writes the full weights it ends with for 
 The main process stores the EMA that the preview function gets every CKPT_EVERY steps
 (``KIND/preview-<step>.safetensors``). OPTION: ``die-at=S`` (every process kills itself with SIGKILL
 after step S), ``die-in-save=S`` (every process kills itself in the middle of writing the checkpoint of
-step S, after its first shard file), ``launcher`` (sharding=None: follow accelerate's FSDP variables instead of passing sharding="fsdp").
-KIND: a kind of tests/_train_child.py, or "dmd2" (a 4-step DMD2 generator: backward simulation draws a
-random rollout depth per slice, so the processes call the generator a different number of times).
+step S, after its first shard file), ``launcher`` (sharding=None: follow accelerate's FSDP variables
+instead of passing sharding="fsdp").
+KIND: a kind of tests/_train_child.py; "dmd2" (a 4-step DMD2 generator: backward simulation draws a
+random rollout depth per slice, so the processes call the generator a different number of times); "gan"
+/ "gan-undeclared" (DMD2's GAN head on a tiny UNet, its ``logits`` method declared to FSDP or not).
 """
 import copy
 import os
@@ -38,12 +40,42 @@ def build_dmd2():
         {"lr": {"generator": 1e-4, "fake": 1e-3}}
 
 
+class DeclaredFakeScore(FakeScore):
+    """DMD2's fake score whose GAN head (``logits``, called without ``forward``) is declared to FSDP."""
+    fsdp_forward_methods = ("logits",)
+
+
+class UndeclaredFakeScore(FakeScore):
+    fsdp_forward_methods = ()
+
+
+def build_gan(fake_class):
+    """DMD2 with the GAN head on a tiny fewstep UNet (one-step generator)."""
+    from torch import nn
+
+    from fewstep.nets import UNet
+    torch.manual_seed(0)
+    teacher = UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=(), image_size=8, num_classes=3)
+    for p in teacher.parameters():  # zero-initialised output layers would hide gradients
+        nn.init.normal_(p, std=0.05)
+    loss = DMDLoss(teacher, child.SCHEDULE, "v", gan_weight_g=0.1, gan_weight_d=0.1, lambda_reg=0.0, null_class=3,
+                   fake_updates=2)
+    models = {"generator": copy.deepcopy(teacher), "fake": fake_class(copy.deepcopy(teacher), gan_head=True)}
+    pairs = {"z": torch.randn(32, 1, 8, 8), "labels": torch.randint(0, 3, (32,)), "x_ref": torch.randn(32, 1, 8, 8)}
+    real = (torch.randn(32, 1, 8, 8).clamp(-1, 1), torch.randint(0, 3, (32,)))
+    return loss, models, DMDData(pairs, real=real), {"lr": {"generator": 1e-3, "fake": 1e-3}, "batch_size": 4}
+
+
+BUILDERS = {"dmd2": build_dmd2, "gan": lambda: build_gan(DeclaredFakeScore),
+            "gan-undeclared": lambda: build_gan(UndeclaredFakeScore)}
+
+
 def run(kind: str, out_dir, steps: int, **kw):
     """A toy run of ``kind`` with the settings of tests/_train_child.py (batch BATCH, a checkpoint every
     CKPT_EVERY steps); keyword arguments override them."""
-    if kind != "dmd2":
+    if kind not in BUILDERS:
         return child.run(kind, out_dir, steps, **{"batch_size": BATCH, "ckpt_every_steps": CKPT_EVERY, **kw})
-    objective, model, data, extra = build_dmd2()
+    objective, model, data, extra = BUILDERS[kind]()
     opts = dict(batch_size=BATCH, lr=1e-3, warmup=5, ema_decay=0.9, ckpt_every_minutes=None,
                 ckpt_every_steps=CKPT_EVERY, progress=False, log_every=5, seed=3)
     opts.update(extra)

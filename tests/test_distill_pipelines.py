@@ -257,3 +257,16 @@ def test_fewstep_generate_and_sample_run_an_exported_student_with_its_own_stock_
     r = CliRunner().invoke(main, ["sample", "--model", str(folder), "--prompt", "a thick seven", "-n", "2",
                                   "--out", str(tmp_path / "grid.png")])
     assert r.exit_code == 0 and (tmp_path / "grid.png").is_file(), r.output
+
+
+def test_previews_of_a_text_teacher_write_each_rows_prompt_beside_it(pipelines, tmp_path, one_thread):
+    t = teacher_from(pipelines[0], PROMPTS)
+    settings = replace(TINY_DMD, sample_every_minutes=0.0)
+    run_dmd(tmp_path, settings, name="tiny-dmd-1", teacher=lambda: t, progress=False)
+    plain = sorted((tmp_path / "run" / "samples").glob("step-*[0-9].png"))
+    captioned = sorted((tmp_path / "run" / "samples").glob("step-*-prompts.png"))
+    assert plain and len(captioned) == len(plain)
+    from PIL import Image
+    with Image.open(captioned[-1]) as im:  # a labelled figure: wider than the bare grid (the prompts' column)
+        with Image.open(plain[-1]) as bare:
+            assert im.size[0] > 2 * bare.size[0]

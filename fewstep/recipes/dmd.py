@@ -157,6 +157,7 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     real = provide(data, lambda: load_mnist("train")) if settings.gan_weight_d > 0 else None
     preview = generator_preview(loss, t.image_shape, t.num_classes, fid_n=fid_n,
                                 fid_log=out / "run" / "fid.jsonl" if fid_n else None,
+                                samples_dir=out / "run" / "samples",
                                 **(pipeline_preview_options(t) if pipeline else {}))
     stage = Stage(f"export/{name}" if pipeline else name, "run", loss, {"generator": generator, "fake": fake},
                   Hyper(settings.steps, settings.lr, settings.warmup, settings.ema_decay),

@@ -112,7 +112,8 @@ def run_guided(out, settings: GuidedSettings = MNIST_GUIDED, *, name: str = "mni
     def preview(steps: int, run_dir: str):
         fid_n = settings.fid_probe if not pipeline or "digit_labels" in view else 0
         fid_log = out / run_dir / "fid.jsonl" if fid_n else None
-        return student_preview(sch, pred, steps, shape, classes, fid_log=fid_log, fid_n=fid_n, **view)
+        return student_preview(sch, pred, steps, shape, classes, fid_log=fid_log, fid_n=fid_n,
+                               samples_dir=out / run_dir / "samples", **view)
 
     lora = settings.lora_rank
     if lora is not None:

@@ -17,6 +17,7 @@ import torch
 from ..denoisers import ClassifierFreeGuidance, ModelDenoiser
 from ..distill import NetX0, sample_student
 from ..distill.dmd import generator_sample
+from ..images import save_captioned_rows
 from ..sampling import sample
 
 FID_PROBE_N = 500  # samples per point of the FID-against-training-steps curve (biased at this n: a trend, not a score)
@@ -77,12 +78,33 @@ def student_images(ema, schedule, prediction: str, steps: int, labels: torch.Ten
                           cond=None if labels is None else {"labels": labels}).x.cpu()
 
 
+def prompt_grid(prompts: list[str], labels: torch.Tensor, images: torch.Tensor, per_class: int, path: Path) -> Path:
+    """The preview grid again with each row's prompt written beside it (a text teacher's previews)."""
+    rows = images.split(per_class)
+    return save_captioned_rows([prompts[int(lab)] for lab in labels[::per_class]], list(rows), path)
+
+
+def _with_prompts(sample_fn: Callable, labels, per_class: int, prompts, samples_dir) -> Callable:
+    """``sample_fn`` that also writes ``samples_dir/step-<step>-prompts.png`` (:func:`prompt_grid`) when given
+    the prompts of a text teacher."""
+    if prompts is None or samples_dir is None or labels is None:
+        return sample_fn
+
+    def with_prompts(ema, step):
+        images, nrow = sample_fn(ema, step)
+        prompt_grid(prompts, labels, images, per_class, Path(samples_dir) / f"step-{step:08d}-prompts.png")
+        return images, nrow
+    return with_prompts
+
+
 def student_preview(schedule, prediction: str, steps: int, image_shape, num_classes: int, *, per_class: int = 4,
                     w: float = 1.0, fid_log: Path | None = None, fid_n: int = FID_PROBE_N,
-                    decode: Callable | None = None, digit_labels: Callable | None = None) -> Callable:
+                    decode: Callable | None = None, digit_labels: Callable | None = None,
+                    prompts: list[str] | None = None, samples_dir: Path | None = None) -> Callable:
     """sample_fn of a distilled student: one row per class (see :func:`preview_rows`) at guidance w with the
     student's own sampler; with ``fid_log``, also a point of the FID-against-training-steps curve at that w
-    (``fid_n`` samples). ``decode`` and ``digit_labels``: as for :func:`generator_preview`."""
+    (``fid_n`` samples). ``decode``, ``digit_labels``, ``prompts`` and ``samples_dir``: as for
+    :func:`generator_preview`."""
     labels = preview_rows(num_classes, per_class)
     decode = decode or (lambda x: x)
     ask = digit_labels or (lambda digits: digits)
@@ -93,7 +115,7 @@ def student_preview(schedule, prediction: str, steps: int, image_shape, num_clas
         if fid_log is not None:
             fid_probe(lambda lab: images(ask(lab), seed=1), fid_log, 10 if digit_labels else num_classes, fid_n)(step)
         return images(labels).clamp(-1, 1), per_class
-    return sample_fn
+    return _with_prompts(sample_fn, labels, per_class, prompts, samples_dir)
 
 
 def generator_images(loss, ema, labels: torch.Tensor, image_shape, seed: int = 0) -> torch.Tensor:
@@ -108,13 +130,16 @@ def generator_images(loss, ema, labels: torch.Tensor, image_shape, seed: int = 0
 
 def generator_preview(loss, image_shape, num_classes: int, *, per_class: int = 4,
                       fid_log: Path | None = None, fid_n: int = FID_PROBE_N, decode: Callable | None = None,
-                      digit_labels: Callable | None = None) -> Callable:
+                      digit_labels: Callable | None = None, prompts: list[str] | None = None,
+                      samples_dir: Path | None = None) -> Callable:
     """sample_fn of a DMD generator: one row per class (see :func:`preview_rows`); with
     ``fid_log`` a point of the FID curve (``fid_n`` samples).
 
     decode: latents -> images in [-1, 1] (a latent teacher's VAE; default: the samples are images).
     digit_labels: digit labels (B,) -> the generator's labels that ask for those digits (a text teacher's
-      prompts); without it the generator's labels are the digits themselves."""
+      prompts); without it the generator's labels are the digits themselves.
+    prompts, samples_dir: a text teacher's prompts (class k = prompts[k]): each preview is also written
+      with its rows' prompts beside them to ``samples_dir/step-<step>-prompts.png``."""
     labels = preview_rows(num_classes, per_class)
     decode = decode or (lambda x: x)
     ask = digit_labels or (lambda digits: digits)
@@ -124,7 +149,7 @@ def generator_preview(loss, image_shape, num_classes: int, *, per_class: int = 4
             fid_probe(lambda lab: decode(generator_images(loss, ema, ask(lab), image_shape, seed=1)), fid_log,
                       10 if digit_labels else num_classes, fid_n)(step)
         return decode(generator_images(loss, ema, labels, image_shape)).clamp(-1, 1), per_class
-    return sample_fn
+    return _with_prompts(sample_fn, labels, per_class, prompts, samples_dir)
 
 
 def fid_probe(make_images: Callable, log_path: Path, num_classes: int = 10, n: int = FID_PROBE_N) -> Callable:

@@ -72,7 +72,7 @@ def run_progressive(out, settings: ProgressiveSettings = MNIST_PROGRESSIVE, *, n
                     name=("export/" if pipeline else "") + f"{name}-{{n}}", run_dir="round-{n}",
                     config=lambda n, step, secs: progressive_config(t.config, settings, name, n, step, secs),
                     preview=lambda n: student_preview(sch, pred, n, t.image_shape, t.num_classes, w=0.0, fid_n=0,
-                                                      **view),
+                                                      samples_dir=out / f"round-{n}" / "samples", **view),
                     exporter=lambda n: (pipeline_exporter(t, n) if settings.lora_rank is None else
                                         lora_exporter(t, n)) if pipeline else {})
     if settings.lora_rank is not None:

@@ -435,7 +435,7 @@ def pipeline_exporter(teacher: PipelineTeacher, steps: int | None, prediction: s
 def pipeline_preview_options(teacher: PipelineTeacher) -> dict:
     """generator_preview's options for a pipeline teacher: decode by its VAE; ask for digit d with the test
     bed's prompts naming d (when every prompt parses), cycling through them."""
-    options = {"decode": teacher.decode}
+    options = {"decode": teacher.decode, "prompts": teacher.prompts}
     digits = teacher.prompt_digits()
     if digits is not None:
         by_digit = [torch.nonzero(digits == d).flatten() for d in range(10)]
