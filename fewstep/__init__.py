@@ -5,10 +5,10 @@ from .schedules import CosineVP, DiscreteVP, EDM, LinearVP, RectifiedFlow, custo
 from .solvers import SOLVERS, SamplerOutput
 from .api import generate, load
 from .grids import TunedGrid, load_grid
-from .tune import tune_grid
+from .tune import tune_grid, tune_solver
 
 __version__ = "0.1.0"
-__all__ = ["TunedGrid", "load_grid", "tune_grid", "ClassifierFreeGuidance", "ClassifierGuidance", "ModelDenoiser", "Thresholded", "dynamic_threshold",
+__all__ = ["TunedGrid", "load_grid", "tune_grid", "tune_solver", "ClassifierFreeGuidance", "ClassifierGuidance", "ModelDenoiser", "Thresholded", "dynamic_threshold",
            "expected_nfe", "invert", "sample", "solver_grid", "CosineVP", "DiscreteVP", "EDM", "LinearVP",
            "RectifiedFlow", "custom_grid", "time_grid", "SOLVERS", "SamplerOutput", "generate", "load"]
 

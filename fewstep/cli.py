@@ -924,9 +924,14 @@ def _budget_alias(steps, nfe):
               help="Deprecated name of --steps.")
 @click.option("--w", type=float, default=0.0, show_default=True, callback=_guidance_w, help="Guidance weight (>= 0).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the grid (JSON).")
-@click.option("--method", type=click.Choice(["dp", "refine", "dp+refine"]), default="dp+refine", show_default=True,
-              help="dp: dynamic programming over a fine candidate grid (GITS); refine: minimise the final error "
-                   "directly (LD3's objective, Nelder-Mead); dp+refine: refine from the better start.")
+@click.option("--method", type=click.Choice(["learned", "coeff", "pas", "grid", "dp", "refine", "dp+refine"]),
+              default="learned", show_default=True,
+              help="learned: a learned solver, times and per-step coefficients fitted together (fewstep.tune_solver's "
+                   "default method); coeff / pas: that method; grid: the times alone, through tune_solver (validation "
+                   "split, flow starts); dp / refine / dp+refine: tune_grid's grid methods (GITS dynamic programming, "
+                   "LD3's objective by Nelder-Mead, refine from the better start).")
+@click.option("--heldout", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Held-out noises (seed --seed + 1) whose errors the JSON records (learned / coeff / pas / grid).")
 @click.option("--samples", type=click.IntRange(min=2), default=64, show_default=True, help="Calibration noises.")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the calibration noises and labels.")
 @click.option("--reference-steps", type=click.IntRange(min=2), default=128, show_default=True,
@@ -935,13 +940,15 @@ def _budget_alias(steps, nfe):
               help="Candidate times for dp (must divide --reference-steps).")
 @click.option("--max-evals", type=click.IntRange(min=1), default=None,
               help="Objective evaluations for refine (default 12 * (nfe - 1) + 20).")
-@click.option("--free-end", is_flag=True, help="Let the last finite time move too (lower RMSE, blurrier samples).")
+@click.option("--free-end", is_flag=True, help="Let the last finite time move too (lower RMSE, blurrier samples); "
+              "learned methods move it by default on flow-matching models only.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-def tune_cmd(model, solver, steps, nfe, w, out, method, samples, seed, reference_steps, candidates, max_evals,
-             free_end, threads):
-    """Fit the time grid on which --solver with --steps model calls comes closest to the converged
-    ODE solution of --model, on calibration noises; write it as JSON (use it with `fewstep.sample(...,
-    grid=fewstep.grids.load_grid(PATH))`)."""
+def tune_cmd(model, solver, steps, nfe, w, out, method, heldout, samples, seed, reference_steps, candidates,
+             max_evals, free_end, threads):
+    """Fit a learned solver (default) or a time grid on which --solver with --steps model calls comes closest
+    to the converged ODE solution of --model, on calibration noises; write it as JSON (use it with
+    `fewstep sample --grid PATH`, `fewstep.sample(..., grid=fewstep.load_grid(PATH))` or
+    `FewstepScheduler.from_config(config, grid=PATH)`)."""
     import torch
 
     from .tune import tune_model
@@ -951,16 +958,21 @@ def tune_cmd(model, solver, steps, nfe, w, out, method, samples, seed, reference
     m = _load_model(model)
     log = lambda msg: click.echo(f"[tune] {msg}", err=True)  # noqa: E731
     try:
+        solver_method = method not in ("dp", "refine", "dp+refine")
+        extra = {"heldout": heldout} if solver_method else {}
         grid = tune_model(m, solver=solver, nfe=nfe, w=w, samples=samples, seed=seed, method=method,
                           reference_steps=reference_steps, candidates=candidates, max_evals=max_evals,
-                          free_end=free_end, log=log)
+                          free_end=free_end or (None if solver_method else False), log=log, **extra)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     path = grid.save(out)
     cal = grid.calibration
-    click.echo(f"wrote {path}: {solver}, {nfe} model calls; calibration RMSE {cal['rmse']:.4g} (best fixed spacing "
-               f"{min(cal['fixed_spacings'].values()):.4g}); {grid.cost['model_calls'] + grid.cost['reference_model_calls']}"
-               f" model calls, {grid.cost['seconds'] + grid.cost['reference_seconds']:.0f} s")
+    held = f"; held-out RMSE {grid.heldout['rmse']:.4g} (times alone {grid.heldout['grid_alone']:.4g}, best fixed " \
+           f"spacing {grid.heldout['best_fixed']:.4g})" if grid.heldout else ""
+    click.echo(f"wrote {path}: {grid.method} {solver}, {nfe} model calls; calibration RMSE {cal['rmse']:.4g} (best "
+               f"fixed spacing {min(cal['fixed_spacings'].values()):.4g}){held}; "
+               f"{grid.cost['model_calls'] + grid.cost['reference_model_calls']} model calls, "
+               f"{grid.cost['seconds'] + grid.cost['reference_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,11 @@ torch's RNG seeded from (seed, step, phase, slice), so the update equals a one-p
 ``grad_accum`` = processes x grad_accum. Only the main process logs, checkpoints and samples.
 A plain iterable is not split: each process then needs its own shard of it.
 
+Fully sharded (``sharding="fsdp"``, or ``accelerate launch --use_fsdp``; docs/fsdp.md): every trained
+network, its gradients, AdamW state and EMA are split over the processes (torch FSDP2), each process
+writes its shard of every checkpoint file (``<file>.shard-<rank>-of-<world>.safetensors``, atomic as
+above), resume is exact, and the returned networks and EMAs are full copies.
+
 The metrics log ``log.jsonl`` has one JSON object per line (``step``, ``loss``,
 ``lr``, ``grad_norm``, ``sec_per_step``, ``elapsed`` = seconds since this
 (re)start); lines past the resumed step are dropped on resume. ``sample_fn(ema_model, step)`` returning images in

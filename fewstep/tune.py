@@ -359,19 +359,29 @@ def _as_calibration(calibration) -> Calibration:
 
 
 def tune_model(model, *, solver: str = "dpmpp_2m", nfe: int = 5, w: float = 0.0, samples: int = 64,
-               seed: int = 1234, **kwargs) -> TunedGrid:
-    """``tune_grid`` for a ``fewstep.load`` diffusion model at guidance ``w``: ``samples`` calibration
-    noises (and uniform random labels for a class-conditional model) from ``seed``."""
+               seed: int = 1234, method: str = "dp+refine", heldout: int = 0, **kwargs) -> TunedGrid:
+    """``tune_grid`` (method dp / refine / dp+refine) or ``tune_solver`` (method learned = its default, coeff,
+    pas or grid) for a ``fewstep.load`` diffusion model at guidance ``w``: ``samples`` calibration noises (and
+    uniform random labels for a class-conditional model) from ``seed``; ``heldout`` more from ``seed + 1``,
+    whose errors ``tune_solver`` records."""
     if not hasattr(model, "denoiser") or not hasattr(model, "schedule") or getattr(model, "w_input", False) \
             or type(model).__name__ != "DiffusionModel":
         raise ValueError(f"tuning needs a diffusion model sampled by a solver; {model!r} has its own sampler")
     if w and model.num_classes is None:
         raise ValueError("guidance w needs a class-conditional model")
+    known = METHODS + SOLVER_METHODS + ("learned",)
+    if method not in known:
+        raise ValueError(f"method must be one of {', '.join(known)}, got {method!r}")
     classes = model.num_classes if model.num_classes is not None else None
     cal = calibration_set(samples, model.image_shape, seed=seed, num_classes=classes)
     with torch.no_grad():
-        return tune_grid(model.denoiser(w), model.schedule, solver=solver, nfe=nfe, calibration=cal, model=model,
-                         conditioning={"w": float(w)}, **kwargs)
+        if method in METHODS:
+            return tune_grid(model.denoiser(w), model.schedule, solver=solver, nfe=nfe, calibration=cal, model=model,
+                             conditioning={"w": float(w)}, method=method, **kwargs)
+        ho = calibration_set(heldout, model.image_shape, seed=seed + 1, num_classes=classes) if heldout else None
+        return tune_solver(model.denoiser(w), model.schedule, solver=solver, nfe=nfe, calibration=cal, model=model,
+                           conditioning={"w": float(w)}, heldout=ho,
+                           method=DEFAULT_SOLVER_METHOD if method == "learned" else method, **kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -592,7 +602,8 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
       above t_min; no for VP / EDM, see ``tune_grid``).
     heldout: more noises (and conditions), never used in fitting: their errors against a fresh reference solve
       (the result, its times alone, the best fixed spacing) are recorded in ``heldout``.
-    max_evals: Nelder-Mead evaluations of the coeff search (default 15 * (2 nfe - 3) + 30).
+    max_evals: sampler runs on the fitting split for the Levenberg-Marquardt search (coeff: default
+      15 * (2 nfe - 3) + 30; pas: 40 nfe basis); the grid stage keeps ``tune_grid``'s default.
     """
     spec = get_solver(solver)
     if spec.kind != "multistep" or spec.stochastic or spec.step is None:

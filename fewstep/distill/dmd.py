@@ -93,6 +93,8 @@ class GANHead(nn.Module):
 class FakeScore(nn.Module):
     """The online-trained fake denoiser (a copy of the teacher) and the optional GAN head."""
 
+    fsdp_forward_methods = ("logits",)  # entry points besides forward that FSDP must gather for (fewstep.train)
+
     def __init__(self, net: nn.Module, gan_head: bool = False):
         super().__init__()
         self.net = net
