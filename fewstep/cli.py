@@ -677,6 +677,9 @@ def _teacher_options(f):
                      help="Recompute activations in the backward pass (diffusers teachers): less memory, slower steps.")(f)
     f = click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default=None,
                      help="Autocast precision of training (default: the preset's, no). fp16 needs a CUDA GPU.")(f)
+    f = click.option("--sharding", type=click.Choice(["fsdp", "none"]), default=None,
+                     help="fsdp: shard the trained networks over the processes (FSDP2; docs/fsdp.md); default: as "
+                          "accelerate launch --use_fsdp says, else none.")(f)
     f = click.option("--null-class", "null_class", type=click.IntRange(min=0), default=None, metavar="K",
                      help="Class-conditional UNet teachers: the class id it was trained with as unconditional "
                           "(needed for guidance).")(f)
@@ -787,7 +790,7 @@ def _w_range(text):
 @click.option("--w-range", type=str, default=None, metavar="LO,HI",
               help="Guidance weights the w-conditioned student learns, drawn uniformly (default: the preset's, 0,4; "
                    "diffusers' guidance_scale = 1 + w).")
-def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, data, captions, null_class,
+def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, data, captions, null_class, sharding,
                        mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w_range):
     """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
     steps. Of the shipped mnist-teacher by default (reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1); of a
@@ -797,7 +800,7 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
     settings, name = _distill_settings(preset, teacher, "guided", w_range=_w_range(w_range),
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
-                                       lora_targets=lora_targets,
+                                       lora_targets=lora_targets, sharding=sharding,
                                        max_memory_gib=max_memory_gib)
     exports = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, until=until, part=part,
                           name=name, **_teacher_provider(teacher, prompts, data, captions, out, null_class, True))
@@ -810,14 +813,14 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
 @click.option("--until", type=click.IntRange(min=1), default=None,
               help="Stop after the round that reaches this many steps (default: down to 4).")
 @_teacher_options
-def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, data, captions, null_class,
+def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, data, captions, null_class, sharding,
                             mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib):
     """Plain progressive distillation (Salimans & Ho 2022) of the teacher's conditional model (default: the
     shipped mnist-teacher; any fewstep model or diffusers pipeline folder with --teacher): rounds 32 -> 16 -> 8
     -> 4 steps, exported as <name>-<N> students (a pipeline teacher's: DIR/export/<name>-<N> pipelines)."""
     settings, name = _distill_settings("mnist-progressive", teacher, "progressive", mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
-                                       lora_targets=lora_targets,
+                                       lora_targets=lora_targets, sharding=sharding,
                                        max_memory_gib=max_memory_gib)
     exports = _run_recipe("mnist-progressive", out, threads, settings, resume=resume, progress=progress, until=until,
                           name=name, **_teacher_provider(teacher, prompts, data, captions, out, null_class))
@@ -843,7 +846,7 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
 @click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
               help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
                    "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
-def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, null_class,
+def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, null_class, sharding,
                     mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps,
                     gen_prediction):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
@@ -859,7 +862,7 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
     settings, name = _distill_settings(preset, teacher, "dmd-1", steps=steps, real_w=w, gen_prediction=gen_prediction,
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
-                                       lora_targets=lora_targets,
+                                       lora_targets=lora_targets, sharding=sharding,
                                        max_memory_gib=max_memory_gib)
     real_w = (settings or _preset_settings(preset)).real_w
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,

@@ -58,6 +58,7 @@ class DistillOptions:
     lora_rank: int | None = None  # LoRA adapters over the teacher's shared weights (pipeline teachers)
     lora_targets: str = "attention"  # which layers get adapters: "attention", "attention+ff" or "all" (+ convs)
     max_memory_gib: float | None = None  # refuse up front a run whose weight memory exceeds it
+    sharding: str | None = None  # "fsdp": shard the trained networks (FSDP2); None: as accelerate launch says
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class Runner:
                        weight_decay=s.weight_decay, mixed_precision=getattr(s, "mixed_precision", "no"),
                        ckpt_every_minutes=s.ckpt_every_minutes,
                        sample_fn=stage.sample_fn, sample_every_minutes=s.sample_every_minutes, resume=self.resume,
-                       seed=s.seed, progress=self.progress,
+                       seed=s.seed, progress=self.progress, sharding=getattr(s, "sharding", None),
                        run_info={"recipe": self.recipe, **stage.info, "preset": asdict(s)})
         secs = stage_seconds(run_dir, t0)
         extra = stage.config(result.ema, result.step, secs)
