@@ -101,7 +101,7 @@ def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
 def test_registry_names_every_shipped_recipe_and_no_second_cli():
     assert set(RECIPES) == {"mnist-teacher", "mnist-classifier", "mnist-guided", "mnist-progressive", "mnist-dmd-1",
                             "mnist-dmd2-4", "mnist-vae", "mnist-sd", "mnist-sd3",  # these three: the text test bed
-                            "mnist-sd-guided", "mnist-sd-dmd-1", "mnist-sd3-dmd-1"}  # and its students
+                            "mnist-sd-guided", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd3-dmd-1"}  # students
     assert RECIPES["mnist-dmd2-4"].settings is MNIST_DMD2_4
     assert importlib.util.find_spec("fewstep.recipes.__main__") is None  # `fewstep train|distill` is the one way
     assert not hasattr(fewstep.recipes, "main")

@@ -87,7 +87,7 @@ DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd
 
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
 RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False, "lora_rank": None,
-                    "lora_targets": "attention", "max_memory_gib": None, "sharding": None}  # recorded when set
+                    "lora_targets": "attention", "max_memory_gib": None, "sharding": None, "gen_prediction": None}  # recorded when set
 
 
 def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float,
