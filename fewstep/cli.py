@@ -162,7 +162,10 @@ def bench_solvers(quick, json_path, model, w, nfe, samples, out_dir, threads):
               help="Guidance weight (>= 0) of every row.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N (where a GPU is present).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's).")
-def bench_speed(out_dir, batches, w, device, threads):
+@click.option("--model", "models", multiple=True, metavar="NAME_OR_FOLDER",
+              help="Time these models instead (repeatable): shipped names, fewstep folders or diffusers pipeline "
+                   "folders (an exported student runs its own stock call); the first row is the baseline.")
+def bench_speed(out_dir, batches, w, device, threads, models):
     """Images per second and seconds per image of every shipped model and sampler, batch 1 and 256, in one run."""
 
     import torch
@@ -172,7 +175,11 @@ def bench_speed(out_dir, batches, w, device, threads):
     _check_writable(out_dir)
     if threads:
         torch.set_num_threads(threads)
-    doc = run_speed(out_dir, batches=batches, w=w, device=str(dev), log=lambda m: click.echo(f"[bench speed] {m}", err=True))
+    from .bench.speed import model_rows
+    for m in models:
+        _load_model(m)  # a missing or unreadable model: one line before any timing
+    doc = run_speed(out_dir, batches=batches, w=w, device=str(dev), rows=model_rows(models, w) if models else None,
+                    log=lambda m: click.echo(f"[bench speed] {m}", err=True))
     click.echo(f"{len(doc['rows'])} rows; wrote {Path(out_dir) / 'speed.md'} and {Path(out_dir) / 'speed.json'}")
 
 

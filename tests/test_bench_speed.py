@@ -35,3 +35,24 @@ def test_run_speed_writes_every_row_and_batch(tmp_path):
 def test_bench_speed_misuse(args, words):
     r = CliRunner().invoke(main, ["bench", "speed", *args])
     assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_bench_speed_times_named_pipelines_a_teacher_and_its_exported_student(tmp_path):
+    """--model takes diffusers pipeline folders: the shipped mnist-sd (fewstep's default solver, guided) and its
+    one-step DMD student (its own stock call, w baked in: timed at w = 0, one network evaluation)."""
+    out = tmp_path / "speed"
+    r = CliRunner().invoke(main, ["bench", "speed", "--model", "mnist-sd", "--model", "mnist-sd3-dmd-1",
+                                  "--batches", "1,2", "--out-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "speed.json").read_text())["rows"]
+    assert [(x["label"], x["batch"]) for x in rows] == [("mnist-sd", 1), ("mnist-sd", 2), ("mnist-sd3-dmd-1", 1),
+                                                        ("mnist-sd3-dmd-1", 2)]
+    teacher, student = rows[0], rows[2]
+    assert teacher["w"] == 1.0 and teacher["network_evals"] == 40  # 20 guided calls, each cond + uncond
+    assert student["w"] == 0.0 and student["network_evals"] == 1
+    assert all(x["images_per_second"] > 0 for x in rows)
+
+
+def test_bench_speed_refuses_a_model_that_is_not_there(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "speed", "--model", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "no model named" in r.output and "Traceback" not in r.output
