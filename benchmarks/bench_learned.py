@@ -3,6 +3,7 @@ solver and diffusers' default and best schedulers, on held-out noises only.
 
     python benchmarks/bench_learned.py --model gmm-mnist              # exact guided MNIST mixture (VP, eps)
     python benchmarks/bench_learned.py --model flow-mixture           # exact mixture under flow matching, shift 3
+    python benchmarks/bench_learned.py --model mnist-teacher --quick --calibration 64 --heldout 64   # slower
     python benchmarks/bench_learned.py --model gmm-mnist --quick      # NFE 5, 8; one tuned solver
 
 Calibration: ``--calibration`` noises (random labels) from seed 1234, of which tune_solver's default 25 % are
@@ -97,6 +98,32 @@ class GMMMnist:
         return rmse(sample(self.denoiser, self.x_T, self.schedule, grid=tuned, cond=self.cond).x, self.ref)
 
 
+class TeacherProblem(GMMMnist):
+    """The shipped MNIST teacher (cosine VP, v prediction) at guidance w: tuned and judged on its own schedule
+    (reference RK4, ``fewstep.reference``); diffusers rows on its 1000-step discrete view
+    (``fewstep.bench.models``), as ``benchmarks/bench_grids.py`` runs it."""
+    name, family = "mnist-teacher", "vp"
+
+    def __init__(self, w: float, n_heldout: int, ref_steps: int):
+        import fewstep
+        from fewstep.bench.models import load_bench_model
+        from fewstep.reference import reference_solution
+        self.bm = bm = load_bench_model("mnist-teacher", w)
+        self.model = fewstep.load("mnist-teacher")
+        self.denoiser, self.schedule, self.shape, self.w = self.model.denoiser(w), self.model.schedule, bm.shape, w
+        self.x_T = torch.randn((n_heldout, *bm.shape), generator=torch.Generator().manual_seed(0))
+        self.cond, self.uncond = bm.conditioning(n_heldout)
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.ref, err = reference_solution(self.denoiser, self.schedule, self.x_T, self.schedule.t_max, 0.0,
+                                               steps=ref_steps, cond=self.cond)
+        self.ref_info = {"method": f"fewstep.reference.reference_solution, {2 * ref_steps} RK4 steps in log-SNR",
+                         "error_estimate": err, "seconds": round(time.perf_counter() - start, 1)}
+
+    def calibration(self, n: int):
+        return calibration_set(n, self.shape, seed=1234, num_classes=10)
+
+
 class FlowMixtureProblem:
     """The exact MNIST mixture under flow matching (SD3's shift 3), every row through a scheduler."""
     name, family = "flow-mixture", "flow"
@@ -124,9 +151,7 @@ class FlowMixtureProblem:
         self.default_name = FLOW_EULER
 
     def calibration(self, n: int):
-        cal = calibration_set(n, self.shape, seed=1234)
-        cal.x_T = cal.x_T * float(self.schedule.sigma(torch.tensor(self.schedule.t_max, dtype=torch.float64)))
-        return cal
+        return calibration_set(n, self.shape, seed=1234)  # pure noise: tune_solver starts flow models at sigma = 1
 
     def _row(self, impl, row, kind, sched, nfe, **extra):
         x, calls = self.run_scheduler(sched, self.model, self.x_T.clone(), nfe)
@@ -155,19 +180,23 @@ class FlowMixtureProblem:
         """The flow benchmark's own tune_grid settings (``fewstep.bench.flow.tune_flow_grids``)."""
         from fewstep.bench.flow import flow_starts
         from fewstep.tune import Calibration
-        fresh = Calibration(cal.x_T, cal.cond, cal.seed)  # its own 1024-step reference
-        return tune_grid(self.denoiser, self.schedule, solver=solver, nfe=nfe, calibration=fresh, reference_steps=1024,
-                         candidates=64, starts=flow_starts(self.src, nfe), free_end=True)
+        if getattr(self, "_handpicked_cal", None) is None:  # its own 1024-step reference, shared, noise at t_max
+            sigma = float(self.schedule.sigma(torch.tensor(self.schedule.t_max, dtype=torch.float64)))
+            self._handpicked_cal = Calibration(cal.x_T * sigma, cal.cond, cal.seed)
+        return tune_grid(self.denoiser, self.schedule, solver=solver, nfe=nfe, calibration=self._handpicked_cal,
+                         reference_steps=1024, candidates=64, starts=flow_starts(self.src, nfe), free_end=True)
 
 
 # ---------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------
 
+@torch.no_grad()
 def run(args) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     p = GMMMnist(args.w, args.heldout, args.ref_steps) if args.model == "gmm-mnist" else \
+        TeacherProblem(args.w, args.heldout, args.ref_steps) if args.model == "mnist-teacher" else \
         FlowMixtureProblem(args.heldout, args.ref_steps)
     log(f"{p.name}: held-out reference ready ({p.ref_info.get('error_estimate', 0):.2g} own error)")
     cal = p.calibration(args.calibration)
@@ -190,6 +219,7 @@ def run(args) -> dict:
                              "tuned_grid", "method": method, "nfe": nfe, "rmse": e})
                 fits.append({"solver": solver, "method": method, "nfe": nfe, "heldout_rmse": e,
                              "fitting_rmse": tuned.calibration["rmse"], "validation_rmse": tuned.calibration["validation_rmse"],
+                             "validation_error": tuned.calibration["validation_error"],
                              "fell_back_to_grid": bool(tuned.calibration.get("fell_back_to_grid")),
                              "model_calls": tuned.cost["model_calls"], "seconds": round(seconds, 1),
                              "reference_model_calls": tuned.cost["reference_model_calls"],
@@ -197,6 +227,11 @@ def run(args) -> dict:
                              "learned": tuned.learned})
                 log(f"{solver} NFE {nfe} {method}: held-out {e:.4g} (fit {tuned.calibration['rmse']:.4g}, validation "
                     f"{tuned.calibration['validation_rmse']:.4g}; {tuned.cost['model_calls']} calls, {seconds:.0f} s)")
+            mine = {f["method"]: f for f in fits if f["solver"] == solver and f["nfe"] == nfe}
+            if "coeff" in mine and "pas" in mine:  # tune_solver's default method="auto": the better on validation
+                pick = min(("coeff", "pas"), key=lambda k: mine[k]["validation_error"])
+                rows.append({"impl": "fewstep", "row": f"{solver} / auto (default: {pick})", "kind": "auto",
+                             "method": "auto", "nfe": nfe, "rmse": mine[pick]["heldout_rmse"]})
             if p.family == "flow" and args.handpicked:
                 g = p.handpicked(cal, solver, nfe)
                 e = p.heldout_rmse(g)
@@ -221,14 +256,14 @@ def summarize(rows: list, nfes) -> dict:
         d_best, d_default = best("diffusers"), next(r for r in at if r.get("default"))
         entry = {"diffusers_best": d_best["row"], "diffusers_best_rmse": d_best["rmse"],
                  "diffusers_default_rmse": d_default["rmse"]}
-        for kind in ("fixed", "tuned_grid", "learned", "handpicked"):
+        for kind in ("fixed", "tuned_grid", "learned", "auto", "handpicked"):
             b = best(kind)
             if b is not None:
                 entry[kind] = b["row"]
                 entry[f"{kind}_rmse"] = b["rmse"]
                 entry[f"{kind}_vs_diffusers_best"] = b["rmse"] / d_best["rmse"]
                 entry[f"{kind}_vs_diffusers_default"] = b["rmse"] / d_default["rmse"]
-        for method in ("coeff", "pas", "grid"):
+        for method in ("coeff", "pas", "grid", "auto"):
             b = min((r for r in at if r.get("method") == method), key=lambda r: r["rmse"], default=None)
             if b is not None:
                 entry[f"{method}_rmse"] = b["rmse"]
@@ -248,15 +283,19 @@ def markdown(doc: dict) -> str:
              f"- Calibration: {doc['calibration']['samples']} noises (seed 1234), 25 % of them the validation split; "
              f"`tune_solver` defaults ({doc['calibration']['reference_steps']} reference steps).",
              "- RMSE of the final sample against the reference, held-out noises only; ratios are to diffusers' best "
-             "scheduler at the same number of model calls.", "",
-             "| NFE | diffusers default | diffusers best | best fixed fewstep | tuned grid | coeff | pas | best learned "
-             "| best learned / diffusers best |", "|---|---|---|---|---|---|---|---|---|"]
+             "scheduler at the same number of model calls. coeff / pas / auto: the best over the tuned solvers; "
+             "auto is `tune_solver`'s default method (coeff and pas both fitted, the one with the lower validation "
+             "error kept), read off the two fits.", "",
+             "| NFE | diffusers default | diffusers best | best fixed fewstep | tuned grid | coeff | pas | auto (default) "
+             "| auto / diffusers best | best learned | best learned / diffusers best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3e}"  # noqa: E731
     for n in nfes:
         e = s[n] if n in s else s[str(n)]
         lines.append(f"| {n} | {fmt(e['diffusers_default_rmse'])} | {fmt(e['diffusers_best_rmse'])} ({e['diffusers_best']}) "
                      f"| {fmt(e.get('fixed_rmse'))} ({e.get('fixed')}) | {fmt(e.get('grid_rmse'))} | "
-                     f"{fmt(e.get('coeff_rmse'))} | {fmt(e.get('pas_rmse'))} | {fmt(e.get('learned_rmse'))} "
+                     f"{fmt(e.get('coeff_rmse'))} | {fmt(e.get('pas_rmse'))} | {fmt(e.get('auto_rmse'))} | "
+                     f"{e.get('auto_vs_diffusers_best', float('nan')):.3f} | {fmt(e.get('learned_rmse'))} "
                      f"({e.get('learned')}) | {e.get('learned_vs_diffusers_best', float('nan')):.3f} |")
     if any("handpicked_rmse" in e for e in s.values()):
         lines += ["", "Tuned grid with `tune_solver`'s defaults against the flow benchmark's hand-picked `tune_grid` "
@@ -287,7 +326,7 @@ def markdown(doc: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gmm-mnist", choices=["gmm-mnist", "flow-mixture"])
+    ap.add_argument("--model", default="gmm-mnist", choices=["gmm-mnist", "flow-mixture", "mnist-teacher"])
     ap.add_argument("--w", type=float, default=1.0, help="guidance weight (gmm-mnist)")
     ap.add_argument("--nfe", default="4,5,6,8,10")
     ap.add_argument("--solvers", default="dpmpp_2m,unipc_bh2_2")

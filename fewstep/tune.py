@@ -21,12 +21,19 @@ Two methods, and their combination (the default):
 The grid starts at the schedule's t_max (where the noise is drawn) and ends in 0 (a final
 denoising step, as every default fewstep grid); the NFE - 1 times in between, including the
 last finite one, are free within [t_min, t_max].
+
+``tune_solver`` (same arguments) fits a learned solver (``fewstep.solvers.learned``): the grid above, then
+per-step coefficients of the base solver, fitted together with the times, on a fitting split of the
+calibration noises, with early stopping and model selection on a validation split:
+
+    tuned = tune_solver(denoiser, schedule, solver="dpmpp_2m", nfe=5, calibration=cal)
+    out = fewstep.sample(denoiser, x_T, schedule, grid=tuned)      # the coefficients are applied
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -42,7 +49,8 @@ from .solvers.baseline import ddim_step
 
 __all__ = ["Calibration", "Trajectory", "calibration_set", "reference_trajectory", "dp_grid", "refine_grid",
            "tune_grid", "tune_model", "grid_rmse", "step_costs", "METHODS", "tune_solver", "SOLVER_METHODS",
-           "DEFAULT_SOLVER_METHOD", "default_starts", "flow_shift_grid", "grid_targets", "heldout_errors", "is_flow"]
+           "DEFAULT_SOLVER_METHOD", "default_starts", "flow_shift_grid", "grid_targets", "heldout_errors", "is_flow",
+           "pure_noise_top", "from_pure_noise"]
 
 METHODS = ("dp", "refine", "dp+refine")
 FIXED_SPACINGS = ("logsnr", "karras", "time_uniform", "time_quadratic")  # the starts refine chooses from
@@ -267,8 +275,8 @@ def tune_grid(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "dpm
       conditional mean), which blurs samples: on mnist-teacher it worsened FID (BENCHMARKS.md).
     model / conditioning: recorded in the grid (``model_identity`` of a model; e.g. {"w": 1.0}).
     starts: more starting grids by name ({name: NFE + 1 times ending in 0}), e.g. the grid a pipeline
-      uses today (a flow model's shifted sigmas): the result is never worse on the calibration set
-      than any of them either.
+      uses today: the result is never worse on the calibration set than any of them either. A flow
+      schedule always gets its pipelines' shifted grids (``default_starts``: shifts 1 to 7) as starts.
     Only one-call-per-step (multistep) deterministic solvers are tuned.
     """
     spec = get_solver(solver)
@@ -286,6 +294,7 @@ def tune_grid(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "dpm
         log(f"reference: {cal.trajectory.model_calls} calls, {cal.trajectory.seconds:.0f} s, "
             f"own error {cal.trajectory.error['rmse']:.2g}")
     start, counted = time.perf_counter(), CountingDenoiser(denoiser)  # the tuning's own cost
+    starts = {**default_starts(schedule, nfe), **(starts or {})}  # flow: the pipelines' shifted grids too
     grid, record = _search(counted, schedule, solver, nfe, cal, method, max_evals or 12 * (nfe - 1) + 20,
                            options or {}, free_end, starts)
     log(f"{solver} NFE {nfe} ({method}): calibration RMSE {record['start_rmse']:.4g} ({record['start']}) -> "
@@ -388,8 +397,9 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe: int = 5, w: float = 0.0,
 # Learned solvers: times and per-step coefficients fitted together (fewstep.solvers.learned)
 # ---------------------------------------------------------------------------
 
-SOLVER_METHODS = ("coeff", "pas", "grid")
-DEFAULT_SOLVER_METHOD = "coeff"  # measured against pas on held-out noises: benchmarks/results/learned_*.md
+SOLVER_METHODS = ("coeff", "pas", "auto", "grid")
+DEFAULT_SOLVER_METHOD = "auto"  # coeff and pas both fitted, the better on the validation split kept: neither
+# wins everywhere on held-out noises (benchmarks/results/learned_*.md)
 FLOW_SHIFTS = (1.0, 2.0, 3.0, 4.0, 5.0, 7.0)  # shifted flow grids tried as starts (SD3 / Sana 3, Flux ~3.2, Wan 5)
 PAS_RIDGE = (0.0, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths of the PAS fit, relative; chosen on the validation split
 
@@ -423,9 +433,46 @@ def default_starts(schedule: NoiseSchedule, nfe: int) -> dict:
     return out
 
 
+def pure_noise_top(schedule: NoiseSchedule) -> float | None:
+    """Flow matching's pure-noise top t_upper (alpha = 0, above the finite-log-SNR t_max), where its pipelines
+    draw the noise; None for other schedules (their noise is drawn at t_max)."""
+    if not is_flow(schedule) or not schedule.t_upper > schedule.t_max:
+        return None
+    return float(schedule.t_upper)
+
+
+@torch.no_grad()
+def from_pure_noise(denoiser: Callable, schedule: NoiseSchedule, x_T: torch.Tensor, cond: dict | None = None, *,
+                    steps: int = 8) -> torch.Tensor:
+    """x at t_max on the probability-flow ODE started from pure noise ``x_T`` at t_upper: RK4 in t on the
+    data-prediction form dx/dt = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) D(x, t) (DPM-Solver++,
+    arXiv 2211.01095, eq. 6 rewritten; regular where alpha = 0, unlike the log-SNR form), derivatives by
+    backward differences."""
+    cond = dict(cond or {})
+    h = 1e-7
+
+    def f(x, t):
+        tt = torch.tensor([t, t - h], dtype=torch.float64)
+        (a, a_), (s, s_) = schedule.alpha(tt).tolist(), schedule.sigma(tt).tolist()
+        da, ds = (a - a_) / h, (s - s_) / h
+        d = denoiser(x.to(x_T.dtype), torch.full((x.shape[0],), t, dtype=torch.float64), **cond).to(torch.float64)
+        return (ds / s) * x + (da - a * ds / s) * d
+
+    t0, t1 = float(schedule.t_upper), float(schedule.t_max)
+    dt, x = (t1 - t0) / steps, x_T.to(torch.float64)
+    for k in range(steps):
+        t = t0 + k * dt
+        k1 = f(x, t)
+        k2 = f(x + 0.5 * dt * k1, t + 0.5 * dt)
+        k3 = f(x + 0.5 * dt * k2, t + 0.5 * dt)
+        x = x + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + f(x + dt * k3, t + dt))
+    return x.to(x_T.dtype)
+
+
 def _subset(cal: Calibration, idx: torch.Tensor) -> Calibration:
     """The calibration samples ``idx`` (noises, conditions and their slice of the reference trajectory)."""
-    take = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == cal.x_T.shape[0] else v  # noqa: E731
+    n = cal.x_T.shape[0]
+    take = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v  # noqa: E731
     traj = cal.trajectory
     sub = None if traj is None else Trajectory(traj.times, [take(v) for v in traj.xs], [take(v) for v in traj.x0s],
                                                take(traj.final), traj.error, traj.model_calls, traj.seconds)
@@ -470,7 +517,8 @@ class _Problem:
         self.denoiser, self.schedule, self.cal, self.basis = denoiser, schedule, cal, basis
         self.solver, self.options = solver, options
         self.step = get_solver(solver).stepper(**options)
-        self.delta = None
+        self.delta, self.top = None, None  # top: the pure-noise first point every grid starts from (flow)
+        self.x_tmax = cal.x_T  # the noises at t_max (from the pure noises on flow): where reference paths start
 
     def per_sample(self, grid, method=None, rows=None) -> torch.Tensor:
         diff = self.run(grid, method, rows).to(torch.float64) - self.cal.trajectory.final.to(torch.float64)
@@ -494,6 +542,9 @@ class _Problem:
 
     def run(self, grid: torch.Tensor, method: str | None, rows=None, fit=None) -> torch.Tensor:
         from .solvers.learned import learned_sample, zero_coefficients
+        if self.top is not None:  # from pure noise: DDIM's first step, then the solver (as FewstepScheduler)
+            grid = torch.cat([torch.tensor([self.top], dtype=torch.float64), grid[1:]])
+            method, rows = (method, rows) if method is not None else ("coeff", None)
         if method is None:
             return sample(self.denoiser, self.cal.x_T, self.schedule, solver=self.solver, grid=grid,
                           cond=self.cal.cond, **self.options).x
@@ -515,7 +566,8 @@ def grid_targets(denoiser, schedule, x_T: torch.Tensor, cond, times: torch.Tenso
         if b == 0.0:
             out.append(final.to(torch.float64))
             break
-        gap = float(schedule.lambda_(torch.tensor(b, dtype=torch.float64)) - schedule.lambda_(torch.tensor(a, dtype=torch.float64)))
+        lam_a, lam_b = schedule.lambda_(torch.tensor([a, b], dtype=torch.float64)).tolist()
+        gap = lam_b - lam_a
         x = reference_path(denoiser, schedule, x, a, b, steps=max(4, math.ceil(steps * gap / span)), cond=cond).x
         out.append(x)
         x = x.to(x_T.dtype)
@@ -525,8 +577,8 @@ def grid_targets(denoiser, schedule, x_T: torch.Tensor, cond, times: torch.Tenso
 def _fit_pas(train: _Problem, val: _Problem, grid: torch.Tensor, targets: list, basis: int,
              log) -> tuple[list, list, dict]:
     """PAS coefficients on ``grid``: step by step, the ridge least-squares fit of the corrected step's output
-    to the reference at the next grid time (PAS, arXiv 2411.06503, eq. 9 solved in closed form: the output
-    is linear in the coefficients), for each ridge strength of ``PAS_RIDGE``; the strength with the lowest
+    to the reference at the next grid time (PAS's per-step L2 loss to the teacher trajectory, arXiv 2411.06503,
+    solved in closed form: the output is linear in the coefficients), for each ridge strength of ``PAS_RIDGE``; the strength with the lowest
     validation error is kept, then each step's correction is dropped where dropping it does not raise the
     validation error (PAS's adaptive search, judged on the validation split)."""
     def fit_rows(ridge: float) -> list:
@@ -574,6 +626,28 @@ def _fit_pas(train: _Problem, val: _Problem, grid: torch.Tensor, targets: list, 
                                 "validation_uncorrected": base_val, "dropped_steps": dropped}
 
 
+def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max_evals, basis, reference_steps,
+                counted, log) -> dict:
+    """One method's fit from the starting ``grid``: its grid, coefficient rows (None for ``grid``), objective
+    and validation error."""
+    objective = [train.error(grid)]
+    rows, extra = None, {}
+    if method == "coeff":
+        evals = max_evals or 15 * (2 * nfe - 3) + 30
+        grid, rows, history, extra = _fit_coeff_lm(train, val, grid, nfe, free_end, evals, log)
+        objective += history
+    elif method == "pas":
+        fit_cal = train.cal
+        targets = grid_targets(counted, train.schedule, train.x_tmax, fit_cal.cond, grid, fit_cal.trajectory.final,
+                               reference_steps)
+        rows, history, extra = _fit_pas(train, val, grid, targets, basis, log)  # PAS's own per-step fit, then
+        rows, history2, extra2 = _fit_pas_lm(train, val, grid, basis, rows, max_evals or 40 * nfe * basis, log)
+        extra.update(extra2)  # the final error, all steps together
+        objective += history + history2
+    return {"grid": grid, "rows": rows, "objective": objective, "extra": extra,
+            "validation_error": val.error(grid, None if rows is None else method, rows)}
+
+
 @torch.no_grad()
 def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m", nfe: int = 5,
                 calibration: Calibration | torch.Tensor | tuple, method: str = DEFAULT_SOLVER_METHOD,
@@ -592,9 +666,12 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
       too). Its last ``validation`` share (default 25 %) is never fitted on: it picks the starting grid, stops
       the coeff search early and picks PAS's ridge strength, so what improves is the error on noises the fit
       did not see.
-    method: ``coeff`` (default; one scale per step on the high-order term, fitted together with the times,
-      Nelder-Mead from the tuned grid), ``pas`` (PCA-based coefficients, ``basis`` per step, on the tuned
-      grid; a closed-form fit per step) or ``grid`` (the tuned times alone). Every method starts with
+    method: ``coeff`` (one scale per step on the high-order term, fitted together with the times by
+      Levenberg-Marquardt on the final error from the tuned grid), ``pas`` (PCA-based coefficients, ``basis``
+      per step, on the tuned grid: PAS's closed-form per-step fit, then Levenberg-Marquardt on the final
+      error), ``auto`` (default: both, the one with the lower validation error kept) or ``grid`` (the tuned
+      times alone). Fits and validation use a robust error (each sample's RMSE capped at 3x the median:
+      samples sent to another mode of a multi-modal model would otherwise dominate). Every method starts with
       ``tune_grid`` (dp + refine) on the fitting split, from the fixed spacings, ``starts`` and, for a flow
       schedule, the flow pipelines' shifted grids (``default_starts``). The result is never worse on the
       validation split than that grid, nor than the best start.
@@ -621,24 +698,36 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         raise ValueError(f"method 'coeff' scales a high-order term; {solver!r} is first order: use 'pas' or a "
                          "solver such as dpmpp_2m")
     cal, log = _as_calibration(calibration), log or (lambda msg: None)
+    candidates = min(candidates, reference_steps)  # a short reference solve records every step
     free_end = is_flow(schedule) if free_end is None else bool(free_end)
     opts = dict(options or {})
-    if cal.trajectory is None:
-        cal.trajectory = reference_trajectory(denoiser, schedule, cal.x_T, cal.cond, steps=reference_steps,
-                                              candidates=candidates)
-        log(f"reference: {cal.trajectory.model_calls} calls, {cal.trajectory.seconds:.0f} s, "
-            f"own error {cal.trajectory.error['rmse']:.2g}")
+    top, inner = pure_noise_top(schedule), cal
+    if top is not None:  # flow matching: the noise is at t_upper (pure noise); the reference starts there
+        if "pure_noise" not in cal.costs:
+            cal.costs["pure_noise"] = Calibration(from_pure_noise(denoiser, schedule, cal.x_T, cal.cond), cal.cond,
+                                                  cal.seed)
+        inner = cal.costs["pure_noise"]
+    if inner.trajectory is None:
+        inner.trajectory = reference_trajectory(denoiser, schedule, inner.x_T, inner.cond, steps=reference_steps,
+                                                candidates=candidates)
+        log(f"reference: {inner.trajectory.model_calls} calls, {inner.trajectory.seconds:.0f} s, "
+            f"own error {inner.trajectory.error['rmse']:.2g}")
     key = ("split", validation)
-    if key not in cal.costs:  # cached with the calibration, so the DP costs of the fitting split are reused
-        cal.costs[key] = _split(cal, validation)
-    fit_cal, val_cal = cal.costs[key]
+    if key not in inner.costs:  # cached with the calibration, so the DP costs of the fitting split are reused
+        inner.costs[key] = _split(inner, validation)
+    fit_cal, val_cal = inner.costs[key]
     start, counted = time.perf_counter(), CountingDenoiser(denoiser)
-    all_starts = {**default_starts(schedule, nfe), **(starts or {})}
+    all_starts = {**default_starts(schedule, nfe), **(starts or {})}  # (tune_grid adds the flow starts too)
     base = tune_grid(counted, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
                      reference_steps=reference_steps, candidates=candidates, options=opts, free_end=free_end,
                      starts=all_starts)
-    train = _Problem(counted, schedule, solver, opts, fit_cal, basis)
-    val = _Problem(counted, schedule, solver, opts, val_cal, basis)
+    train, val = (_Problem(counted, schedule, solver, opts, c, basis) for c in (fit_cal, val_cal))
+    if top is not None:  # the problems sample from the pure noises themselves
+        n_fit = fit_cal.x_T.shape[0]
+        train.cal = replace(fit_cal, x_T=cal.x_T[:n_fit])
+        val.cal = replace(val_cal, x_T=cal.x_T[n_fit:])
+        train.top = val.top = top
+        train.x_tmax, val.x_tmax = fit_cal.x_T, val_cal.x_T
     # the starting grid: the tuned one or the best start on the fitting split, whichever validates better
     fixed = {sp: time_grid(schedule, nfe, sp) for sp in FIXED_SPACINGS}
     fixed.update({k: _check_start(schedule, k, g, nfe) for k, g in all_starts.items()})
@@ -653,35 +742,32 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
     record = {"grid_from": grid_from, "start": best_start, "grid_objective": base.calibration["objective"],
               "grid_validation_error": min(val_tuned, val_start), "start_validation_error": val_start,
               "fixed_spacings": base.calibration["fixed_spacings"]}
-    learned, rows = {}, None
-    if method == "coeff":
-        evals = max_evals or 15 * (2 * nfe - 3) + 30
-        grid, rows, history, extra = _fit_coeff_lm(train, val, grid, nfe, free_end, evals, log)
-        record.update(extra, objective=[train.error(tuned_times if grid_from == "tune_grid" else fixed[best_start])]
-                      + history)
-    elif method == "pas":
-        targets = grid_targets(counted, schedule, fit_cal.x_T, fit_cal.cond, grid, fit_cal.trajectory.final,
-                               reference_steps)
-        rows, history, extra = _fit_pas(train, val, grid, targets, basis, log)  # PAS's own per-step fit, then
-        rows, history2, extra2 = _fit_pas_lm(train, val, grid, basis, rows, max_evals or 40 * nfe * basis, log)
-        record.update(extra, **extra2, objective=history + history2)  # the final error, all steps together
-    else:
-        record["objective"] = [train.error(grid)]
-    if rows is not None:
-        learned = {"method": method, "coefficients": rows, "options": opts, **({"basis": basis} if method == "pas"
-                                                                                 else {})}
-    m = method if learned else None
-    if val.error(grid, m, rows) > record["grid_validation_error"]:  # never worse on the validation split than the grid
-        learned, m, rows = {}, None, None
-        grid = grid if method == "grid" else (tuned_times if grid_from == "tune_grid" else fixed[best_start])
+    start_grid = grid
+    fits = {}
+    both = ("coeff", "pas") if nfe >= 3 and spec.order >= 2 else ("pas",)  # coeff needs a high-order term
+    for mth in (both if method == "auto" else (method,)):
+        fits[mth] = _fit_method(mth, train, val, start_grid, nfe, free_end, max_evals, basis, reference_steps,
+                                counted, log)
+    chosen = min(fits, key=lambda k: fits[k]["validation_error"])  # auto: the better on the validation split
+    fit = fits[chosen]
+    grid, rows, m = fit["grid"], fit["rows"], (chosen if fit["rows"] is not None else None)
+    record.update(fit["extra"], objective=fit["objective"], chosen=chosen,
+                  **({"validation_error_by_method": {k: v["validation_error"] for k, v in fits.items()}}
+                     if method == "auto" else {}))
+    learned = {} if m is None else {"method": m, "coefficients": rows, "options": opts,
+                                    **({"basis": basis} if m == "pas" else {})}
+    if fit["validation_error"] > record["grid_validation_error"]:  # never worse on the validation split than the grid
+        learned, m, rows, grid = {}, None, None, start_grid
         record["fell_back_to_grid"] = True
+    if m is not None and top is not None:  # a learned solver starts where the pipeline's noise is: pure noise
+        grid = torch.cat([torch.tensor([top], dtype=torch.float64), grid[1:]])
     fit_rmse, val_rmse = train.error(grid, m, rows, plain=True), val.error(grid, m, rows, plain=True)
     record.update(fitting_error=train.error(grid, m, rows), validation_error=val.error(grid, m, rows),
                   outlier_cap={"fitting": train.delta, "validation": val.delta})
     record["objective"] = [min(record["objective"][:k + 1]) for k in range(len(record["objective"]))]
     log(f"{method} {solver} NFE {nfe}: fitting RMSE {fit_rmse:.4g}, validation RMSE {val_rmse:.4g} "
         f"(grid alone {record['grid_validation_error']:.4g})")
-    traj = cal.trajectory
+    traj = inner.trajectory
     result = TunedGrid(
         solver=solver, nfe=nfe, times=grid.tolist(), lambdas=lambdas_of(schedule, grid),
         schedule=schedule_identity(schedule),
@@ -703,19 +789,24 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
 
 @torch.no_grad()
 def heldout_errors(denoiser, schedule: NoiseSchedule, tuned: TunedGrid, heldout, *, reference_steps: int = 128) -> dict:
-    """RMSE on held-out noises against their converged reference (RK4, ``fewstep.reference``): of ``tuned``, of
-    its times alone, and of each fixed spacing with the same solver and NFE."""
+    """RMSE on held-out noises against their converged reference (RK4, ``fewstep.reference``; from pure noise on
+    flow matching, ``from_pure_noise``): of ``tuned``, of its times alone, and of each fixed spacing with the
+    same solver and NFE."""
     from .reference import reference_solution
-    ho = _as_calibration(heldout)
-    ref, err = reference_solution(denoiser, schedule, ho.x_T, schedule.t_max, 0.0, steps=reference_steps, cond=ho.cond)
-    times = torch.tensor(tuned.times, dtype=torch.float64)
+    ho, top = _as_calibration(heldout), pure_noise_top(schedule)
+    start = ho.x_T if top is None else from_pure_noise(denoiser, schedule, ho.x_T, ho.cond)
+    ref, err = reference_solution(denoiser, schedule, start, schedule.t_max, 0.0, steps=reference_steps, cond=ho.cond)
     opts = tuned.calibration.get("options", {})
-    run = lambda g: rmse(sample(denoiser, ho.x_T, schedule, solver=tuned.solver, grid=g, cond=ho.cond, **opts).x, ref)  # noqa: E731
-    fixed = {sp: run(time_grid(schedule, tuned.nfe, sp)) for sp in FIXED_SPACINGS}
-    return {"rmse": run(tuned), "grid_alone": run(times), "fixed_spacings": fixed, "best_fixed": min(fixed.values()),
-            "samples": int(ho.x_T.shape[0]), "seed": ho.seed,
+    problem = _Problem(denoiser, schedule, tuned.solver, opts, Calibration(ho.x_T, ho.cond, ho.seed, Trajectory(
+        torch.zeros(0), [], [], ref, {}, 0, 0.0)), int(tuned.learned.get("basis", 4)))
+    problem.top = top
+    times = torch.tensor(tuned.times, dtype=torch.float64)
+    fixed = {sp: problem.error(time_grid(schedule, tuned.nfe, sp), plain=True) for sp in FIXED_SPACINGS}
+    return {"rmse": problem.error(times, tuned.learned.get("method"), tuned.learned.get("coefficients"), plain=True),
+            "grid_alone": problem.error(times, plain=True), "fixed_spacings": fixed,
+            "best_fixed": min(fixed.values()), "samples": int(ho.x_T.shape[0]), "seed": ho.seed,
             "reference": f"fewstep.reference.reference_solution, {2 * reference_steps} RK4 steps, "
-                         f"max|x(2N) - x(N)| = {err:.2g}"}
+                         f"max|x(2N) - x(N)| = {err:.2g}" + ("" if top is None else ", from pure noise")}
 
 
 def _levenberg_marquardt(residual: Callable, p0, val_error: Callable, *, max_iters: int, log, h: float = 1e-3,

@@ -28,7 +28,7 @@ def gaussian_problem(schedule):
     g = torch.Generator().manual_seed(0)
     mu, std = torch.randn(D, generator=g, dtype=F64), torch.logspace(-2, 0, D, dtype=F64)
     den = GaussianMixture(mu[None], std[None], torch.ones(1), torch.zeros(1, dtype=torch.long)).denoiser(schedule)
-    sigma_max = float(schedule.sigma(torch.tensor(schedule.t_max, dtype=F64)))
+    sigma_max = float(schedule.sigma(torch.tensor(schedule.t_upper, dtype=F64)))  # pure noise on flow matching
 
     def exact(x_T):  # the limit of every grid ending in 0: the ODE to t_min, then one denoising call
         x = single_gaussian_flow(mu, std, schedule, x_T, schedule.t_max, schedule.t_min)
@@ -155,6 +155,7 @@ def test_scheduler_loop_equals_fewstep_sample_with_a_learned_solver(family):
     tuned = tune_solver(p["den"], schedule, solver="unipc_bh2_2", nfe=5, calibration=p["cal"], reference_steps=32,
                         candidates=16)
     assert tuned.learned  # a learned solver, not the times alone
+    assert tuned.times[0] == schedule.t_upper  # flow: from pure noise, where the pipeline draws it
     with warnings.catch_warnings():
         warnings.simplefilter("error", TunedGridWarning)  # the solver comes from the grid: no mismatch
         sched = FewstepScheduler.from_config(cfg, grid=tuned)
@@ -221,3 +222,16 @@ def test_cli_tune_writes_a_learned_solver_that_sample_uses(tmp_path):
                                      "--out", str(png)])
     assert used.exit_code == 0, used.output
     assert "NFE 3" in used.output and png.is_file()
+
+
+def test_flow_calibration_starts_from_pure_noise_on_the_exact_ode():
+    from fewstep.schedules import FlowMatching
+    from fewstep.tune import from_pure_noise
+    schedule = FlowMatching()
+    g = torch.Generator().manual_seed(3)
+    mu, std = torch.randn(D, generator=g, dtype=F64), torch.logspace(-2, 0, D, dtype=F64)
+    den = GaussianMixture(mu[None], std[None], torch.ones(1), torch.zeros(1, dtype=torch.long)).denoiser(schedule)
+    x = torch.randn(8, D, generator=g, dtype=F64)
+    exact = single_gaussian_flow(mu, std, schedule, x, schedule.t_upper, schedule.t_max)
+    assert torch.allclose(from_pure_noise(den, schedule, x), exact, atol=1e-9, rtol=0)
+    assert (x - exact).abs().max() > 1e-4  # the step it takes is not negligible

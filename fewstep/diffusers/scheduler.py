@@ -235,7 +235,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         elif self.config.grid is not None:
             t = self._tuned_times(n)
             if fam.starts_from_pure_noise and not self.config.grid.get("learned"):
-                # (a learned solver keeps its fitted first point, so it equals fewstep.sample step for step)
+                # (a learned solver keeps its fitted first point, pure noise on flow models, as fewstep.sample)
                 t = t.clone()
                 t[0] = self.schedule.t_upper  # run from pure noise, as the pipeline's latents are drawn
             return t
@@ -314,7 +314,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("all steps are done; call set_timesteps again to sample anew")
         p = self._points[i]
         x0 = self._x0(model_output, sample, p)
-        if p.alpha == 0.0:
+        learned = bool(self.config.grid and self.config.grid.get("learned"))
+        if p.alpha == 0.0 and not learned:  # (a learned solver's step function takes this step itself)
             # pure noise (lambda = -inf): DDIM's step is the limit of every solver's first step; a point an
             # infinite log-SNR away adds nothing to a multistep history, so the solver starts at i + 1
             prev, _ = ddim_step(sample.to(x0.dtype), x0, i, self._points)

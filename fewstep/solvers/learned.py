@@ -1,7 +1,7 @@
 """Learned solvers: a one-call-per-step base solver whose every step is corrected by a few coefficients
 fitted to one model (``fewstep.tune.tune_solver``). Two methods, both exact no-ops at zero coefficients:
 
-``pas``    PCA-based adaptive search (Wang et al. 2024, arXiv 2411.06503, Sec. 4): the step's direction is
+``pas``    PCA-based adaptive search (Wang et al. 2024, arXiv 2411.06503): the step's direction is
            corrected inside a small per-sample basis of the trajectory's own past directions,
                D' = D + ||D|| sum_j c_j u_j,
            u_1 = D / ||D||, u_2.. the top principal directions of {x_T, D_0, ..., D_i} (unit-normalised,
@@ -23,7 +23,9 @@ x_t by (alpha_t - sigma_t alpha_s / sigma_s) delta. Every family (VP eps / v, fl
 the corrections never branch on the prediction type.
 
 UniPC's corrector recomputes the current point from the previous one; a correction added to a step's
-output is carried into that state, so the next corrected point moves by the same amount.
+output is carried into that state, so the next corrected point moves by the same amount. A step from pure
+noise (alpha = 0, flow matching's t = 1) is DDIM's, and the base solver starts afresh at the next point,
+as in ``FewstepScheduler``.
 """
 from __future__ import annotations
 
@@ -63,8 +65,8 @@ def _flat(v: torch.Tensor) -> torch.Tensor:
 
 
 def step_direction(x_start: torch.Tensor, x_next: torch.Tensor, s: Point, t: Point) -> tuple[torch.Tensor, float]:
-    """(D, m): the step's effective data prediction (flattened per sample) and the factor m that carries a change of D to x_t,
-    from x_t = (sigma_t / sigma_s) x_s + m D, m = alpha_t - sigma_t alpha_s / sigma_s (module docstring)."""
+    """(D, m): the step's effective data prediction (flattened per sample) and the factor m that carries a
+    change of D to x_t, from x_t = (sigma_t / sigma_s) x_s + m D, m = alpha_t - sigma_t alpha_s / sigma_s."""
     m = t.alpha - t.sigma * s.alpha / s.sigma
     return (_flat(x_next) - (t.sigma / s.sigma) * _flat(x_start)) / m, m
 
@@ -121,8 +123,11 @@ def learned_step(x, x0, i, pts, state, generator=None, *, base: Callable, method
     right rows. ``fit(i, parts) -> row`` replaces the stored row (the fitter uses it; parts holds the
     base output, the correction directions and their weight)."""
     base_state, history = state if state is not None else (None, [x])
-    x_next, base_state = base(x, x0, i, pts, base_state, generator)
     s, t = pts[i], pts[i + 1]
+    if s.alpha == 0.0:  # pure noise (lambda = -inf): DDIM's step, the limit of every solver's first step; the
+        x_next, base_state = ddim_step(x, x0, i, pts)[0], None  # base solver's history starts at the next point
+    else:
+        x_next, base_state = base(x, x0, i, pts, base_state, generator)
     j = i + len(coefficients) - (len(pts) - 1)
     if j < 0:
         raise ValueError(f"the learned solver has {len(coefficients)} rows of coefficients for a grid of "
