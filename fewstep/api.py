@@ -326,7 +326,7 @@ def check_config(cfg: dict, folder) -> None:
                          "fix the name or remove it")
 
 
-def _diffusers_class(folder: Path) -> str | None:
+def diffusers_class(folder: Path) -> str | None:
     """The diffusers class a folder holds (a pipeline's model_index.json or a model's config.json
     ``_class_name``), or None for a fewstep model folder."""
     for name in ("model_index.json", "config.json"):
@@ -407,7 +407,7 @@ def load(name_or_path, device: str | torch.device = "cpu", *, dtype: torch.dtype
     ``name_or_path`` is the folder), a model folder (``mnist-vae``) as the model. They load in float32 unless
     ``dtype`` is given (the shipped ones are stored in float16); ``dtype`` is for diffusers folders only."""
     folder = _resolve(name_or_path)
-    cls_name = _diffusers_class(folder)
+    cls_name = diffusers_class(folder)
     if cls_name is not None:
         return _load_diffusers(folder, cls_name, device, dtype)
     if dtype is not None:

@@ -13,25 +13,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_models import tiny_unet  # noqa: E402
+from test_distill_pipelines import PROMPTS, TINY_DMD, TINY_GUIDED, TINY_PROGRESSIVE, _ids, _latents  # noqa: E402
 
 from fewstep.data.text import load_tokenizer  # noqa: E402
 from fewstep.diffusers import DiffusersNet  # noqa: E402
 from fewstep.distill import NetX0, generator_times, sample_student  # noqa: E402
 from fewstep.nets.textbed import build_text_encoder, build_vae  # noqa: E402
-from fewstep.recipes import Hyper  # noqa: E402
-from fewstep.recipes.dmd import MNIST_DMD, PairSettings, run_dmd  # noqa: E402
-from fewstep.recipes.guided import MNIST_GUIDED, run_guided  # noqa: E402
-from fewstep.recipes.progressive import MNIST_PROGRESSIVE, run_progressive  # noqa: E402
+from fewstep.recipes.dmd import run_dmd  # noqa: E402
+from fewstep.recipes.guided import run_guided  # noqa: E402
+from fewstep.recipes.progressive import run_progressive  # noqa: E402
 from fewstep.recipes.teachers import (NO_NULL_CLASS, PipelineTeacher, check_guidance, load_student,  # noqa: E402
                                       read_prompts, student_scheduler, teacher_from)
 
-PROMPTS = ["a thick seven", "a thin two slanted left", "a handwritten zero"]
-LOOP = dict(batch_size=4, ckpt_every_minutes=None, sample_every_minutes=None)
-PAIRS = PairSettings(n=6, steps=3)
-TINY_DMD = replace(MNIST_DMD, steps=2, pairs=PAIRS, fid_probe=0, warmup=0, **LOOP)
-TINY_GUIDED = replace(MNIST_GUIDED, stage1=Hyper(2, 1e-3, 0, 0.9), start_steps=8, rounds={4: 2, 2: 1, 1: 1},
-                      encoder_rounds={4: 1}, samples=PAIRS, fid_probe=0, round_warmup=0, **LOOP)
-TINY_PROGRESSIVE = replace(MNIST_PROGRESSIVE, start_steps=8, rounds={4: 2}, samples=PAIRS, round_warmup=0, **LOOP)
 TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "projection_dim": 16}
 CLASSES = 4  # the class UNet's embeddings: ids 0..2 and the null class 3
 
@@ -83,12 +76,6 @@ def _stock(folder):
     return pipe
 
 
-def _latents(teacher, n=2):
-    return torch.randn(n, *teacher.image_shape, generator=torch.Generator().manual_seed(0))
-
-
-def _ids(teacher, prompts):
-    return torch.tensor([teacher.prompts.index(p) for p in prompts])
 
 
 def _trained(net, teacher):

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from ..api import ASSETS, DiffusionModel, load
+from ..api import ASSETS, DiffusionModel, diffusers_class, load
 from ..diffusers import DiffusersNet
 from .textbed import INFO  # what fewstep records in a pipeline folder it writes (recipe, steps, w, train_steps)
 
@@ -74,13 +74,9 @@ def _diffusers_folder(spec) -> tuple[Path, str] | None:
     """(folder, diffusers class) of a pipeline folder or a bare model folder, None for a fewstep model; one line
     for an existing folder that is neither."""
     for folder in (ASSETS / str(spec), Path(str(spec))):
-        for name in ("model_index.json", "config.json"):
-            try:
-                cfg = json.loads((folder / name).read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(cfg, dict) and "_class_name" in cfg:
-                return folder, str(cfg["_class_name"])
+        cls = diffusers_class(folder)
+        if cls is not None:
+            return folder, str(cls)
     folder = Path(str(spec))
     if folder.is_dir() and not any((folder / f).is_file() for f in ("config.json", "model/config.json")):
         raise ValueError(f"{folder} is neither a fewstep model folder (config.json + model.safetensors) nor a "
