@@ -46,8 +46,22 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} learned] {msg}", file=sys.stderr, flush=True)
 
 
+CACHE = Path("/tmp/fewstep-learned-cache")  # set from --cache
+
+
+def _cached_ref(name: str, make):
+    """A held-out reference (x, info), cached on disk: an interrupted run does not solve it again."""
+    path = CACHE / f"{name}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
+
+
 # ---------------------------------------------------------------------------
-# The two models
+# The models
 # ---------------------------------------------------------------------------
 
 class GMMMnist:
@@ -64,7 +78,8 @@ class GMMMnist:
         self.schedule, self.shape, self.w = bm.schedule, bm.shape, w
         self.x_T = torch.randn((n_heldout, *bm.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         self.cond, self.uncond = bm.conditioning(n_heldout)
-        self.ref, self.ref_info = reference(bm, self.x_T, self.cond, self.uncond, ref_steps)
+        self.ref, self.ref_info = _cached_ref(f"gmm-mnist-w{w:g}-n{n_heldout}-rk{ref_steps}",
+                                              lambda: reference(bm, self.x_T, self.cond, self.uncond, ref_steps))
 
     def calibration(self, n: int):
         return calibration_set(n, self.shape, seed=1234, num_classes=10, dtype=torch.float64)
@@ -113,12 +128,14 @@ class TeacherProblem(GMMMnist):
         self.denoiser, self.schedule, self.shape, self.w = self.model.denoiser(w), self.model.schedule, bm.shape, w
         self.x_T = torch.randn((n_heldout, *bm.shape), generator=torch.Generator().manual_seed(0))
         self.cond, self.uncond = bm.conditioning(n_heldout)
-        start = time.perf_counter()
-        with torch.no_grad():
-            self.ref, err = reference_solution(self.denoiser, self.schedule, self.x_T, self.schedule.t_max, 0.0,
-                                               steps=ref_steps, cond=self.cond)
-        self.ref_info = {"method": f"fewstep.reference.reference_solution, {2 * ref_steps} RK4 steps in log-SNR",
+        def make():
+            start = time.perf_counter()
+            with torch.no_grad():
+                ref, err = reference_solution(self.denoiser, self.schedule, self.x_T, self.schedule.t_max, 0.0,
+                                              steps=ref_steps, cond=self.cond)
+            return ref, {"method": f"fewstep.reference.reference_solution, {2 * ref_steps} RK4 steps in log-SNR",
                          "error_estimate": err, "seconds": round(time.perf_counter() - start, 1)}
+        self.ref, self.ref_info = _cached_ref(f"mnist-teacher-w{w:g}-n{n_heldout}-rk{ref_steps}", make)
 
     def calibration(self, n: int):
         return calibration_set(n, self.shape, seed=1234, num_classes=10)
@@ -140,14 +157,16 @@ class FlowMixtureProblem:
         self.denoiser, self.shape = self.gmm.denoiser(self.schedule), (1, 28, 28)
         self.x_T = torch.randn((n_heldout, 1, 28, 28), generator=torch.Generator().manual_seed(0))
         self.run_scheduler = run_scheduler
-        start = time.perf_counter()
-        self.ref, _ = run_scheduler(FewstepScheduler.from_config(self.src, solver="unipc_bh2_3"), self.model,
-                                    self.x_T.clone(), 1000)
-        check, _ = run_scheduler(FewstepScheduler.from_config(self.src, solver="dpmpp_3m"), self.model,
-                                 self.x_T.clone(), 1000)
-        self.ref_info = {"method": "fewstep unipc_bh2_3, 1000 steps, through FewstepScheduler from sigma = 1",
-                         "error_estimate": rmse(check, self.ref), "check": "dpmpp_3m, 1000 steps",
+        def make():
+            start = time.perf_counter()
+            ref, _ = run_scheduler(FewstepScheduler.from_config(self.src, solver="unipc_bh2_3"), self.model,
+                                   self.x_T.clone(), 1000)
+            check, _ = run_scheduler(FewstepScheduler.from_config(self.src, solver="dpmpp_3m"), self.model,
+                                     self.x_T.clone(), 1000)
+            return ref, {"method": "fewstep unipc_bh2_3, 1000 steps, through FewstepScheduler from sigma = 1",
+                         "error_estimate": rmse(check, ref), "check": "dpmpp_3m, 1000 steps",
                          "seconds": round(time.perf_counter() - start, 1)}
+        self.ref, self.ref_info = _cached_ref(f"flow-mixture-n{n_heldout}", make)
         self.default_name = FLOW_EULER
 
     def calibration(self, n: int):
@@ -191,22 +210,41 @@ class FlowMixtureProblem:
 # The run
 # ---------------------------------------------------------------------------
 
+class Progress:
+    """Rows and fits so far, written after each piece to ``<out>.partial.json`` so an interrupted run resumes."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        doc = json.loads(path.read_text()) if resume and path.is_file() else {}
+        self.rows, self.fits, self.done = doc.get("rows", []), doc.get("fits", []), set(doc.get("done", []))
+
+    def save(self, key: str) -> None:
+        self.done.add(key)
+        self.path.write_text(json.dumps({"rows": self.rows, "fits": self.fits, "done": sorted(self.done)}, default=float))
+
+
 @torch.no_grad()
-def run(args) -> dict:
+def run(args, out: Path) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    p = GMMMnist(args.w, args.heldout, args.ref_steps) if args.model == "gmm-mnist" else \
-        TeacherProblem(args.w, args.heldout, args.ref_steps) if args.model == "mnist-teacher" else \
-        FlowMixtureProblem(args.heldout, args.ref_steps)
+    global CACHE
+    CACHE = Path(args.cache)
+    make = {"gmm-mnist": lambda: GMMMnist(args.w, args.heldout, args.ref_steps),
+            "mnist-teacher": lambda: TeacherProblem(args.w, args.heldout, args.ref_steps),
+            "flow-mixture": lambda: FlowMixtureProblem(args.heldout, args.ref_steps)}[args.model]
+    p = make()
     log(f"{p.name}: held-out reference ready ({p.ref_info.get('error_estimate', 0):.2g} own error)")
     cal = p.calibration(args.calibration)
-    rows, fits = [], []
+    progress = Progress(out.with_suffix(".partial.json"), args.resume)
+    rows, fits = progress.rows, progress.fits
     for nfe in args.nfe:
-        rows += p.diffusers_rows(nfe)
-        rows += p.fixed_rows(nfe)
+        if f"rows/{nfe}" not in progress.done:
+            rows += p.diffusers_rows(nfe)
+            rows += p.fixed_rows(nfe)
+            progress.save(f"rows/{nfe}")
         for solver in args.solvers:
             for method in args.methods:
-                if method == "coeff" and nfe < 3:
+                if method == "coeff" and nfe < 3 or f"fit/{solver}/{nfe}/{method}" in progress.done:
                     continue
                 start = time.perf_counter()
                 tuned = tune_solver(p.denoiser, p.schedule, solver=solver, nfe=nfe, calibration=cal, method=method,
@@ -225,18 +263,21 @@ def run(args) -> dict:
                              "reference_model_calls": tuned.cost["reference_model_calls"],
                              "reference_seconds": tuned.cost["reference_seconds"], "times": tuned.times,
                              "learned": tuned.learned})
+                progress.save(f"fit/{solver}/{nfe}/{method}")
                 log(f"{solver} NFE {nfe} {method}: held-out {e:.4g} (fit {tuned.calibration['rmse']:.4g}, validation "
                     f"{tuned.calibration['validation_rmse']:.4g}; {tuned.cost['model_calls']} calls, {seconds:.0f} s)")
             mine = {f["method"]: f for f in fits if f["solver"] == solver and f["nfe"] == nfe}
-            if "coeff" in mine and "pas" in mine:  # tune_solver's default method="auto": the better on validation
-                pick = min(("coeff", "pas"), key=lambda k: mine[k]["validation_error"])
+            if "coeff" in mine and "pas" in mine and f"auto/{solver}/{nfe}" not in progress.done:
+                pick = min(("coeff", "pas"), key=lambda k: mine[k]["validation_error"])  # tune_solver's "auto"
                 rows.append({"impl": "fewstep", "row": f"{solver} / auto (default: {pick})", "kind": "auto",
                              "method": "auto", "nfe": nfe, "rmse": mine[pick]["heldout_rmse"]})
-            if p.family == "flow" and args.handpicked:
+                progress.save(f"auto/{solver}/{nfe}")
+            if p.family == "flow" and args.handpicked and f"hand/{solver}/{nfe}" not in progress.done:
                 g = p.handpicked(cal, solver, nfe)
                 e = p.heldout_rmse(g)
                 rows.append({"impl": "fewstep", "row": f"{solver} / flow benchmark's tune_grid settings",
                              "kind": "handpicked", "nfe": nfe, "rmse": e})
+                progress.save(f"hand/{solver}/{nfe}")
                 log(f"{solver} NFE {nfe} hand-picked tune_grid: held-out {e:.4g}")
     m = machine_info()
     return {"model": p.name, "w": getattr(p, "w", None), "command": "python benchmarks/bench_learned.py "
@@ -338,14 +379,17 @@ def main(argv=None):
     ap.add_argument("--no-handpicked", dest="handpicked", action="store_false")
     ap.add_argument("--quick", action="store_true", help="NFE 5, 8; dpmpp_2m only")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>.partial.json (written as it goes)")
+    ap.add_argument("--cache", default="/tmp/fewstep-learned-cache", help="held-out references are cached here")
     args = ap.parse_args(argv)
     if args.quick:
         args.nfe, args.solvers = "5,8", "dpmpp_2m"
     args.nfe = [int(v) for v in args.nfe.split(",")]
     args.solvers, args.methods = args.solvers.split(","), args.methods.split(",")
-    doc = run(args)
     out = ROOT / "benchmarks" / "results" / f"learned_{args.model}{args.tag}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    doc = run(args, out)
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
     out.with_suffix(".md").write_text(markdown(doc))
     print(markdown(doc))
