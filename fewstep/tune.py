@@ -644,7 +644,7 @@ def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max
         rows, history2, extra2 = _fit_pas_lm(train, val, grid, basis, rows, max_evals or 40 * nfe * basis, log)
         extra.update(extra2)  # the final error, all steps together
         objective += history + history2
-    return {"grid": grid, "rows": rows, "objective": objective, "extra": extra,
+    return {"grid": grid, "rows": rows, "objective": objective, "extra": extra, "method": method,
             "validation_error": val.error(grid, None if rows is None else method, rows)}
 
 
@@ -748,15 +748,24 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
     for mth in (both if method == "auto" else (method,)):
         fits[mth] = _fit_method(mth, train, val, start_grid, nfe, free_end, max_evals, basis, reference_steps,
                                 counted, log)
-    chosen = min(fits, key=lambda k: fits[k]["validation_error"])  # auto: the better on the validation split
+    # kept only if not worse than the grid alone on the validation split, by the robust error and by plain RMSE
+    # (the robust error alone let a fit that sends more samples to another mode through, measured on the flow
+    # mixture); auto keeps the better of the methods that pass
+    grid_plain = val.error(start_grid, plain=True)
+    for f in fits.values():
+        f["validation_rmse"] = val.error(f["grid"], None if f["rows"] is None else f["method"], f["rows"], plain=True)
+        f["passes"] = f["rows"] is None or (f["validation_error"] <= record["grid_validation_error"]
+                                            and f["validation_rmse"] <= grid_plain)
+    passing = [k for k in fits if fits[k]["passes"]]
+    chosen = min(passing or fits, key=lambda k: fits[k]["validation_error"])
     fit = fits[chosen]
     grid, rows, m = fit["grid"], fit["rows"], (chosen if fit["rows"] is not None else None)
-    record.update(fit["extra"], objective=fit["objective"], chosen=chosen,
-                  **({"validation_error_by_method": {k: v["validation_error"] for k, v in fits.items()}}
-                     if method == "auto" else {}))
+    record.update(fit["extra"], objective=fit["objective"], chosen=chosen, grid_validation_rmse=grid_plain,
+                  **({"validation_by_method": {k: {"error": v["validation_error"], "rmse": v["validation_rmse"]}
+                                               for k, v in fits.items()}} if method == "auto" else {}))
     learned = {} if m is None else {"method": m, "coefficients": rows, "options": opts,
                                     **({"basis": basis} if m == "pas" else {})}
-    if fit["validation_error"] > record["grid_validation_error"]:  # never worse on the validation split than the grid
+    if not passing:  # never worse on the validation split than the grid
         learned, m, rows, grid = {}, None, None, start_grid
         record["fell_back_to_grid"] = True
     if m is not None and top is not None:  # a learned solver starts where the pipeline's noise is: pure noise
