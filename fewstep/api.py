@@ -423,6 +423,23 @@ def load(name_or_path, device: str | torch.device = "cpu", *, dtype: torch.dtype
     return net.eval()
 
 
+def shipped_solver(model, steps: int, *, solver: str | None = None, w: float | None = None):
+    """The tuned solver (``fewstep.grids.TunedGrid``: times and learned coefficients) shipped in a model's
+    ``grids/`` folder for ``steps`` model calls: ``model`` a shipped name (``mnist-teacher``, ``mnist-sd``,
+    ``mnist-sd3``) or a folder; ``solver`` / ``w`` narrow the choice when several match (default: the first, in
+    file-name order). For a pipeline: ``pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config,
+    grid=fewstep.shipped_solver("mnist-sd", 5))`` then ``pipe(prompt, num_inference_steps=5)``."""
+    from .grids import find_grid, shipped_grids
+    folder = _resolve(model)
+    if solver is None:
+        found = [g for g in shipped_grids(folder) if g.nfe == steps and (w is None or g.w is None
+                                                                       or float(g.w) == float(w))]
+        if found:
+            return found[0]
+        solver = "dpmpp_2m"  # for find_grid's error, which lists what is there
+    return find_grid(folder, solver, steps, w)
+
+
 def _tuned_grid(model, grid, solver: str, steps: int, w: float):
     """The grid times for ``spacing="tuned"`` (the model's shipped grid) or a given ``grid=``."""
     from .grids import TunedGrid, find_grid
@@ -603,11 +620,27 @@ def encode_prompts(pipe, prompts: list[str], device, guided: bool) -> dict:
     return {"prompt_embeds": e, "negative_prompt_embeds": ne}
 
 
+def _pipeline_tuned(pipe, grid, solver, steps, w: float):
+    """(tuned grid on the pipeline's schedule, its solver, its steps) for ``spacing="tuned"`` (the solver shipped in
+    the pipeline folder's grids/ for ``steps``) or ``grid=`` (a TunedGrid, its JSON path); warns where it was fitted
+    to another model, schedule, solver or w."""
+    from .diffusers import pipeline_denoiser
+    from .grids import TunedGrid, load_grid
+    if grid is None:
+        if steps is None:
+            raise ValueError("spacing='tuned' needs steps=K: the budget whose shipped tuned solver to use")
+        grid = shipped_solver(str(getattr(pipe, "name_or_path", "") or ""), steps, solver=solver, w=w)
+    elif not isinstance(grid, TunedGrid):
+        grid = load_grid(grid)
+    if steps is not None and steps != grid.nfe:
+        raise ValueError(f"the tuned solver was fitted for {grid.nfe} model calls; pass steps={grid.nfe} or leave "
+                         "steps out")
+    schedule = pipeline_denoiser(pipe).schedule
+    return grid.for_use(schedule, solver=solver or grid.solver, w=w), solver or grid.solver, grid.nfe
+
+
 def _check_pipeline_sampling(solver, steps, spacing, batch_size, options) -> tuple[str, int]:
     """The (solver, steps) for a pipeline (defaults: DEFAULT_SOLVER, 20); refuses what only fewstep models take."""
-    if spacing == "tuned" or options.get("grid") is not None:
-        raise ValueError("tuned grids (spacing='tuned', grid=) are for fewstep models; leave them out for a "
-                         "diffusers pipeline")
     if "stochastic" in options:
         raise ValueError("stochastic= is for distilled students; pick a stochastic solver (e.g. sde_dpmpp_2m) instead")
     if batch_size < 1:
@@ -643,6 +676,10 @@ def generate_from_prompts(pipe, prompts, *, n: int | None = None, w: float = 0.0
     student = pipeline_student(pipe)
     if student is not None:
         steps, guidance_scale = _check_student_sampling(student, solver, steps, w, options)
+    elif spacing == "tuned" or options.get("grid") is not None:
+        options["grid"], solver, steps = _pipeline_tuned(pipe, options.get("grid"), solver, steps, w)
+        spacing = "logsnr"
+        _check_pipeline_sampling(solver, steps, spacing, batch_size, {k: v for k, v in options.items() if k != "grid"})
     else:
         solver, steps = _check_pipeline_sampling(solver, steps, spacing, batch_size, options)
     from .diffusers import sample as pipeline_sample

@@ -353,10 +353,10 @@ def _check_prompt_options(m, model: str, prompts, labels, grid, stochastic) -> N
     if not prompts:
         raise click.UsageError(f"{model!r} is a text-to-image pipeline: give --prompt TEXT (repeatable), e.g. "
                                "--prompt \"a handwritten seven\"")
-    for given, option in ((labels, "--labels"), (grid, "--grid"), (stochastic, "--stochastic")):
+    for given, option in ((labels, "--labels"), (stochastic, "--stochastic")):
         if given:
             raise click.UsageError(f"{option} is for fewstep models; a text-to-image pipeline takes --prompt, "
-                                   "--solver, --steps, --spacing and --w")
+                                   "--solver, --steps, --spacing, --grid and --w")
 
 
 def _sample_prompts(m, model: str, prompts: list[str], *, labels, w, solver, steps, spacing, grid, seed, stochastic, n,
@@ -379,11 +379,14 @@ def _sample_prompts(m, model: str, prompts: list[str], *, labels, w, solver, ste
         t0 = time.perf_counter()
         precision = (torch.autocast(dev.type, dtype=getattr(torch, DTYPES[dtype])) if DTYPES[dtype]
                      else contextlib.nullcontext())
+        extra = {} if grid is None else {"grid": grid}
         with precision:
             images = generate(m, prompts=prompts, n=n, w=w, solver=solver, steps=steps, spacing=spacing, seed=seed,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, **extra)
         seconds = time.perf_counter() - t0
-        calls = pipeline_calls(m, solver, steps, spacing)
+        tuned = grid is not None or spacing == "tuned"
+        calls = steps if tuned and steps is not None else grid.nfe if tuned and grid is not None else \
+            pipeline_calls(m, solver, steps, spacing)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     nrow = len(prompts) if len(prompts) > 1 and len(images) % len(prompts) == 0 else None
@@ -925,8 +928,35 @@ def _budget_alias(steps, nfe):
     return steps if steps is not None else nfe
 
 
+def _tune_target(model, prompts, null_class, w):
+    """What `fewstep tune` fits: a fewstep diffusion model, or a diffusers pipeline as a teacher over its prompts."""
+    from .api import diffusers_class, _resolve
+    try:
+        folder = _resolve(model)
+    except (FileNotFoundError, ValueError):
+        folder = None
+    if folder is None or diffusers_class(folder) is None:
+        if prompts is not None or null_class is not None:
+            raise click.UsageError(f"--{'prompts' if prompts is not None else 'null-class'} is for diffusers pipeline "
+                                   f"folders; {model} is a fewstep model: leave it out")
+        return _load_model(model)
+    from .recipes.teachers import read_prompts, teacher_from
+    try:
+        return teacher_from(model, read_prompts(prompts) if prompts is not None else None, null_class=null_class,
+                            guidance=bool(w))
+    except (ValueError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from None
+
+
 @main.command("tune")
-@click.option("--model", default="mnist-teacher", show_default=True, help="A shipped model name or a fewstep model folder.")
+@click.option("--model", default="mnist-teacher", show_default=True,
+              help="A shipped model name (mnist-teacher, mnist-sd, mnist-sd3), a fewstep model folder, or a diffusers "
+                   "pipeline folder (the --teacher pipelines of `fewstep distill`).")
+@click.option("--prompts", type=click.Path(dir_okay=False), default=None,
+              help="Text-to-image pipelines: prompts, one per line (the shipped test-bed pipelines default to their "
+                   "prompt suite); every 4th is held out of fitting and scores the held-out error.")
+@click.option("--null-class", type=int, default=None,
+              help="A class-conditional diffusers UNet's unconditional class id (needed for --w > 0).")
 @click.option("--solver", default="dpmpp_2m", show_default=True, callback=_solver_name,
               help="A deterministic one-call-per-step solver.")
 @_steps_option(help="Budget of model calls (grid steps) to tune for.  [required]")
@@ -953,8 +983,8 @@ def _budget_alias(steps, nfe):
 @click.option("--free-end", is_flag=True, help="Let the last finite time move too (lower RMSE, blurrier samples); "
               "learned methods move it by default on flow-matching models only.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-def tune_cmd(model, solver, steps, nfe, w, out, method, heldout, samples, seed, reference_steps, candidates,
-             max_evals, free_end, threads):
+def tune_cmd(model, prompts, null_class, solver, steps, nfe, w, out, method, heldout, samples, seed, reference_steps,
+             candidates, max_evals, free_end, threads):
     """Fit a learned solver (default) or a time grid on which --solver with --steps model calls comes closest
     to the converged ODE solution of --model, on calibration noises; write it as JSON (use it with
     `fewstep sample --grid PATH`, `fewstep.sample(..., grid=fewstep.load_grid(PATH))` or
@@ -965,7 +995,7 @@ def tune_cmd(model, solver, steps, nfe, w, out, method, heldout, samples, seed, 
     nfe = _budget_alias(steps, nfe)
     _check_writable(out, file=True)
     torch.set_num_threads(threads)
-    m = _load_model(model)
+    m = _tune_target(model, prompts, null_class, w)
     log = lambda msg: click.echo(f"[tune] {msg}", err=True)  # noqa: E731
     try:
         solver_method = method not in ("dp", "refine", "dp+refine")

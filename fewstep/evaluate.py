@@ -141,7 +141,7 @@ def plot_grid(doc: dict, path) -> None:
 # ---------------------------------------------------------------------------
 
 TEXT_PIPELINES = ("mnist-sd", "mnist-sd3")
-SCHEDULERS = ("stock", "dpmsolver", "unipc", "fewstep")  # and "fewstep:<solver>"
+SCHEDULERS = ("stock", "dpmsolver", "unipc", "fewstep", "tuned")  # and "fewstep:<solver>", "tuned:<grid.json>"
 SUITE = tuple((d, t, s) for d in range(NUM_CLASSES) for t in THICKNESS for s in SLANT)  # 90 prompts
 DEFAULT_GUIDANCE_SCALE = 3.0  # what the test bed's previews and bench_prompt_accuracy use (100% prompted digits)
 
@@ -311,8 +311,13 @@ def check_scheduler_name(name: str) -> str:
     """Return ``name`` if :func:`make_scheduler` knows it, else a one-line ValueError."""
     from .diffusers.scheduler import STEPPABLE  # the diffusers edge (and diffusers) only when asked
     kind, _, solver = str(name).partition(":")
+    if kind == "tuned":
+        if not solver or not Path(solver).is_file():
+            raise ValueError(f"scheduler {name!r}: write tuned:<path of a tuned solver JSON> (from `fewstep tune`)")
+        return name
     if kind not in SCHEDULERS or (solver and kind != "fewstep") or (":" in str(name) and not solver):
-        raise ValueError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS)} or fewstep:<solver>")
+        raise ValueError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS[:-1])}, fewstep:<solver> or "
+                         "tuned:<grid.json>")
     if solver and solver not in STEPPABLE:
         raise ValueError(f"fewstep:{solver}: a diffusers pipeline runs one model call per step; choose one of "
                          f"{', '.join(STEPPABLE)}")
@@ -335,7 +340,8 @@ def make_scheduler(name: str, source):
     """A scheduler built from a pipeline's scheduler ``source`` (its config): ``stock`` (a fresh one of the
     source's own class), ``dpmsolver`` (DPMSolverMultistepScheduler), ``unipc`` (UniPCMultistepScheduler),
     both in flow mode for a flow-matching source (:func:`flow_settings`), ``fewstep`` (FewstepScheduler,
-    its default solver) or ``fewstep:<solver>``."""
+    its default solver), ``fewstep:<solver>`` or ``tuned:<path>`` (FewstepScheduler with a tuned solver from
+    `fewstep tune`: its solver, times and learned coefficients)."""
     import diffusers
 
     from .diffusers import FewstepScheduler
@@ -345,6 +351,8 @@ def make_scheduler(name: str, source):
         return type(source).from_config(config)
     if kind == "fewstep":
         return FewstepScheduler.from_config(config, **({"solver": solver} if solver else {}))
+    if kind == "tuned":
+        return FewstepScheduler.from_config(config, grid=solver)
     cls = diffusers.DPMSolverMultistepScheduler if kind == "dpmsolver" else diffusers.UniPCMultistepScheduler
     accepted = inspect.signature(cls.__init__).parameters  # drop the source's own keys (e.g. shift), not warn
     return cls.from_config({k: v for k, v in config.items() if k in accepted}, **flow_settings(config))

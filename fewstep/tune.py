@@ -50,7 +50,7 @@ from .solvers.baseline import ddim_step
 __all__ = ["Calibration", "Trajectory", "calibration_set", "reference_trajectory", "dp_grid", "refine_grid",
            "tune_grid", "tune_model", "grid_rmse", "step_costs", "METHODS", "tune_solver", "SOLVER_METHODS",
            "DEFAULT_SOLVER_METHOD", "default_starts", "flow_shift_grid", "grid_targets", "heldout_errors", "is_flow",
-           "pure_noise_top", "from_pure_noise"]
+           "pure_noise_top", "from_pure_noise", "prompt_split"]
 
 METHODS = ("dp", "refine", "dp+refine")
 FIXED_SPACINGS = ("logsnr", "karras", "time_uniform", "time_quadratic")  # the starts refine chooses from
@@ -80,12 +80,26 @@ class Calibration:
 
 
 def calibration_set(n: int, shape, *, seed: int, num_classes: int | None = None,
-                    dtype=torch.float32) -> Calibration:
-    """n standard-normal noises (and, for a class-conditional model, uniform random labels)."""
+                    dtype=torch.float32, classes=None) -> Calibration:
+    """n standard-normal noises (and, for a class-conditional model, uniform random labels: over
+    ``range(num_classes)``, or over the ids in ``classes`` when given, e.g. a prompt split)."""
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((n, *shape), generator=g, dtype=dtype)
+    if classes is not None:
+        ids = torch.as_tensor(list(classes), dtype=torch.long)
+        return Calibration(x_T, {"labels": ids[torch.randint(0, len(ids), (n,), generator=g)]}, seed)
     cond = None if num_classes is None else {"labels": torch.randint(0, num_classes, (n,), generator=g)}
     return Calibration(x_T, cond, seed)
+
+
+def prompt_split(n_prompts: int, every: int = 4) -> tuple[list[int], list[int]]:
+    """(calibration ids, held-out ids) of a prompt bank: every ``every``-th prompt (ids every-1, 2 every-1, ...)
+    is held out, never seen in fitting, so held-out errors are on other prompts as well as other noises."""
+    if n_prompts < 2:
+        raise ValueError(f"tuning a text-to-image model needs at least 2 prompts (calibration and held-out ones), "
+                         f"got {n_prompts}: pass more prompts, one per line")
+    held = [i for i in range(n_prompts) if i % every == every - 1] or [n_prompts - 1]
+    return [i for i in range(n_prompts) if i not in held], held
 
 
 # ---------------------------------------------------------------------------
@@ -367,14 +381,17 @@ def _as_calibration(calibration) -> Calibration:
     raise TypeError("calibration must be a Calibration (calibration_set(...)), an x_T tensor or (x_T, cond)")
 
 
-def tune_model(model, *, solver: str = "dpmpp_2m", nfe: int = 5, w: float = 0.0, samples: int = 64,
-               seed: int = 1234, method: str = "dp+refine", heldout: int = 0, **kwargs) -> TunedGrid:
+def tune_model(model, *, solver: str = "dpmpp_2m", nfe=5, w: float = 0.0, samples: int = 64,
+               seed: int = 1234, method: str = "dp+refine", heldout: int = 0, **kwargs):
     """``tune_grid`` (method dp / refine / dp+refine) or ``tune_solver`` (method learned = its default, coeff,
     pas or grid) for a ``fewstep.load`` diffusion model at guidance ``w``: ``samples`` calibration noises (and
     uniform random labels for a class-conditional model) from ``seed``; ``heldout`` more from ``seed + 1``,
-    whose errors ``tune_solver`` records."""
+    whose errors ``tune_solver`` records. A text-to-image teacher (``fewstep.recipes.teachers.PipelineTeacher``,
+    a diffusers pipeline over a prompt bank) draws its calibration and held-out prompts from disjoint sets
+    (``prompt_split``), recorded in the result. ``nfe`` a list of budgets: one result per budget, in a list,
+    sharing the calibration and held-out sets and their reference solves (computed once)."""
     if not hasattr(model, "denoiser") or not hasattr(model, "schedule") or getattr(model, "w_input", False) \
-            or type(model).__name__ != "DiffusionModel":
+            or hasattr(model, "_check_steps"):  # students and generators sample with their own fixed steps
         raise ValueError(f"tuning needs a diffusion model sampled by a solver; {model!r} has its own sampler")
     if w and model.num_classes is None:
         raise ValueError("guidance w needs a class-conditional model")
@@ -382,15 +399,27 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe: int = 5, w: float = 0.0,
     if method not in known:
         raise ValueError(f"method must be one of {', '.join(known)}, got {method!r}")
     classes = model.num_classes if model.num_classes is not None else None
-    cal = calibration_set(samples, model.image_shape, seed=seed, num_classes=classes)
+    prompts = getattr(model, "prompts", None)
+    conditioning = {"w": float(w)}
+    cal_ids = ho_ids = None
+    if prompts:
+        cal_ids, ho_ids = prompt_split(len(prompts))
+        conditioning.update(calibration_prompts=[prompts[i] for i in cal_ids],
+                            heldout_prompts=[prompts[i] for i in ho_ids])
+    cal = calibration_set(samples, model.image_shape, seed=seed, num_classes=classes, classes=cal_ids)
+    ho = calibration_set(heldout, model.image_shape, seed=seed + 1, num_classes=classes,
+                         classes=ho_ids) if heldout else None
+    den, out = model.denoiser(w), []
     with torch.no_grad():
-        if method in METHODS:
-            return tune_grid(model.denoiser(w), model.schedule, solver=solver, nfe=nfe, calibration=cal, model=model,
-                             conditioning={"w": float(w)}, method=method, **kwargs)
-        ho = calibration_set(heldout, model.image_shape, seed=seed + 1, num_classes=classes) if heldout else None
-        return tune_solver(model.denoiser(w), model.schedule, solver=solver, nfe=nfe, calibration=cal, model=model,
-                           conditioning={"w": float(w)}, heldout=ho,
-                           method=DEFAULT_SOLVER_METHOD if method == "learned" else method, **kwargs)
+        for k in ([nfe] if isinstance(nfe, int) else list(nfe)):
+            if method in METHODS:
+                out.append(tune_grid(den, model.schedule, solver=solver, nfe=k, calibration=cal, model=model,
+                                     conditioning=conditioning, method=method, **kwargs))
+            else:
+                out.append(tune_solver(den, model.schedule, solver=solver, nfe=k, calibration=cal, model=model,
+                                       conditioning=conditioning, heldout=ho,
+                                       method=DEFAULT_SOLVER_METHOD if method == "learned" else method, **kwargs))
+    return out[0] if isinstance(nfe, int) else out
 
 
 # ---------------------------------------------------------------------------
@@ -803,8 +832,12 @@ def heldout_errors(denoiser, schedule: NoiseSchedule, tuned: TunedGrid, heldout,
     same solver and NFE."""
     from .reference import reference_solution
     ho, top = _as_calibration(heldout), pure_noise_top(schedule)
-    start = ho.x_T if top is None else from_pure_noise(denoiser, schedule, ho.x_T, ho.cond)
-    ref, err = reference_solution(denoiser, schedule, start, schedule.t_max, 0.0, steps=reference_steps, cond=ho.cond)
+    key = ("heldout_reference", reference_steps, id(denoiser))  # one solve for every budget tuned on this set
+    if key not in ho.costs:
+        start = ho.x_T if top is None else from_pure_noise(denoiser, schedule, ho.x_T, ho.cond)
+        ho.costs[key] = reference_solution(denoiser, schedule, start, schedule.t_max, 0.0, steps=reference_steps,
+                                           cond=ho.cond)
+    ref, err = ho.costs[key]
     opts = tuned.calibration.get("options", {})
     problem = _Problem(denoiser, schedule, tuned.solver, opts, Calibration(ho.x_T, ho.cond, ho.seed, Trajectory(
         torch.zeros(0), [], [], ref, {}, 0, 0.0)), int(tuned.learned.get("basis", 4)))

@@ -160,7 +160,7 @@ def test_bad_prompts_and_mixups_get_one_line_errors(sd):
     _one_line(lambda: fewstep.generate("mnist-teacher", prompts=["a handwritten seven"]), ValueError,
               "class-conditional", "labels=")
     _one_line(lambda: fewstep.generate(sd, prompts=[]), ValueError, "at least one prompt")
-    _one_line(lambda: fewstep.generate(sd, prompts=["a thin one"], spacing="tuned"), ValueError, "fewstep models")
+    _one_line(lambda: fewstep.generate(sd, prompts=["a thin one"], spacing="tuned"), ValueError, "needs steps=K")
     _one_line(lambda: fewstep.generate(sd, prompts=["a thin one"], n=0), ValueError, "n must be")
     _one_line(lambda: fewstep.generate(fewstep.load("mnist-vae"), prompts=["a thin one"]), TypeError,
               "AutoencoderKL")

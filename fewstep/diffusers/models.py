@@ -151,7 +151,7 @@ def sample(pipe, *, solver: str = "dpmpp_2m", steps: int = 20, guidance: float =
            class_labels: torch.Tensor | None = None, uncond_class_labels: torch.Tensor | None = None,
            added_cond_kwargs: dict | None = None, negative_added_cond_kwargs: dict | None = None,
            generator=None, spacing: str = "logsnr", final: str = "zero", mu: float | None = None,
-           height: int | None = None, width: int | None = None, progress: bool = True,
+           height: int | None = None, width: int | None = None, progress: bool = True, grid=None,
            **options: Any) -> torch.Tensor:
     """Sample a diffusers pipeline's model with any fewstep solver (singlestep, Heun and adaptive too).
 
@@ -163,6 +163,8 @@ def sample(pipe, *, solver: str = "dpmpp_2m", steps: int = 20, guidance: float =
       sample starts from pure noise at sigma = 1 with one DDIM step, then the solver runs on
       fewstep's grid between the shifted training sigmas (as FewstepScheduler does).
     height, width: latent size for models without a fixed ``sample_size``.
+    grid: a tuned solver (``fewstep.grids.TunedGrid`` from ``fewstep tune`` on this pipeline): its solver, times
+      (from pure noise on flow pipelines) and learned coefficients replace solver / steps / spacing.
     Returns images in [-1, 1], shape (N, C, H, W); latent pipelines are decoded by their VAE.
     """
     den = pipeline_denoiser(pipe)
@@ -189,6 +191,13 @@ def sample(pipe, *, solver: str = "dpmpp_2m", steps: int = 20, guidance: float =
     x = randn_like(torch.empty((n, _get(cfg, "in_channels"), *size), device=device, dtype=torch.float32), generator)
     sch, fam = den.schedule, den.family
     fam.check_mu(mu)
+    if grid is not None:  # a tuned solver: its own times from where the pipeline's noise is, coefficients applied
+        if not fam.tuned_grids:
+            raise ValueError(f"a tuned grid is supported for the VP and flow-matching families, not {fam.name}")
+        x = x * fam.initial_sigma(sch.t_max) if not fam.starts_from_pure_noise else x
+        x = fewstep_sample(model, x, sch, grid=grid, cond=cond or None, generator=generator, progress=progress,
+                           **options).x
+        return _decode(pipe, x)
     ends = fam.grid_ends(mu)  # flow: between the shifted training sigmas, as FewstepScheduler
     if fam.starts_from_pure_noise:
         # the top (flow: sigma = 1) is pure noise (alpha = 0, lambda = -inf): one DDIM step to the grid's
@@ -209,6 +218,11 @@ def sample(pipe, *, solver: str = "dpmpp_2m", steps: int = 20, guidance: float =
         x = x * fam.initial_sigma(sch.t_max)  # EDM (VE): x_T = sigma_max noise
         x = fewstep_sample(model, x, sch, solver=solver, steps=steps, spacing=spacing, final=final,
                            cond=cond or None, generator=generator, progress=progress, **options).x
+    return _decode(pipe, x)
+
+
+def _decode(pipe, x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1]: latents decoded by the pipeline's VAE (unscaled as its call does), pixels as they are."""
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         lat = x.to(next(vae.parameters()).dtype) / vae.config.scaling_factor
