@@ -57,7 +57,8 @@ def schedulers(source, steps: int) -> dict:
     if not flow:
         out["DPMSolverMultistep karras"] = from_cfg(diffusers.DPMSolverMultistepScheduler, use_karras_sigmas=True)
         out["DPMSolverMultistep lu_lambdas"] = from_cfg(diffusers.DPMSolverMultistepScheduler, use_lu_lambdas=True)
-        out["DDIM trailing"] = from_cfg(diffusers.DDIMScheduler, timestep_spacing="trailing")
+        # DDIM clips x0 to [-1, 1] by default (clip_sample=True), which breaks latents: off, as latent pipelines set it
+        out["DDIM trailing"] = from_cfg(diffusers.DDIMScheduler, timestep_spacing="trailing", clip_sample=False)
     out["FewstepScheduler (default)"] = FewstepScheduler.from_config(cfg)
     out["FewstepScheduler dpmpp_2m"] = FewstepScheduler.from_config(cfg, solver="dpmpp_2m")
     return out
