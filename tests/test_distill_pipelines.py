@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_textbed import TINY_SD, TINY_SD3, TINY_VAE, tiny_data  # noqa: E402
 
 from fewstep import load  # noqa: E402
-from fewstep.distill import NetX0, generator_times, sample_student  # noqa: E402
+from fewstep.distill import student_grid, NetX0, generator_times, sample_student  # noqa: E402
 from fewstep.recipes import Hyper  # noqa: E402
 from fewstep.recipes.dmd import MNIST_DMD, PairSettings, run_dmd  # noqa: E402
 from fewstep.recipes.guided import MNIST_GUIDED, run_guided  # noqa: E402
@@ -121,6 +121,25 @@ def test_progressive_students_of_a_pipeline_sample_in_their_steps(pipelines, tmp
     lat, prompts = _latents(t), ["a handwritten zero", "a thick seven"]
     images = stock(prompts, num_inference_steps=4, guidance_scale=1.0, latents=lat, output_type="pt").images
     net = load_student(t, exports["tiny-progressive-4"])
+    ours = sample_student(NetX0(net, t.schedule, t.prediction), lat, t.schedule, 4,
+                          cond={"labels": _ids(t, prompts)}).x
+    assert ((t.decode(ours) + 1) / 2 - images).abs().max() < 1e-4
+
+
+def test_progressive_students_of_a_flow_pipeline_run_in_stock_flow_match_euler(pipelines, tmp_path, one_thread):
+    """An SD3 progressive student exports with FlowMatchEuler at shift 1 ending at 1 / N: its stock N-step call
+    is the student's own DDIM sampler on its grid 1, 3/4, 1/2, 1/4, 0 from the same noise."""
+    t = teacher_from(pipelines[1], PROMPTS)
+    exports = run_progressive(tmp_path, TINY_PROGRESSIVE, name="tiny-sd3-progressive", teacher=lambda: t,
+                              progress=False)
+    stock = _stock(exports["tiny-sd3-progressive-4"])
+    assert type(stock.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    stock.scheduler.set_timesteps(4)
+    assert torch.allclose(stock.scheduler.sigmas.double(), torch.tensor([1, 0.75, 0.5, 0.25, 0], dtype=torch.float64))
+    assert torch.equal(student_grid(t.schedule, 4), torch.tensor([1, 0.75, 0.5, 0.25, 0], dtype=torch.float64))
+    lat, prompts = _latents(t), ["a handwritten zero", "a thick seven"]
+    images = stock(prompts, num_inference_steps=4, guidance_scale=1.0, latents=lat, output_type="pt").images
+    net = load_student(t, exports["tiny-sd3-progressive-4"])
     ours = sample_student(NetX0(net, t.schedule, t.prediction), lat, t.schedule, 4,
                           cond={"labels": _ids(t, prompts)}).x
     assert ((t.decode(ours) + 1) / 2 - images).abs().max() < 1e-4

@@ -49,9 +49,13 @@ def _fractions(u) -> torch.Tensor:
 def fraction_to_time(schedule: NoiseSchedule, u) -> torch.Tensor:
     """The time at fraction u in [0, 1] of the schedule's training range (float64, u's shape).
 
-    t-linear schedules: t = u t_max (u = 0 is clean data); EDM: the Karras sigma(u) above
-    (u = 0 is sigma_min, u = 1 sigma_max)."""
+    t-linear schedules: t = u t_max (u = 0 is clean data), but diffusers' flow matching (``FlowMatching``,
+    SD3 / Flux) t = u: its networks are trained up to sigma = 1 (pure noise), where its pipelines start, so
+    the N-step grid i / N is what FlowMatchEuler samples (shift 1, ending at 1 / N); EDM: the Karras sigma(u)
+    above (u = 0 is sigma_min, u = 1 sigma_max)."""
     u = _fractions(u)
+    if getattr(schedule, "kind", "") == "flow_matching":
+        return u * schedule.t_upper
     if not _karras(schedule):
         return u * schedule.t_max
     lo, hi = schedule.t_min ** (1.0 / RHO), schedule.t_max ** (1.0 / RHO)

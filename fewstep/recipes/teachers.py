@@ -44,7 +44,9 @@ whose scheduler samples the student's own grid, so that stock diffusers runs it:
   the teacher's ``force_zeros_for_empty_prompt``. A class-conditional UNet's DDPMPipeline loads in stock
   diffusers, but its call passes no class labels: step its scheduler with ``unet(x, t, class_labels=...)``.
 * flow teachers (SD3): ``FlowMatchEulerDiscreteScheduler``; at one step it goes from sigma 1 to 0 in
-  one Euler step, x0 = x - v, the one-step generator's own output.
+  one Euler step, x0 = x - v, the one-step generator's own output; at N steps (progressive students) with
+  shift 1 and ``shift_terminal`` 1 / N its sigmas are the student's grid 1, (N - 1) / N, ..., 1 / N, 0, and an
+  Euler step there is the student's DDIM step.
 """
 from __future__ import annotations
 
@@ -355,11 +357,12 @@ def student_scheduler(teacher: PipelineTeacher, steps: int | None, prediction: s
     if prediction not in (None, teacher.prediction) and teacher.net.family.name != "vp":
         raise ValueError(f"a {teacher.net.family.name} student outputs the teacher's {teacher.prediction}; "
                          f"gen_prediction={prediction!r} exports for VP teachers only: leave it unset")
-    if teacher.net.family.name == "flow":
-        if steps != 1:
-            raise ValueError(f"a flow-matching student exports at one step only for now (got {steps}); sample "
-                             "multi-step flow students with fewstep")
-        return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    if teacher.net.family.name == "flow":  # the student's grid i / N from pure noise (distill.fraction_to_time):
+        # shift 1 stretched to end at 1 / N; an Euler step x + (s - t) v is the student's DDIM step on flow
+        if steps == 1:
+            return FlowMatchEulerDiscreteScheduler.from_config(cfg)
+        return FlowMatchEulerDiscreteScheduler.from_config(cfg, shift=1.0, use_dynamic_shifting=False,
+                                                           shift_terminal=1.0 / steps)
     if teacher.net.family.name != "vp":
         raise ValueError(f"students of {teacher.net.family.name} teachers cannot be exported as pipelines yet")
     kind = {} if prediction in (None, teacher.prediction) else {"prediction_type": SCHEDULER_PREDICTIONS[prediction]}
