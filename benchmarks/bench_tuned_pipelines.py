@@ -10,8 +10,9 @@ with the RK4 reference solve of the same model, noises and prompts (``fewstep.re
 from pure noise on flow models as the pipeline starts). NFE: the network's forward calls counted (the SD / SD3
 calls batch the conditional and unconditional halves into one), so a scheduler that spends more calls than
 steps is shown as such. Rows: the stock scheduler, DPMSolverMultistep
-(default, Karras, Lu lambdas; flow mode on SD3) and UniPC (default; flow mode), FewstepScheduler's default and
-dpmpp_2m, and the shipped tuned solver (``tuned``, where one exists for K).
+(default, Karras, Lu lambdas; flow mode on SD3) and UniPC (default; flow mode), on SD3 also each flow scheduler
+at shifts 1 and 2 (their spacing; the pipeline's own is 3), FewstepScheduler's default and dpmpp_2m, and the
+shipped tuned solver (``tuned``, where one exists for K).
 Writes benchmarks/results/tuned_pipelines_<model>.{json,md}.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fewstep.reference import reference_solution, rmse
 from fewstep.tune import calibration_set, from_pure_noise, prompt_split, pure_noise_top
 
 OUT = Path(__file__).parent / "results"
+FLOW_SHIFTS = (1.0, 2.0)  # besides the pipeline's own: diffusers' flow schedulers on other spacings
 W = {"mnist-sd": 1.0, "mnist-sd3": 2.0}  # each pipeline's best guidance (BENCHMARKS.md), as tune_shipped.py
 
 
@@ -54,6 +56,13 @@ def schedulers(source, steps: int) -> dict:
     out = {f"stock ({type(source).__name__})": type(source).from_config(cfg),
            "DPMSolverMultistep": from_cfg(diffusers.DPMSolverMultistepScheduler),
            "UniPCMultistep": from_cfg(diffusers.UniPCMultistepScheduler)}
+    if flow:  # the flow schedulers' spacing is their shift: the pipeline's own and the smaller ones
+        for shift in FLOW_SHIFTS:
+            if shift != flow["flow_shift"]:
+                out[f"FlowMatchEuler shift {shift:g}"] = type(source).from_config(cfg, shift=shift)
+                out[f"DPMSolverMultistep shift {shift:g}"] = from_cfg(diffusers.DPMSolverMultistepScheduler,
+                                                                      flow_shift=shift)
+                out[f"UniPCMultistep shift {shift:g}"] = from_cfg(diffusers.UniPCMultistepScheduler, flow_shift=shift)
     if not flow:
         out["DPMSolverMultistep karras"] = from_cfg(diffusers.DPMSolverMultistepScheduler, use_karras_sigmas=True)
         out["DPMSolverMultistep lu_lambdas"] = from_cfg(diffusers.DPMSolverMultistepScheduler, use_lu_lambdas=True)

@@ -190,3 +190,25 @@ def test_cli_sample_prompt_errors_are_one_line(tmp_path, args, words):
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and all(w in lines[0] for w in words), r.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_shipped_lora_student_loads_as_its_model_card_says_and_matches_the_merged_pipeline(one_thread):
+    """mnist-sd-dmd-1-lora: stock load_lora_weights into mnist-sd plus its DDIM scheduler (the model card's code)
+    gives the shipped merged pipeline's one-step images (the merged weights are fp16 on disk: to 1e-2; the adapter
+    moves the images by 0.06 on average)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from fewstep.api import ASSETS
+    folder = ASSETS / "mnist-sd-dmd-1-lora"
+    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "mnist-sd")  # float32 from the fp16 files
+    pipe.load_lora_weights(folder)
+    pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    pipe.set_progress_bar_config(disable=True)
+    merged = fewstep.load(folder)
+    merged.set_progress_bar_config(disable=True)
+    prompts = ["a thick seven", "a thin two slanted left"]
+    lat = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    a = pipe(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
+    b = merged(prompts, num_inference_steps=1, guidance_scale=1.0, latents=lat, output_type="pt").images
+    assert a.shape == b.shape == (2, 1, 32, 32)
+    assert (a - b).abs().max() < 1e-2 and (a - b).abs().mean() < 5e-4
