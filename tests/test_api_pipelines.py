@@ -200,7 +200,8 @@ def test_the_shipped_lora_student_loads_as_its_model_card_says_and_matches_the_m
 
     from fewstep.api import ASSETS
     folder = ASSETS / "mnist-sd-dmd-1-lora"
-    pipe = StableDiffusionPipeline.from_pretrained(ASSETS / "mnist-sd")  # float32 from the fp16 files
+    pipe = fewstep.load("mnist-sd")  # StableDiffusionPipeline.from_pretrained, float32 from the fp16 files
+    assert isinstance(pipe, StableDiffusionPipeline)
     pipe.load_lora_weights(folder)
     pipe.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
     pipe.set_progress_bar_config(disable=True)
