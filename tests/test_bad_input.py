@@ -266,6 +266,12 @@ CLI_CASES = [
      lambda p: ["sample", "--model", "mnist-teacher", "--prompt", "a thick seven"], ["--labels"]),
     ("train mnist-sd on a --data folder that does not exist",
      lambda p: ["train", "mnist-sd", "--data", str(p / "nowhere"), "--out", str(p / "r")], ["does not exist"]),
+    ("tune a fewstep class model with --prompts",
+     lambda p: ["tune", "--model", "mnist-teacher", "--prompts", _existing(p), "--steps", "5", "--out",
+                str(p / "t.json")], ["--prompts is for diffusers pipeline folders"]),
+    ("sample a pipeline with --spacing tuned at a budget nothing was tuned for",
+     lambda p: ["sample", "--model", "mnist-sd", "--prompt", "a thick seven", "--w", "1", "--steps", "3",
+                "--spacing", "tuned", "--out", str(p / "s.png")], ["no tuned grid", "fewstep tune"]),
 ]
 
 
