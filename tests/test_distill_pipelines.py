@@ -114,35 +114,35 @@ def test_guided_students_take_w_through_the_stock_guidance_embedding(pipelines, 
     assert type(_stock(exports["tiny-guided-stage1"]).scheduler).__name__ == "PNDMScheduler"
 
 
-def test_progressive_students_of_a_pipeline_sample_in_their_steps(pipelines, tmp_path, one_thread):
-    t = teacher_from(pipelines[0], PROMPTS)
-    exports = run_progressive(tmp_path, TINY_PROGRESSIVE, name="tiny-progressive", teacher=lambda: t, progress=False)
-    stock = _stock(exports["tiny-progressive-4"])
+def _progressive_4(t, tmp_path, name: str):
+    """(stock pipeline of the 4-step progressive student, max |stock images - the student's own sampler's|)
+    from the same latents."""
+    exports = run_progressive(tmp_path, TINY_PROGRESSIVE, name=name, teacher=lambda: t, progress=False)
+    stock = _stock(exports[f"{name}-4"])
     lat, prompts = _latents(t), ["a handwritten zero", "a thick seven"]
     images = stock(prompts, num_inference_steps=4, guidance_scale=1.0, latents=lat, output_type="pt").images
-    net = load_student(t, exports["tiny-progressive-4"])
+    net = load_student(t, exports[f"{name}-4"])
     ours = sample_student(NetX0(net, t.schedule, t.prediction), lat, t.schedule, 4,
                           cond={"labels": _ids(t, prompts)}).x
-    assert ((t.decode(ours) + 1) / 2 - images).abs().max() < 1e-4
+    return stock, float(((t.decode(ours) + 1) / 2 - images).abs().max())
+
+
+def test_progressive_students_of_a_pipeline_sample_in_their_steps(pipelines, tmp_path, one_thread):
+    _, diff = _progressive_4(teacher_from(pipelines[0], PROMPTS), tmp_path, "tiny-progressive")
+    assert diff < 1e-4
 
 
 def test_progressive_students_of_a_flow_pipeline_run_in_stock_flow_match_euler(pipelines, tmp_path, one_thread):
     """An SD3 progressive student exports with FlowMatchEuler at shift 1 ending at 1 / N: its stock N-step call
     is the student's own DDIM sampler on its grid 1, 3/4, 1/2, 1/4, 0 from the same noise."""
     t = teacher_from(pipelines[1], PROMPTS)
-    exports = run_progressive(tmp_path, TINY_PROGRESSIVE, name="tiny-sd3-progressive", teacher=lambda: t,
-                              progress=False)
-    stock = _stock(exports["tiny-sd3-progressive-4"])
+    quarters = torch.tensor([1, 0.75, 0.5, 0.25, 0], dtype=torch.float64)
+    assert torch.equal(student_grid(t.schedule, 4), quarters)
+    stock, diff = _progressive_4(t, tmp_path, "tiny-sd3-progressive")
     assert type(stock.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     stock.scheduler.set_timesteps(4)
-    assert torch.allclose(stock.scheduler.sigmas.double(), torch.tensor([1, 0.75, 0.5, 0.25, 0], dtype=torch.float64))
-    assert torch.equal(student_grid(t.schedule, 4), torch.tensor([1, 0.75, 0.5, 0.25, 0], dtype=torch.float64))
-    lat, prompts = _latents(t), ["a handwritten zero", "a thick seven"]
-    images = stock(prompts, num_inference_steps=4, guidance_scale=1.0, latents=lat, output_type="pt").images
-    net = load_student(t, exports["tiny-sd3-progressive-4"])
-    ours = sample_student(NetX0(net, t.schedule, t.prediction), lat, t.schedule, 4,
-                          cond={"labels": _ids(t, prompts)}).x
-    assert ((t.decode(ours) + 1) / 2 - images).abs().max() < 1e-4
+    assert torch.allclose(stock.scheduler.sigmas.double(), quarters)
+    assert diff < 1e-4
 
 
 def test_dmd_of_an_sd3_pipeline_exports_a_one_step_flow_pipeline(pipelines, tmp_path, one_thread):
