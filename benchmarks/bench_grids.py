@@ -25,7 +25,7 @@ import torch
 
 from fewstep.bench.machine import machine_info, machine_line
 from fewstep.bench.models import NULL_LABEL, load_bench_model
-from fewstep.bench.runner import diffusers_sample
+from fewstep.bench.runner import diffusers_sample, disk_cached
 from fewstep.denoisers import ClassifierFreeGuidance, ModelDenoiser
 from fewstep.reference import reference_solution
 from fewstep.schedules import time_grid
@@ -61,15 +61,6 @@ class Problem:
                                     cond, uncond)[0]
 
 
-def cached(path: Path, make):
-    if path.is_file():
-        return torch.load(path, weights_only=False)
-    value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path)
-    return value
-
-
 def heldout_set(p: Problem, n: int, steps: int, cache: Path):
     x_T = torch.randn((n, *p.shape), generator=torch.Generator().manual_seed(0)).to(p.dtype)
     labels = torch.arange(n) % 10
@@ -81,14 +72,14 @@ def heldout_set(p: Problem, n: int, steps: int, cache: Path):
                                     cond={"labels": labels})
         return {"x": x, "max_abs_diff_vs_half_steps": err, "steps": 2 * steps,
                 "seconds": time.perf_counter() - start}
-    ref = cached(cache / f"{p.name}-w{p.w:g}-heldout{n}-rk{steps}.pt", make)
+    ref = disk_cached(cache / f"{p.name}-w{p.w:g}-heldout{n}-rk{steps}.pt", make)
     return x_T, labels, ref
 
 
 def calibration(p: Problem, n: int, steps: int, candidates: int, cache: Path):
     from fewstep.tune import reference_trajectory
     cal = calibration_set(n, p.shape, seed=1234, num_classes=10, dtype=p.dtype)
-    cal.trajectory = cached(cache / f"{p.name}-w{p.w:g}-cal{n}-rk{steps}-c{candidates}.pt",
+    cal.trajectory = disk_cached(cache / f"{p.name}-w{p.w:g}-cal{n}-rk{steps}-c{candidates}.pt",
                             lambda: reference_trajectory(p.denoiser, p.schedule, cal.x_T, cal.cond, steps=steps,
                                                          candidates=candidates))
     return cal

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from fewstep.bench.machine import machine_info, machine_line
+from fewstep.bench.runner import disk_cached
 from fewstep.reference import rmse
 from fewstep.schedules import time_grid
 from fewstep.tune import calibration_set, tune_grid, tune_solver
@@ -50,14 +51,8 @@ CACHE = Path("/tmp/fewstep-learned-cache")  # set from --cache
 
 
 def _cached_ref(name: str, make):
-    """A held-out reference (x, info), cached on disk: an interrupted run does not solve it again."""
-    path = CACHE / f"{name}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=False)
-    value = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(value, path)
-    return value
+    """A held-out reference (x, info), cached on disk in --cache."""
+    return disk_cached(CACHE / f"{name}.pt", make)
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ time, and the reference ODE solution they are judged against."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -12,7 +13,7 @@ from ..schedules import time_grid
 from ..solvers import SOLVERS
 from .models import BenchModel
 
-__all__ = ["DIFFUSERS_GRIDS", "diffusers_grid", "fewstep_sample", "diffusers_sample", "reference", "rmse",
+__all__ = ["disk_cached", "DIFFUSERS_GRIDS", "diffusers_grid", "fewstep_sample", "diffusers_sample", "reference", "rmse",
            "fewstep_steps", "diffusers_steps", "tuned_grid"]
 
 # fewstep solver -> the diffusers grids it also runs on: (spacing name, scheduler, scheduler kwargs)
@@ -136,3 +137,15 @@ def reference(bm: BenchModel, x_T: torch.Tensor, cond: dict, uncond: dict | None
             "samples": x_T.shape[0], "rms_of_reference": float(x_ref.pow(2).mean().sqrt()),
             "seconds": round(time.perf_counter() - start, 1)}
     return x_ref, info
+
+
+def disk_cached(path, make):
+    """``make()``, saved to ``path`` (torch.save) the first time and loaded from there after: an interrupted
+    benchmark does not solve its reference again."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(value, path)
+    return value
