@@ -152,6 +152,7 @@ class DiffusionModel(NetworkModel):
     and generators narrow this to their own sampler."""
 
     default_steps = 20
+    fixed_steps = False  # True for students and generators: they sample with their own steps, not a solver
 
     def nfe(self, solver: str, steps: int, spacing: str = "logsnr") -> int | None:
         """Model calls per image (a guided call counts once: it is one batched cond + uncond call; see
@@ -174,6 +175,8 @@ class DiffusionModel(NetworkModel):
 
 class _FixedSteps:
     """Models that sample with their own number of network calls (students, generators)."""
+
+    fixed_steps = True
 
     def nfe(self, solver=None, steps=None, spacing=None) -> int:
         return self.default_steps
@@ -442,14 +445,13 @@ def shipped_solver(model, steps: int, *, solver: str | None = None, w: float | N
 
 def _tuned_grid(model, grid, solver: str, steps: int, w: float):
     """The grid times for ``spacing="tuned"`` (the model's shipped grid) or a given ``grid=``."""
-    from .grids import TunedGrid, find_grid
+    from .grids import TunedGrid
     if isinstance(model, _FixedSteps):
         raise ValueError(f"{model.source or 'this model'} samples with its own fixed steps; it takes no grid")
     if grid is None:
-        folder = _resolve(model.source) if model.source else None
-        if folder is None:
+        if not model.source:
             raise ValueError("spacing='tuned' needs a shipped model or a model folder with grids/*.json")
-        grid = find_grid(folder, solver, steps, w)
+        grid = shipped_solver(model.source, steps, solver=solver, w=w)
     if isinstance(grid, TunedGrid) and grid.learned:  # checked here; its coefficients go on to the sampler
         return grid.for_use(model.schedule, solver=solver, model=model, w=w)
     if isinstance(grid, TunedGrid):

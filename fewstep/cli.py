@@ -384,9 +384,10 @@ def _sample_prompts(m, model: str, prompts: list[str], *, labels, w, solver, ste
             images = generate(m, prompts=prompts, n=n, w=w, solver=solver, steps=steps, spacing=spacing, seed=seed,
                               batch_size=batch_size, progress=progress, **extra)
         seconds = time.perf_counter() - t0
-        tuned = grid is not None or spacing == "tuned"
-        calls = steps if tuned and steps is not None else grid.nfe if tuned and grid is not None else \
-            pipeline_calls(m, solver, steps, spacing)
+        if grid is not None or spacing == "tuned":  # a tuned solver: one model call per step (generate checked them)
+            calls = grid.nfe if grid is not None else steps
+        else:
+            calls = pipeline_calls(m, solver, steps, spacing)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     nrow = len(prompts) if len(prompts) > 1 and len(images) % len(prompts) == 0 else None

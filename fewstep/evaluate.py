@@ -141,7 +141,7 @@ def plot_grid(doc: dict, path) -> None:
 # ---------------------------------------------------------------------------
 
 TEXT_PIPELINES = ("mnist-sd", "mnist-sd3")
-SCHEDULERS = ("stock", "dpmsolver", "unipc", "fewstep", "tuned")  # and "fewstep:<solver>", "tuned:<grid.json>"
+SCHEDULERS = ("stock", "dpmsolver", "unipc", "fewstep")  # and "fewstep:<solver>", "tuned:<grid.json>"
 SUITE = tuple((d, t, s) for d in range(NUM_CLASSES) for t in THICKNESS for s in SLANT)  # 90 prompts
 DEFAULT_GUIDANCE_SCALE = 3.0  # what the test bed's previews and bench_prompt_accuracy use (100% prompted digits)
 
@@ -316,7 +316,7 @@ def check_scheduler_name(name: str) -> str:
             raise ValueError(f"scheduler {name!r}: write tuned:<path of a tuned solver JSON> (from `fewstep tune`)")
         return name
     if kind not in SCHEDULERS or (solver and kind != "fewstep") or (":" in str(name) and not solver):
-        raise ValueError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS[:-1])}, fewstep:<solver> or "
+        raise ValueError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS)}, fewstep:<solver> or "
                          "tuned:<grid.json>")
     if solver and solver not in STEPPABLE:
         raise ValueError(f"fewstep:{solver}: a diffusers pipeline runs one model call per step; choose one of "

@@ -391,7 +391,7 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe=5, w: float = 0.0, sample
     (``prompt_split``), recorded in the result. ``nfe`` a list of budgets: one result per budget, in a list,
     sharing the calibration and held-out sets and their reference solves (computed once)."""
     if not hasattr(model, "denoiser") or not hasattr(model, "schedule") or getattr(model, "w_input", False) \
-            or hasattr(model, "_check_steps"):  # students and generators sample with their own fixed steps
+            or getattr(model, "fixed_steps", False):  # students and generators sample with their own steps
         raise ValueError(f"tuning needs a diffusion model sampled by a solver; {model!r} has its own sampler")
     if w and model.num_classes is None:
         raise ValueError("guidance w needs a class-conditional model")
