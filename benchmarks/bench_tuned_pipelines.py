@@ -28,10 +28,11 @@ import torch
 
 from fewstep.api import shipped_solver
 from fewstep.bench.machine import machine_line
+from fewstep.diffusers import FewstepScheduler
 from fewstep.evaluate import flow_settings, load_text_pipeline
 from fewstep.recipes.teachers import teacher_from
-from fewstep.reference import reference_solution, rmse
-from fewstep.tune import calibration_set, from_pure_noise, prompt_split, pure_noise_top
+from fewstep.reference import rmse
+from fewstep.tune import calibration_set, heldout_reference, prompt_split
 
 OUT = Path(__file__).parent / "results"
 FLOW_SHIFTS = (1.0, 2.0)  # besides the pipeline's own: diffusers' flow schedulers on other spacings
@@ -42,7 +43,7 @@ def log(msg: str) -> None:
     print(f"[bench tuned pipelines {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def schedulers(source, steps: int) -> dict:
+def schedulers(source) -> dict:
     """name -> a fresh scheduler built from the pipeline's own scheduler config (None where not available)."""
     import diffusers
 
@@ -94,16 +95,13 @@ def main(argv=None) -> None:
     texts = [teacher.prompts[i] for i in labels.tolist()]
     den, sch = teacher.denoiser(w), teacher.schedule
     start = time.perf_counter()
-    with torch.no_grad():
-        x = ho.x_T if pure_noise_top(sch) is None else from_pure_noise(den, sch, ho.x_T, ho.cond)
-        ref, err = reference_solution(den, sch, x, sch.t_max, 0.0, steps=args.reference_steps, cond=ho.cond)
+    ref, err = heldout_reference(den, sch, ho, reference_steps=args.reference_steps)
     log(f"reference: {time.perf_counter() - start:.0f} s, max|x(2N) - x(N)| = {err:.2g}")
     rows = []
     for k in [int(v) for v in args.steps.split(",")]:
-        scheds = schedulers(pipe.scheduler, k)
+        scheds = schedulers(pipe.scheduler)
         try:
             tuned = shipped_solver(args.model, k)
-            from fewstep.diffusers import FewstepScheduler
             scheds[f"tuned ({tuned.method}, {tuned.solver})"] = FewstepScheduler.from_config(pipe.scheduler.config,
                                                                                            grid=tuned)
         except ValueError:

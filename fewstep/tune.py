@@ -50,7 +50,7 @@ from .solvers.baseline import ddim_step
 __all__ = ["Calibration", "Trajectory", "calibration_set", "reference_trajectory", "dp_grid", "refine_grid",
            "tune_grid", "tune_model", "grid_rmse", "step_costs", "METHODS", "tune_solver", "SOLVER_METHODS",
            "DEFAULT_SOLVER_METHOD", "default_starts", "flow_shift_grid", "grid_targets", "heldout_errors", "is_flow",
-           "pure_noise_top", "from_pure_noise", "prompt_split"]
+           "heldout_reference", "pure_noise_top", "from_pure_noise", "prompt_split"]
 
 METHODS = ("dp", "refine", "dp+refine")
 FIXED_SPACINGS = ("logsnr", "karras", "time_uniform", "time_quadratic")  # the starts refine chooses from
@@ -826,18 +826,27 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
 
 
 @torch.no_grad()
+def heldout_reference(denoiser, schedule: NoiseSchedule, heldout: Calibration, *, reference_steps: int = 128):
+    """(converged solution, max |x(2N) - x(N)|) of held-out noises: RK4 (``fewstep.reference.reference_solution``)
+    from t_max, on flow matching from the pure noises (``from_pure_noise``), as pipelines start. Solved once per
+    set, denoiser and step count (cached in ``heldout.costs``: every budget tuned on the set shares it)."""
+    from .reference import reference_solution
+    key = ("heldout_reference", reference_steps, id(denoiser))
+    if key not in heldout.costs:
+        top = pure_noise_top(schedule)
+        start = heldout.x_T if top is None else from_pure_noise(denoiser, schedule, heldout.x_T, heldout.cond)
+        heldout.costs[key] = reference_solution(denoiser, schedule, start, schedule.t_max, 0.0,
+                                                steps=reference_steps, cond=heldout.cond)
+    return heldout.costs[key]
+
+
+@torch.no_grad()
 def heldout_errors(denoiser, schedule: NoiseSchedule, tuned: TunedGrid, heldout, *, reference_steps: int = 128) -> dict:
     """RMSE on held-out noises against their converged reference (RK4, ``fewstep.reference``; from pure noise on
     flow matching, ``from_pure_noise``): of ``tuned``, of its times alone, and of each fixed spacing with the
     same solver and NFE."""
-    from .reference import reference_solution
     ho, top = _as_calibration(heldout), pure_noise_top(schedule)
-    key = ("heldout_reference", reference_steps, id(denoiser))  # one solve for every budget tuned on this set
-    if key not in ho.costs:
-        start = ho.x_T if top is None else from_pure_noise(denoiser, schedule, ho.x_T, ho.cond)
-        ho.costs[key] = reference_solution(denoiser, schedule, start, schedule.t_max, 0.0, steps=reference_steps,
-                                           cond=ho.cond)
-    ref, err = ho.costs[key]
+    ref, err = heldout_reference(denoiser, schedule, ho, reference_steps=reference_steps)
     opts = tuned.calibration.get("options", {})
     problem = _Problem(denoiser, schedule, tuned.solver, opts, Calibration(ho.x_T, ho.cond, ho.seed, Trajectory(
         torch.zeros(0), [], [], ref, {}, 0, 0.0)), int(tuned.learned.get("basis", 4)))
