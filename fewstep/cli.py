@@ -672,6 +672,20 @@ def _vae_folder(name_or_path: str) -> Path:
                              "AutoencoderKL (config.json with _class_name AutoencoderKL)", param_hint="--vae")
 
 
+def _learning_rates(ctx, param, value):
+    """--learning-rate G[,F] -> (G, F or None), both positive."""
+    if value is None:
+        return None
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or any(not v > 0 for v in parts):
+        raise click.BadParameter(f"{value!r}: give one positive learning rate (the generator's, e.g. 2e-4) or two "
+                                 "separated by a comma (generator, fake score: 2e-4,4e-4)")
+    return parts[0], (parts[1] if len(parts) == 2 else None)
+
+
 def _teacher_options(f):
     """--teacher, --prompts, --mixed-precision and --gradient-checkpointing of every distill command."""
     f = click.option("--max-memory", "max_memory_gib", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -854,12 +868,15 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
               help="Training steps (default: the preset's).")
 @click.option("--steps", "old_steps", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated name of --train-steps (--steps is the budget of model calls elsewhere).")
+@click.option("--learning-rate", "learning_rate", default=None, metavar="G[,F]", callback=_learning_rates,
+              help="AdamW learning rate of the generator, and of the fake score after a comma (default: the "
+                   "preset's; G alone keeps the preset's fake / generator ratio).")
 @click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
               help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
                    "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
 def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, null_class, sharding,
                     mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps,
-                    gen_prediction):
+                    learning_rate, gen_prediction):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
@@ -870,7 +887,13 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
         click.echo("fewstep: warning: distill dmd --steps is deprecated; use --train-steps", err=True)
         steps = old_steps if steps is None else steps
     preset = preset or {"mnist-sd": "mnist-sd-dmd-1", "mnist-sd3": "mnist-sd3-dmd-1"}.get(teacher, "mnist-dmd-1")
+    if learning_rate is not None:
+        from .recipes import RECIPES
+        base = RECIPES[preset].settings.lr
+        gen, fake = learning_rate
+        learning_rate = {"generator": gen, "fake": fake if fake is not None else gen * base["fake"] / base["generator"]}
     settings, name = _distill_settings(preset, teacher, "dmd-1", steps=steps, real_w=w, gen_prediction=gen_prediction,
+                                       lr=learning_rate,
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,
