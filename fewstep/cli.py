@@ -728,15 +728,19 @@ def _preset_settings(preset: str):
     return RECIPES[preset].settings
 
 
-def _distill_settings(preset: str, teacher, suffix: str, **changes):
+def _distill_settings(preset: str, teacher, suffix: str, max_train_steps=None, **changes):
     """(settings or None for the preset's own, export name) of a distill command: the preset with the options
-    that were given (None = not given); a --teacher other than the preset's names its students ``<teacher>-<suffix>``."""
+    that were given (None = not given; ``max_train_steps`` caps every stage's and round's training steps); a
+    --teacher other than the preset's names its students ``<teacher>-<suffix>``."""
     from dataclasses import replace
 
     from .recipes import RECIPES, teacher_recipe_name
+    from .recipes._stage import capped_steps
     from .train import check_mixed_precision
     base = RECIPES[preset].settings
     given = {k: v for k, v in {**changes, "teacher": teacher}.items() if v not in (None, False)}
+    if max_train_steps is not None:
+        given.update(capped_steps(base, max_train_steps))
     try:
         check_mixed_precision(given.get("mixed_precision", "no"))
     except ValueError as e:
@@ -807,22 +811,26 @@ def _w_range(text):
 @distill.command("guided")
 @_distill_options
 @click.option("--until", type=click.IntRange(min=1), default=None,
-              help="Stop after the round that reaches this many steps (default: down to 1).")
+              help="Stop after the round that reaches this many steps (default: down to 1; 32: stage 1 only).")
 @click.option("--part", type=click.Choice(["all", "decoder", "encoder"]), default="all", show_default=True,
               help="decoder: stage 1 and the sampling rounds; encoder: stage 1 and the distilled encoder's rounds "
                    "(the two can run at once in two processes on the same --out).")
 @_teacher_options
+@click.option("--max-train-steps", "max_train_steps", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Cap every stage's and every round's training steps at K (default: the preset's; for quick "
+                   "trials and smoke runs).")
 @click.option("--w-range", type=str, default=None, metavar="LO,HI",
               help="Guidance weights the w-conditioned student learns, drawn uniformly (default: the preset's, 0,4; "
                    "diffusers' guidance_scale = 1 + w).")
 def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, prompts, data, captions, null_class, sharding,
-                       mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w_range):
+                       mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, max_train_steps,
+                       w_range):
     """Guided distillation: stage 1 (w-conditioned student), then progressive rounds 32 -> 16 -> 8 -> 4 -> 2 -> 1
     steps. Of the shipped mnist-teacher by default (reproduces mnist-guided-stage1 / -8 / -4 / -2 / -1); of a
     diffusers pipeline with --teacher (mnist-sd: reproduces mnist-sd-guided-4 with --until 4), exported to
     DIR/export/<name>-<N> as pipelines stock diffusers runs (guidance_scale = 1 + w)."""
     preset = "mnist-sd-guided" if teacher == "mnist-sd" else "mnist-guided"
-    settings, name = _distill_settings(preset, teacher, "guided", w_range=_w_range(w_range),
+    settings, name = _distill_settings(preset, teacher, "guided", max_train_steps, w_range=_w_range(w_range),
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,
@@ -838,12 +846,17 @@ def distill_guided_cmd(out, resume, threads, progress, until, part, teacher, pro
 @click.option("--until", type=click.IntRange(min=1), default=None,
               help="Stop after the round that reaches this many steps (default: down to 4).")
 @_teacher_options
+@click.option("--max-train-steps", "max_train_steps", type=click.IntRange(min=1), default=None, metavar="K",
+              help="Cap every stage's and every round's training steps at K (default: the preset's; for quick "
+                   "trials and smoke runs).")
 def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prompts, data, captions, null_class, sharding,
-                            mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib):
+                            mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib,
+                            max_train_steps):
     """Plain progressive distillation (Salimans & Ho 2022) of the teacher's conditional model (default: the
     shipped mnist-teacher; any fewstep model or diffusers pipeline folder with --teacher): rounds 32 -> 16 -> 8
     -> 4 steps, exported as <name>-<N> students (a pipeline teacher's: DIR/export/<name>-<N> pipelines)."""
-    settings, name = _distill_settings("mnist-progressive", teacher, "progressive", mixed_precision=mixed_precision,
+    settings, name = _distill_settings("mnist-progressive", teacher, "progressive", max_train_steps,
+                                       mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,
                                        max_memory_gib=max_memory_gib)

@@ -32,11 +32,11 @@ def sd(tmp_path_factory):
     return run_sd(out, TINY_SD, data=tiny_data, progress=False)
 
 
-def _folder(root: Path, side: int = 32) -> Path:
+def _folder(root: Path, side: int = 32, captions=CAPTIONS) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
-    for i, text in enumerate(CAPTIONS):
+    for i, text in enumerate(captions):
         Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8), "L").save(root / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": text}))
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
@@ -103,3 +103,16 @@ def test_dmd_refuses_data(sd, tmp_path):
     r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--out", str(tmp_path / "o"),
                                   "--data", str(_folder(tmp_path / "imgs"))])
     assert r.exit_code == 2 and "leave --data / --captions out" in r.output
+
+
+def test_max_train_steps_caps_stage_one_and_until_32_stops_after_it(sd, tmp_path, one_thread):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["distill", "guided", "--teacher", str(sd), "--out", str(out), "--data",
+                                  str(_folder(tmp_path / "imgs", captions=CAPTIONS * 16)), "--until", "32", "--max-train-steps", "3",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    steps = [json.loads(line)["step"] for line in (out / "stage1" / "log.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert max(steps) == 3  # the preset's 2,000 capped at 3
+    assert not (out / "round-16").exists()  # 32 steps are stage 1's own: no round ran
+    assert (out / "export").is_dir() and "stage1" in r.output

@@ -153,6 +153,24 @@ def stage_seconds(out: Path, t0: float) -> float:
     return total + last if total + last > 0 else time.time() - t0
 
 
+def capped_steps(settings, k: int) -> dict:
+    """The changes that cap every training run of a distillation recipe's settings at ``k`` steps (stage 1, each
+    round, each encoder round; warm-ups shortened to fit): ``dataclasses.replace(settings, **capped_steps(...))``."""
+    changes = {}
+    if isinstance(getattr(settings, "stage1", None), Hyper):
+        h = settings.stage1
+        changes["stage1"] = Hyper(min(h.steps, k), h.lr, min(h.warmup, k // 2), h.ema_decay)
+    for field_name in ("rounds", "encoder_rounds"):
+        if isinstance(getattr(settings, field_name, None), dict):
+            changes[field_name] = {n: min(s, k) for n, s in getattr(settings, field_name).items()}
+    for field_name in ("round_warmup", "warmup"):
+        if isinstance(getattr(settings, field_name, None), int):
+            changes[field_name] = min(getattr(settings, field_name), k // 2)
+    if isinstance(getattr(settings, "steps", None), int):
+        changes["steps"] = min(settings.steps, k)
+    return changes
+
+
 def check_halving(start_steps: int, rounds: Mapping[int, int], what: str = "rounds") -> None:
     """Refuse rounds that do not halve the sampler's steps one after another from ``start_steps``."""
     expected, n = [], start_steps
