@@ -111,7 +111,48 @@ def end_rule(top: float, end: str, h_max: float | None = None):
     return rule
 
 
+def karras_rule(top: float, rho: float):
+    """Karras et al. (2022, eq. 5) spacing, sigma^(1/rho) uniform, from a virtual top at EDM sigma ``top`` (its point
+    replaced by t_max) to the chosen rule's last real point (the lower of: steps of at most 1 in lambda from the
+    top, the schedule's uniform-time grid's end); K intervals in all."""
+    def rule(s, K):
+        if K == 1:
+            return torch.tensor([s.t_max, 0.0], dtype=F64)
+        chosen = time_grid(s, K)
+        sig_top = min(top, float(s.edm_sigma(torch.tensor(s.t_max, dtype=F64))))
+        sig_b = float(s.edm_sigma(chosen[-2]))
+        u = torch.arange(1, K, dtype=F64) / (K - 1)
+        sig = (sig_top ** (1 / rho) + u * (sig_b ** (1 / rho) - sig_top ** (1 / rho))) ** rho
+        return torch.cat([torch.tensor([s.t_max], dtype=F64), s.t_of_edm_sigma(sig), torch.zeros(1, dtype=F64)])
+    return rule
+
+
+def power_rule(top: float, p: float):
+    """lambda = lam_top + (lam_b - lam_top) u^p, u = k / (K - 1): the chosen rule's ends (virtual top at EDM sigma
+    ``top``, its point replaced by t_max), p < 1 denser towards the end, p > 1 towards the top."""
+    def rule(s, K):
+        if K == 1:
+            return torch.tensor([s.t_max, 0.0], dtype=F64)
+        chosen = time_grid(s, K)
+        lam_top = max(_lam(s, s.t_max), -math.log(top))
+        lam_b = _lam(s, chosen[-2])
+        u = torch.arange(1, K, dtype=F64) / (K - 1)
+        lam = lam_top + (lam_b - lam_top) * u ** p
+        return torch.cat([torch.tensor([s.t_max], dtype=F64), s.t_of_lambda(lam), torch.zeros(1, dtype=F64)])
+    return rule
+
+
 RULES = {
+    "top20_p0.7": power_rule(20.0, 0.7),
+    "top20_p0.85": power_rule(20.0, 0.85),
+    "top20_p1.2": power_rule(20.0, 1.2),
+    "top30_p0.7": power_rule(30.0, 0.7),
+    "top30_p0.85": power_rule(30.0, 0.85),
+    "top50_p0.7": power_rule(50.0, 0.7),
+    "top20_rho3": karras_rule(20.0, 3.0),
+    "top20_rho7": karras_rule(20.0, 7.0),
+    "top30_rho7": karras_rule(30.0, 7.0),
+    "top50_rho7": karras_rule(50.0, 7.0),
     "top30_tu": end_rule(30.0, "tu"),
     "top30_min": end_rule(30.0, "min"),
     "top30_gm": end_rule(30.0, "gm"),

@@ -159,6 +159,50 @@ def test_dmd_of_an_sd3_pipeline_exports_a_one_step_flow_pipeline(pipelines, tmp_
     assert ((t.decode(x0) + 1) / 2 - images).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("which, scheduler", [(0, "LCMScheduler"), (1, "FlowMatchEulerDiscreteScheduler")])
+def test_dmd2_multi_step_generators_export_with_their_fresh_noise_sampler(pipelines, tmp_path, one_thread, which,
+                                                                         scheduler):
+    """A 4-step DMD2 generator re-noises its x0 with fresh noise between steps: SD exports with LCMScheduler
+    (timesteps 999, 749, 499, 249), SD3 with FlowMatchEuler's stochastic sampling; from the same latents and the
+    same noise stream the stock call equals fewstep's generator sampler (and not the deterministic DDIM / Euler
+    one, which the export used to write)."""
+    from fewstep.distill.dmd import generator_sample
+    t = teacher_from(pipelines[which], PROMPTS)
+    folder = run_dmd(tmp_path, replace(TINY_DMD, gen_steps=4, lambda_reg=0.0), name=["tiny-dmd2-4", "tiny-sd3-dmd2-4"][which],
+                     teacher=lambda: t, progress=False)
+    stock = _stock(folder)
+    assert type(stock.scheduler).__name__ == scheduler
+    stock.scheduler.set_timesteps(4)
+    times = t.generator_times(4)
+    if which == 0:
+        assert stock.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+    else:
+        assert torch.allclose(stock.scheduler.sigmas[:-1].double(), times)
+    lat, prompts = _latents(t), ["a thick seven", "a handwritten zero"]
+    torch.manual_seed(7)  # SD3's pipeline steps its scheduler with torch's global generator
+    images = stock(prompts, num_inference_steps=4, guidance_scale=1.0, latents=lat, output_type="pt",
+                   generator=torch.Generator().manual_seed(7)).images
+    net = load_student(t, folder)
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    noise = (lambda like: torch.randn(like.shape, generator=g)) if which == 0 else (lambda like: torch.randn(like.shape))
+    with torch.no_grad():
+        _, x0 = generator_sample(NetX0(net, t.schedule, t.prediction), lat, _ids(t, prompts), t.schedule, times,
+                                 noise=noise)
+    assert ((t.decode(x0) + 1) / 2 - images).abs().max() < 1e-4
+    torch.manual_seed(8)
+    with torch.no_grad():  # the noise matters: another stream gives other images
+        _, other = generator_sample(NetX0(net, t.schedule, t.prediction), lat, _ids(t, prompts), t.schedule, times)
+    assert (other - x0).abs().max() > 1e-3
+
+
+def test_a_dmd2_generator_whose_steps_do_not_divide_the_training_steps_is_refused_before_training(pipelines, tmp_path):
+    t = teacher_from(pipelines[0], PROMPTS)
+    with pytest.raises(ValueError, match="only when 3 divides the teacher's 1000 training steps"):
+        run_dmd(tmp_path, replace(TINY_DMD, gen_steps=3, lambda_reg=0.0), teacher=lambda: t, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_teachers_and_prompts_get_one_line_errors(pipelines, tmp_path):
     with pytest.raises(FileNotFoundError, match="no model named"):
         teacher_from(tmp_path / "nothing-here")

@@ -141,9 +141,9 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     fid_n = settings.fid_probe if not pipeline or t.prompt_digits() is not None else 0
     if lora is not None:  # the exporters refuse an unexportable student before any work
         exporter = lora_exporter(t, settings.gen_steps, fid_log=out / "run" / "fid.jsonl" if fid_n else None,
-                                 prediction=settings.gen_prediction)
+                                 prediction=settings.gen_prediction, renoise=True)
     else:
-        exporter = pipeline_exporter(t, settings.gen_steps, settings.gen_prediction) if pipeline else {}
+        exporter = pipeline_exporter(t, settings.gen_steps, settings.gen_prediction, renoise=True) if pipeline else {}
 
     def student(seed):
         if lora is None:

@@ -271,7 +271,7 @@ def _adapter_state(module: nn.Module) -> dict:
 
 
 def export_lora(teacher: PipelineTeacher, net: LoraNet, folder, *, steps: int | None, info: dict,
-                prediction: str | None = None) -> Path:
+                prediction: str | None = None, renoise: bool = False) -> Path:
     """Write the LoRA form of ``net`` to ``folder``: ``pytorch_lora_weights.safetensors`` (what the teacher
     pipeline's ``load_lora_weights(folder)`` reads, its LoraConfig in the file's metadata), a guided student's
     ``guidance_embedding.safetensors``, ``scheduler/`` (the student's, ``student_scheduler``), README.md (the
@@ -293,7 +293,7 @@ def export_lora(teacher: PipelineTeacher, net: LoraNet, folder, *, steps: int | 
     if net.lora["w_input"] is not None:
         weight = module.time_embedding.cond_proj.weight.detach().to("cpu", torch.float32).contiguous()
         save_file({f"{GUIDANCE_LAYER}.weight": weight}, str(folder / GUIDANCE_WEIGHTS))
-    scheduler = student_scheduler(teacher, steps, prediction)
+    scheduler = student_scheduler(teacher, steps, prediction, renoise)
     scheduler.save_pretrained(folder / "scheduler")
     record = {**info, "student_steps": steps, "teacher": teacher.source, "pipeline": teacher.kind,
               "prompts": len(teacher.prompts or []), "lora": dict(net.lora),
@@ -423,7 +423,7 @@ def last_quality(fid_log) -> dict | None:
 
 
 def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool = False, fid_log=None,
-                  prediction: str | None = None) -> dict:
+                  prediction: str | None = None, renoise: bool = False) -> dict:
     """A Stage's ``save`` / ``load`` for LoRA students (pipeline_exporter's LoRA form), refusing before training
     what cannot be exported. The model card records this process's command (:func:`cli_command`) and the
     last point of ``fid_log`` as the measured quality."""
@@ -433,7 +433,7 @@ def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool =
         raise ValueError(f"a guided LoRA student of {type(module).__name__} would take w through a fewstep WEmbedding "
                          "that stock diffusers cannot feed; guided LoRA needs a UNet2DConditionModel teacher: leave "
                          "--lora-rank out")
-    student_scheduler(teacher, steps, prediction)  # refuses an unexportable student before training
+    student_scheduler(teacher, steps, prediction, renoise)  # refuses an unexportable student before training
     command = cli_command()
 
     def save(net, folder, extra):
@@ -443,7 +443,7 @@ def lora_exporter(teacher: PipelineTeacher, steps: int | None, *, guided: bool =
         quality = last_quality(fid_log)
         if quality is not None:
             info.setdefault("quality", quality)
-        export_student(teacher, merged_student(net), folder, steps=steps, info=info,
-                       prediction=prediction)  # the full pipeline too
-        return export_lora(teacher, net, folder, steps=steps, info=info, prediction=prediction)
+        export_student(teacher, merged_student(net), folder, steps=steps, info=info, prediction=prediction,
+                       renoise=renoise)  # the full pipeline too
+        return export_lora(teacher, net, folder, steps=steps, info=info, prediction=prediction, renoise=renoise)
     return {"save": save, "load": lambda folder: load_lora_student(teacher, folder)}

@@ -47,6 +47,12 @@ whose scheduler samples the student's own grid, so that stock diffusers runs it:
   one Euler step, x0 = x - v, the one-step generator's own output; at N steps (progressive students) with
   shift 1 and ``shift_terminal`` 1 / N its sigmas are the student's grid 1, (N - 1) / N, ..., 1 / N, 0, and an
   Euler step there is the student's DDIM step.
+* DMD2's multi-step generators (``renoise=True``: x0 = G(x, t_i), then x0 re-noised to t_(i+1) with fresh
+  noise): VP teachers get ``LCMScheduler`` with ``original_inference_steps`` N, whose N timesteps are the
+  generator's times and whose step is exactly that re-noising (its boundary scalings are 1 to 1e-7 at
+  t >= 100); flow teachers FlowMatchEuler as above with ``stochastic_sampling=True`` (x0 = x - sigma v, then
+  (1 - sigma') x0 + sigma' noise). The stock call draws the fresh noise from the call's ``generator`` (SD) or
+  torch's global generator (SD3, whose pipeline does not pass one to the step).
 """
 from __future__ import annotations
 
@@ -345,29 +351,43 @@ def _sd3_bank(embeds: torch.Tensor, pooled: torch.Tensor):
 SCHEDULER_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # fewstep name -> diffusers'
 
 
-def student_scheduler(teacher: PipelineTeacher, steps: int | None, prediction: str | None = None):
+def student_scheduler(teacher: PipelineTeacher, steps: int | None, prediction: str | None = None,
+                      renoise: bool = False):
     """A stock diffusers scheduler whose ``steps``-step sampling is the student's own (module docstring);
     steps None (guided stage 1: a w-conditioned model for any sampler): the teacher's own scheduler.
     ``prediction``: the student's output type when it is not the teacher's (a VP DMD generator that
-    predicts x0: ``prediction_type="sample"``)."""
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    predicts x0: ``prediction_type="sample"``); ``renoise``: a DMD2 multi-step generator (fresh noise after
+    each step)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
     cfg = teacher.pipe.scheduler.config
     if steps is None:
         return type(teacher.pipe.scheduler).from_config(cfg)
     if prediction not in (None, teacher.prediction) and teacher.net.family.name != "vp":
         raise ValueError(f"a {teacher.net.family.name} student outputs the teacher's {teacher.prediction}; "
                          f"gen_prediction={prediction!r} exports for VP teachers only: leave it unset")
+    renoise = renoise and steps > 1
     if teacher.net.family.name == "flow":  # the student's grid i / N from pure noise (distill.fraction_to_time):
         # shift 1 stretched to end at 1 / N; an Euler step x + (s - t) v is the student's DDIM step on flow
         if steps == 1:
             return FlowMatchEulerDiscreteScheduler.from_config(cfg)
         return FlowMatchEulerDiscreteScheduler.from_config(cfg, shift=1.0, use_dynamic_shifting=False,
-                                                           shift_terminal=1.0 / steps)
+                                                           shift_terminal=1.0 / steps, stochastic_sampling=renoise)
     if teacher.net.family.name != "vp":
         raise ValueError(f"students of {teacher.net.family.name} teachers cannot be exported as pipelines yet")
     kind = {} if prediction in (None, teacher.prediction) else {"prediction_type": SCHEDULER_PREDICTIONS[prediction]}
-    return DDIMScheduler.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=True,
+    ddim = DDIMScheduler.from_config(cfg, timestep_spacing="trailing", set_alpha_to_one=True,
                                      clip_sample=False, thresholding=False, **kind)
+    if not renoise:
+        return ddim
+    lcm = LCMScheduler.from_config(cfg, original_inference_steps=steps, clip_sample=False, thresholding=False,
+                                   **kind)
+    lcm.set_timesteps(steps)
+    ddim.set_timesteps(steps)
+    if not torch.equal(lcm.timesteps, ddim.timesteps):  # N not dividing the training steps
+        raise ValueError(f"a {steps}-step DMD2 generator exports as a stock pipeline (LCMScheduler) only when {steps} "
+                         f"divides the teacher's {cfg.num_train_timesteps} training steps: choose gen_steps 2, 4, 5 "
+                         "or 8")
+    return lcm
 
 
 def _stock_module(net: DiffusersNet):
@@ -391,7 +411,7 @@ def _pipeline_options(pipe) -> dict:
 
 
 def export_student(teacher: PipelineTeacher, net: DiffusersNet, folder, *, steps: int | None, info: dict,
-                   prediction: str | None = None) -> Path:
+                   prediction: str | None = None, renoise: bool = False) -> Path:
     """Write ``net`` as the teacher's pipeline class with the student's scheduler to ``folder`` (plus
     fewstep.json: ``info`` and the student's steps); ``prediction``: the student's output type when it is
     not the teacher's (student_scheduler). Returns the folder."""
@@ -399,7 +419,7 @@ def export_student(teacher: PipelineTeacher, net: DiffusersNet, folder, *, steps
     folder = Path(folder)
     module = _stock_module(copy.deepcopy(net))
     components = {**teacher.pipe.components, teacher.role: module,
-                  "scheduler": student_scheduler(teacher, steps, prediction)}
+                  "scheduler": student_scheduler(teacher, steps, prediction, renoise)}
     pipe = type(teacher.pipe)(**components, **_pipeline_options(teacher.pipe))
     pipe.save_pretrained(folder)
     record = {**info, "student_steps": steps, "teacher": teacher.source, "pipeline": teacher.kind,
@@ -421,13 +441,14 @@ def load_student(teacher: PipelineTeacher, folder) -> DiffusersNet:
     return fresh
 
 
-def pipeline_exporter(teacher: PipelineTeacher, steps: int | None, prediction: str | None = None) -> dict:
+def pipeline_exporter(teacher: PipelineTeacher, steps: int | None, prediction: str | None = None,
+                      renoise: bool = False) -> dict:
     """A Stage's ``save`` / ``load`` for students of a pipeline teacher (pipeline folders, see export_student)."""
-    student_scheduler(teacher, steps, prediction)  # refuses an unexportable student before training
+    student_scheduler(teacher, steps, prediction, renoise)  # refuses an unexportable student before training
 
     def save(net, folder, extra):
         info = {k: v for k, v in extra.items() if k != "schedule"}  # the schedule is the scheduler config's
-        return export_student(teacher, net, folder, steps=steps, info=info, prediction=prediction)
+        return export_student(teacher, net, folder, steps=steps, info=info, prediction=prediction, renoise=renoise)
     return {"save": save, "load": lambda folder: load_student(teacher, folder)}
 
 
