@@ -714,7 +714,8 @@ def _teacher_options(f):
     f = click.option("--data", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="Guided / progressive, pipeline teachers: train on your own captioned images (at the "
                           "teacher's pixel size; the captions are the prompts) instead of the teacher's own samples; "
-                          "encoded once by its VAE and cached in --out.")(f)
+                          "encoded once by its VAE and cached in --out. DMD with --preset mnist-dmd2-4: the real "
+                          "images of DMD2's GAN term (required there for pipeline teachers).")(f)
     f = click.option("--prompts", type=click.Path(dir_okay=False), default=None,
                      help="Text-to-image teachers: a file of prompts, one per line, to distill over (default for the "
                           "shipped mnist-sd / mnist-sd3: the test bed's 90-prompt suite).")(f)
@@ -893,27 +894,30 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
-    if data is not None or captions is not None:
-        raise click.UsageError("distill dmd trains from noise and the teacher's scores (its regression pairs are the "
-                               "teacher's own samples): leave --data / --captions out")
     if old_steps is not None:
         click.echo("fewstep: warning: distill dmd --steps is deprecated; use --train-steps", err=True)
         steps = old_steps if steps is None else steps
     preset = preset or {"mnist-sd": "mnist-sd-dmd-1", "mnist-sd3": "mnist-sd3-dmd-1"}.get(teacher, "mnist-dmd-1")
-    if learning_rate is not None:
-        from .recipes import RECIPES
-        base = RECIPES[preset].settings.lr
+    base = _preset_settings(preset)
+    suffix = f"dmd{'2' if base.gan_weight_d > 0 else ''}-{base.gen_steps}"
+    if learning_rate is not None:  # G alone keeps the preset's fake / generator ratio
         gen, fake = learning_rate
-        learning_rate = {"generator": gen, "fake": fake if fake is not None else gen * base["fake"] / base["generator"]}
-    settings, name = _distill_settings(preset, teacher, "dmd-1", steps=steps, real_w=w, gen_prediction=gen_prediction,
+        learning_rate = {"generator": gen,
+                         "fake": fake if fake is not None else gen * base.lr["fake"] / base.lr["generator"]}
+    settings, name = _distill_settings(preset, teacher, suffix, steps=steps, real_w=w, gen_prediction=gen_prediction,
                                        lr=learning_rate,
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,
                                        max_memory_gib=max_memory_gib)
-    real_w = (settings or _preset_settings(preset)).real_w
+    chosen = settings or _preset_settings(preset)
+    real_w = chosen.real_w
+    if (data is not None or captions is not None) and chosen.gan_weight_d == 0:
+        raise click.UsageError("distill dmd trains from noise and the teacher's scores (its regression pairs are the "
+                               "teacher's own samples); --data feeds only DMD2's GAN term (--preset mnist-dmd2-4): "
+                               "leave --data / --captions out or add that preset")
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
-                         **_teacher_provider(teacher, prompts, out=out, null_class=null_class, guidance=real_w > 0))
+                         **_teacher_provider(teacher, prompts, data, captions, out, null_class, real_w > 0))
     click.echo(f"{name}: {folder}")
 
 

@@ -2,6 +2,7 @@
 become the prompt bank, the images are encoded once by the teacher's VAE and cached (rebuilt when a file
 changes), guided distillation trains on them, and bad folders are refused in one line before any work."""
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -116,3 +117,32 @@ def test_max_train_steps_caps_stage_one_and_until_32_stops_after_it(sd, tmp_path
     assert max(steps) == 3  # the preset's 2,000 capped at 3
     assert not (out / "round-16").exists()  # 32 steps are stage 1's own: no round ran
     assert (out / "export").is_dir() and "stage1" in r.output
+
+
+def test_dmd2_gan_term_trains_on_the_encoded_images_of_a_pipeline_teacher(sd, tmp_path, one_thread):
+    """DMD2 (4 steps, GAN term) on a pipeline teacher: the GAN's real images are the --data folder's VAE latents
+    with their caption ids; the head and the generator train, and the export is a stock pipeline."""
+    from fewstep.recipes.dmd import run_dmd
+    from test_distill_pipelines import TINY_DMD
+    paths, prompts, labels = caption_prompts(_folder(tmp_path / "imgs"))
+    t = teacher_from(sd, prompts)
+    settings = replace(TINY_DMD, gen_steps=4, lambda_reg=0.0, fake_updates=2, gan_weight_g=3e-3, gan_weight_d=1e-2)
+    with pytest.raises(ValueError, match="GAN term needs real images"):
+        run_dmd(tmp_path / "none", settings, teacher=lambda: t, progress=False)
+    real = encoded_data(t, paths, labels, tmp_path / "run")
+    folder = run_dmd(tmp_path / "run", settings, name="tiny-dmd2-4", teacher=lambda: t, progress=False,
+                     data=lambda: real)
+    assert (folder / "model_index.json").is_file()
+    from fewstep.train import latest_checkpoint, load_checkpoint_weights
+    fake = load_checkpoint_weights(latest_checkpoint(tmp_path / "run" / "run"), "model", "fake")
+    assert any(k.startswith("head.") for k in fake), "the GAN head is part of the trained fake score"
+    logs = [json.loads(line) for line in (tmp_path / "run" / "run" / "log.jsonl").read_text().splitlines()
+            if '"loss/generator"' in line]
+    assert logs and all(math.isfinite(r["loss/generator"]) for r in logs)
+    assert any("gan" in k for r in logs for k in r), "the GAN terms are logged"
+
+
+def test_dmd_data_without_the_gan_term_is_refused_and_named(sd, tmp_path):
+    r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--preset", "mnist-dmd2-4", "--out",
+                                  str(tmp_path / "o")])
+    assert r.exit_code != 0 and "GAN term needs real images" in r.output and "Traceback" not in r.output

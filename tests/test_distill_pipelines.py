@@ -196,6 +196,23 @@ def test_dmd2_multi_step_generators_export_with_their_fresh_noise_sampler(pipeli
     assert (other - x0).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_diffusers_nets_return_mid_network_features_for_the_gan_head(pipelines, which):
+    """DMD2's GAN head reads the fake score's features: a UNet's mid-block map, SD3's middle block's image tokens
+    on the patch grid; asking for them changes nothing in the prediction."""
+    from fewstep.distill.dmd import FakeScore
+    t = teacher_from(pipelines[which], PROMPTS)
+    x, times, ids = torch.randn(2, *t.image_shape), torch.tensor([0.3, 0.7]), torch.tensor([0, 1])
+    with torch.no_grad():
+        plain = t.net(x, times, ids)
+        out, features = t.net(x, times, ids, return_features=True)
+    assert torch.equal(out, plain)
+    assert features.dim() == 4 and features.shape[:2] == (2, t.net.feature_channels)
+    fake = FakeScore(t.net, gan_head=True)
+    logits = fake(x, times, ids, logits=True)
+    assert logits.shape == (2,) and torch.isfinite(logits).all()
+
+
 def test_a_dmd2_generator_whose_steps_do_not_divide_the_training_steps_is_refused_before_training(pipelines, tmp_path):
     t = teacher_from(pipelines[0], PROMPTS)
     with pytest.raises(ValueError, match="only when 3 divides the teacher's 1000 training steps"):

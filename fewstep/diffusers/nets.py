@@ -231,7 +231,43 @@ class DiffusersNet(nn.Module):
         check_labels(labels, self.num_classes)
         return labels.long()
 
-    def forward(self, x, t, labels=None, w=None):
+    @property
+    def feature_channels(self) -> int:
+        """Channels of the features ``return_features=True`` gives (DMD2's GAN head reads them): a UNet's mid
+        block output, a transformer's middle block's image tokens (an AttributeError for other modules)."""
+        module = self.unet
+        if getattr(module, "mid_block", None) is not None:
+            return module.config.block_out_channels[-1]
+        if getattr(module, "transformer_blocks", None) is not None:
+            return module.config.num_attention_heads * module.config.attention_head_dim
+        raise AttributeError(f"{type(module).__name__} has no mid block or transformer blocks to read features from")
+
+    def _feature_block(self) -> nn.Module:
+        module = self.unet
+        if getattr(module, "mid_block", None) is not None:
+            return module.mid_block
+        return module.transformer_blocks[len(module.transformer_blocks) // 2]
+
+    def _feature_map(self, out, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) features from the block's output: a UNet block's map as is; a joint transformer block's
+        (context, image tokens) -> its image tokens laid back on the patch grid."""
+        if isinstance(out, torch.Tensor) and out.dim() == 4:
+            return out
+        tokens = out[1] if isinstance(out, tuple) else out
+        p = self.unet.config.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+    def forward(self, x, t, labels=None, w=None, return_features: bool = False):
+        """The module's prediction; ``return_features=True``: (prediction, its mid-network features)."""
+        if return_features:
+            box = {}
+            handle = self._feature_block().register_forward_hook(lambda module, args, out: box.setdefault("f", out))
+            try:
+                out = self.forward(x, t, labels, w)
+            finally:
+                handle.remove()
+            return out, self._feature_map(box["f"], x)
         b = x.shape[0]
         timestep = self.family.timestep(torch.as_tensor(t, dtype=torch.float64).expand(b)).to(x.device)
         kwargs = {}

@@ -13,6 +13,8 @@ head), ``phases(step)`` gives the two-time-scale update ratio.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -101,7 +103,11 @@ class FakeScore(nn.Module):
         if gan_head and not hasattr(net, "feature_channels"):
             raise ValueError(f"the GAN head reads bottleneck features, which {type(net).__name__} does not "
                              "expose (return_features=True); use fewstep's UNet or gan_weight=0")
-        self.head = GANHead(net.feature_channels, getattr(net.config, "groups", 8)) if gan_head else None
+        if gan_head:
+            channels = net.feature_channels
+            self.head = GANHead(channels, math.gcd(channels, getattr(getattr(net, "config", None), "groups", 8)))
+        else:
+            self.head = None
         self.null_class = getattr(net, "null_class", None)
 
     def forward(self, x, t, labels=None, logits: bool = False):

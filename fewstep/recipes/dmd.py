@@ -126,15 +126,17 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     ``out/<name>`` (a pipeline teacher's: ``out/export/<name>``, a pipeline folder stock diffusers runs);
     returns that folder. ``teacher()`` -> a class-conditional fewstep model or a
     :class:`fewstep.recipes.teachers.PipelineTeacher` (default: ``teacher_from(settings.teacher)``);
-    ``data()`` -> real (images, labels) for the GAN head (default: MNIST train; used only when
-    ``gan_weight_d > 0``). Every setting is checked before the regression set is made."""
+    ``data()`` -> real (images, labels) for the GAN head (default: MNIST train; a pipeline teacher's: its
+    VAE latents and caption ids, ``fewstep.recipes.latents.encoded_data``, required; used only when
+    ``gan_weight_d > 0``; the head reads the fake score's mid-network features, ``return_features``). Every setting is checked before the regression set is made."""
     out = Path(out)
     t = provide(teacher, lambda: teacher_from(settings.teacher))
     check_guidance(t, settings.real_w)
     pipeline = isinstance(t, PipelineTeacher)
-    if pipeline and settings.gan_weight_d > 0:
-        raise ValueError("DMD2's GAN head reads fewstep UNet features; with a diffusers pipeline teacher set "
-                         "gan_weight_g = gan_weight_d = 0")
+    if pipeline and settings.gan_weight_d > 0 and data is None:
+        raise ValueError("DMD2's GAN term needs real images of the teacher's kind: give data= (the CLI's --data DIR "
+                         "of captioned images, encoded once by the teacher's VAE), or set gan_weight_g = "
+                         "gan_weight_d = 0")
     lora = settings.lora_rank
     if lora is not None:
         from .lora import lora_exporter, with_lora
