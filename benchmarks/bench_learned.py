@@ -237,6 +237,19 @@ def run(args, out: Path) -> dict:
             rows += p.diffusers_rows(nfe)
             rows += p.fixed_rows(nfe)
             progress.save(f"rows/{nfe}")
+        if args.shipped is not None:  # the tuned solvers a model ships (or a folder of tune JSONs): no fitting
+            from fewstep.grids import load_grid
+            for solver in args.solvers:
+                path = Path(args.shipped) / f"{solver}-nfe{nfe}-w{args.w:g}.json"
+                if not path.is_file() or f"shipped/{solver}/{nfe}" in progress.done:
+                    continue
+                tuned = load_grid(path)
+                e = p.heldout_rmse(tuned)
+                rows.append({"impl": "fewstep", "row": f"{solver} / shipped ({tuned.method})", "method": "auto",
+                             "kind": "learned" if tuned.learned else "tuned_grid", "nfe": nfe, "rmse": e})
+                progress.save(f"shipped/{solver}/{nfe}")
+                log(f"{path.name}: held-out {e:.4g}")
+            continue
         for solver in args.solvers:
             for method in args.methods:
                 if method == "coeff" and nfe < 3 or f"fit/{solver}/{nfe}/{method}" in progress.done:
@@ -373,6 +386,9 @@ def main(argv=None):
     ap.add_argument("--tune-ref-steps", type=int, default=128, help="tune_solver's reference_steps (its default)")
     ap.add_argument("--no-handpicked", dest="handpicked", action="store_false")
     ap.add_argument("--quick", action="store_true", help="NFE 5, 8; dpmpp_2m only")
+    ap.add_argument("--shipped", default=None, metavar="DIR",
+                    help="score the tuned solvers in DIR (<solver>-nfe<K>-w<w>.json, e.g. a model's grids/ folder) "
+                         "on the held-out noises instead of fitting new ones")
     ap.add_argument("--tag", default="")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.partial.json (written as it goes)")
     ap.add_argument("--cache", default="/tmp/fewstep-learned-cache", help="held-out references are cached here")
