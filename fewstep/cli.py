@@ -902,8 +902,8 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
     suffix = f"dmd{'2' if base.gan_weight_d > 0 else ''}-{base.gen_steps}"
     if learning_rate is not None:  # G alone keeps the preset's fake / generator ratio
         gen, fake = learning_rate
-        learning_rate = {"generator": gen,
-                         "fake": fake if fake is not None else gen * base.lr["fake"] / base.lr["generator"]}
+        ratio = base.lr["fake"] / base.lr["generator"]
+        learning_rate = {"generator": gen, "fake": fake if fake is not None else float(f"{gen * ratio:.12g}")}
     settings, name = _distill_settings(preset, teacher, suffix, steps=steps, real_w=w, gen_prediction=gen_prediction,
                                        lr=learning_rate,
                                        mixed_precision=mixed_precision,

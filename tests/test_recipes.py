@@ -82,6 +82,18 @@ def test_dmd_preset_reproduces_the_shipped_generator_config_and_its_recorded_pre
     assert {k: v for k, v in ours.items() if k not in HISTORY} == {k: v for k, v in shipped.items() if k not in HISTORY}
 
 
+@pytest.mark.parametrize("name", ["mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd3-dmd-1"])
+def test_the_test_beds_dmd_presets_are_what_the_shipped_generators_recorded(name):
+    """Each shipped pipeline generator's fewstep.json records the hyper-parameters it was trained with: the preset
+    (mnist-sd-dmd-1's fake-score rate, 3.9999999999999996e-4 from --learning-rate 2e-4 at the former 2:1 ratio,
+    is one ulp below the preset's 4e-4)."""
+    recorded = json.loads((ASSETS / name / "fewstep.json").read_text())["preset"]
+    ours = json.loads(json.dumps({k: v for k, v in asdict(DMD_PRESETS[name]).items() if k in recorded}))
+    assert set(recorded) <= set(asdict(DMD_PRESETS[name]))
+    assert recorded["lr"] == pytest.approx(ours.pop("lr"), rel=1e-12)
+    assert {k: v for k, v in recorded.items() if k != "lr"} == ours
+
+
 def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
     assert {k: DMD_PRESETS[k] for k in ("mnist-dmd-1", "mnist-dmd2-4")} == {"mnist-dmd-1": MNIST_DMD,
                                                                              "mnist-dmd2-4": MNIST_DMD2_4}
