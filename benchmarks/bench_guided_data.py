@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from fewstep.bench.machine import machine_line
@@ -32,12 +33,14 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def write_image_folder(root: Path, n: int) -> Path:
-    """The first ``n`` MNIST train digits (32x32 PNGs) and their test-bed captions as ``root/metadata.jsonl``."""
+    """``n`` MNIST train digits, the first n / 10 of each class (the split is sorted by class), as 32x32 PNGs
+    and their test-bed captions as ``root/metadata.jsonl``."""
     if (root / "metadata.jsonl").is_file():
         return root
     root.mkdir(parents=True, exist_ok=True)
     images, labels = load_mnist32("train")
-    images, labels = images[:n], labels[:n]
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[: n // 10] for c in range(10)])
+    images, labels = images[keep], labels[keep]
     rows = []
     for i, (img, text) in enumerate(zip(images, caption_images(images, labels))):
         pixels = ((img[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
