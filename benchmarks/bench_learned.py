@@ -353,9 +353,10 @@ def markdown(doc: dict) -> str:
         for n in nfes:
             e = s[n] if n in s else s[str(n)]
             lines.append(f"| {n} | {fmt(e.get('grid_rmse'))} | {fmt(e.get('handpicked_rmse'))} |")
-    lines += ["", "Fitting cost (beyond the shared reference solve of the calibration noises) and errors:", "",
-              "| solver | method | NFE | model calls | seconds | fitting RMSE | validation RMSE | held-out RMSE | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    if doc["fits"]:
+        lines += ["", "Fitting cost (beyond the shared reference solve of the calibration noises) and errors:", "",
+                  "| solver | method | NFE | model calls | seconds | fitting RMSE | validation RMSE | held-out RMSE | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     for f in doc["fits"]:
         note = "fell back to the grid" if f["fell_back_to_grid"] else ""
         lines.append(f"| {f['solver']} | {f['method']} | {f['nfe']} | {f['model_calls']} | {f['seconds']:.0f} | "
