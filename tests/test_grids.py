@@ -218,7 +218,8 @@ def test_shipped_teacher_grids_serve_the_demos_tuned_row():
     from fewstep.api import ASSETS, generate, load
     from fewstep.demo import demo_rows
     grid = find_grid(ASSETS / "mnist-teacher", "dpmpp_2m", 5, 1.0)
-    assert grid.heldout["rmse"] < min(grid.heldout["logsnr"], grid.heldout["karras"])  # measured on held-out noise
+    # a learned solver (PAS) measured on held-out noise: below its own times alone and every fixed spacing
+    assert grid.learned and grid.heldout["rmse"] < min(grid.heldout["grid_alone"], grid.heldout["best_fixed"])
     assert grid.calibration["samples"] >= 64 and grid.model["name"] == "mnist-teacher"
     row = next(r for r in demo_rows() if "tuned" in r.label)
     model = load("mnist-teacher")
