@@ -910,7 +910,7 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,
                                        max_memory_gib=max_memory_gib)
-    chosen = settings or _preset_settings(preset)
+    chosen = settings or base
     real_w = chosen.real_w
     if (data is not None or captions is not None) and chosen.gan_weight_d == 0:
         raise click.UsageError("distill dmd trains from noise and the teacher's scores (its regression pairs are the "

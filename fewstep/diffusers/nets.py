@@ -235,18 +235,19 @@ class DiffusersNet(nn.Module):
     def feature_channels(self) -> int:
         """Channels of the features ``return_features=True`` gives (DMD2's GAN head reads them): a UNet's mid
         block output, a transformer's middle block's image tokens (an AttributeError for other modules)."""
-        module = self.unet
-        if getattr(module, "mid_block", None) is not None:
-            return module.config.block_out_channels[-1]
-        if getattr(module, "transformer_blocks", None) is not None:
-            return module.config.num_attention_heads * module.config.attention_head_dim
-        raise AttributeError(f"{type(module).__name__} has no mid block or transformer blocks to read features from")
+        cfg = self.unet.config
+        if self._feature_block() is getattr(self.unet, "mid_block", None):
+            return cfg.block_out_channels[-1]
+        return cfg.num_attention_heads * cfg.attention_head_dim
 
     def _feature_block(self) -> nn.Module:
+        """The UNet's mid block, else the transformer's middle block (an AttributeError for other modules)."""
         module = self.unet
         if getattr(module, "mid_block", None) is not None:
             return module.mid_block
-        return module.transformer_blocks[len(module.transformer_blocks) // 2]
+        if getattr(module, "transformer_blocks", None) is not None:
+            return module.transformer_blocks[len(module.transformer_blocks) // 2]
+        raise AttributeError(f"{type(module).__name__} has no mid block or transformer blocks to read features from")
 
     def _feature_map(self, out, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) features from the block's output: a UNet block's map as is; a joint transformer block's

@@ -131,7 +131,8 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     :class:`fewstep.recipes.teachers.PipelineTeacher` (default: ``teacher_from(settings.teacher)``);
     ``data()`` -> real (images, labels) for the GAN head (default: MNIST train; a pipeline teacher's: its
     VAE latents and caption ids, ``fewstep.recipes.latents.encoded_data``, required; used only when
-    ``gan_weight_d > 0``; the head reads the fake score's mid-network features, ``return_features``). Every setting is checked before the regression set is made."""
+    ``gan_weight_d > 0``; the head reads the fake score's mid-network features, ``return_features``).
+    Every setting is checked before the regression set is made."""
     out = Path(out)
     t = provide(teacher, lambda: teacher_from(settings.teacher))
     check_guidance(t, settings.real_w)
