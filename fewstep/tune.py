@@ -231,13 +231,7 @@ def refine_grid(denoiser: Callable, schedule: NoiseSchedule, solver: str, start:
     evaluation). The grid keeps t_max first and 0 last (and t_min before it unless ``free_end``)."""
     from scipy.optimize import minimize
     options = options or {}
-    t_max = float(start[0])
-    lam0, lam1 = (float(v) for v in schedule.lambda_(torch.tensor([t_max, schedule.t_min], dtype=torch.float64)))
-    span = lam1 - lam0
-    inner = schedule.lambda_(start[1:-1 if free_end else -2].to(torch.float64)).clamp(lam0, lam1)
-    gaps = torch.diff(torch.cat([torch.tensor([lam0], dtype=torch.float64), inner,
-                                 torch.tensor([lam1], dtype=torch.float64)])).clamp_min(1e-3 * span)
-    u0 = torch.log(gaps[:-1] / gaps[-1])
+    u0, lam0, span, t_max = _gap_logits(schedule, start, free_end)
     history, best = [], [start, u0.numpy()]
 
     def objective(u):
