@@ -3,7 +3,8 @@
 
     python benchmarks/bench_ema.py RUN [--checkpoint ckpt-00005000] [--n 990] [--which ema,model]
 
-RUN is a ``fewstep distill dmd`` run folder of a pipeline teacher (``RUN/run/ckpt-*``, ``RUN/export/<name>``).
+RUN is a ``fewstep distill dmd`` run folder of a pipeline teacher with whole-network weights (not ``--lora-rank``;
+``RUN/run/ckpt-*``, ``RUN/export/<name>``).
 Each choice of weights is written into a copy of the export (``RUN/ema-check/<which>``) and scored by
 :func:`fewstep.evaluate.evaluate_prompts` (one step, guidance_scale 1, the test bed's prompt suite, one held-out
 reference shared by the rows). Prints one line per row.
@@ -42,6 +43,8 @@ def main(argv=None) -> None:
         shutil.copytree(export, folder)
         weights = {k.removeprefix("unet."): v.contiguous()
                    for k, v in load_checkpoint_weights(ckpt, which, "generator").items()}
+        if any("lora" in k for k in weights):
+            raise SystemExit(f"{args.run} is a LoRA run: bench_ema.py scores whole-network generators only")
         save_file(weights, folder / "unet" / "diffusion_pytorch_model.safetensors")
         r = evaluate_prompts(str(folder), steps=1, guidance_scale=1.0, n=args.n, classifier=classifier,
                              reference=reference)
