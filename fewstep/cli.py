@@ -870,11 +870,12 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
 @distill.command("dmd")
 @_distill_options
 @click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora",
-                                            "mnist-sd3-dmd-1"]),
+                                            "mnist-sd-dmd2-1", "mnist-sd3-dmd-1"]),
               default=None, help="mnist-dmd-1 (the default): one-step DMD with regression; mnist-dmd2-4: DMD2 (no "
                                  "regression, 5 fake updates per generator update, GAN head, 4 steps); mnist-sd-dmd-1 / "
                                  "mnist-sd3-dmd-1: one-step DMD of the text-to-image test bed's pipelines; "
-                                 "mnist-sd-dmd-1-lora: mnist-sd-dmd-1 as a rank-16 LoRA.")
+                                 "mnist-sd-dmd-1-lora: mnist-sd-dmd-1 as a rank-16 LoRA; mnist-sd-dmd2-1: "
+                                 "mnist-sd-dmd-1 fine-tuned with DMD2's GAN term on the test bed's digits.")
 @_teacher_options
 @click.option("--w", type=float, default=None, callback=_guidance_w,
               help="Guidance weight of the teacher's score, baked into the generator (default: the preset's).")
@@ -885,12 +886,16 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
 @click.option("--learning-rate", "learning_rate", default=None, metavar="G[,F]", callback=_learning_rates,
               help="AdamW learning rate of the generator, and of the fake score after a comma (default: the "
                    "preset's; G alone keeps the preset's fake / generator ratio).")
+@click.option("--init", default=None, metavar="GENERATOR",
+              help="Start the generator from a trained one of the same teacher (a shipped name such as "
+                   "mnist-sd-dmd-1, or DIR/export/<name> of an earlier run) instead of the teacher's weights "
+                   "(default: the preset's).")
 @click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
               help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
                    "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
 def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, null_class, sharding,
                     mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps,
-                    learning_rate, gen_prediction):
+                    learning_rate, init, gen_prediction):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
@@ -905,7 +910,7 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
         ratio = base.lr["fake"] / base.lr["generator"]
         learning_rate = {"generator": gen, "fake": fake if fake is not None else float(f"{gen * ratio:.12g}")}
     settings, name = _distill_settings(preset, teacher, suffix, steps=steps, real_w=w, gen_prediction=gen_prediction,
-                                       lr=learning_rate,
+                                       lr=learning_rate, init=init,
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,
@@ -914,8 +919,8 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
     real_w = chosen.real_w
     if (data is not None or captions is not None) and chosen.gan_weight_d == 0:
         raise click.UsageError("distill dmd trains from noise and the teacher's scores (its regression pairs are the "
-                               "teacher's own samples); --data feeds only DMD2's GAN term (--preset mnist-dmd2-4): "
-                               "leave --data / --captions out or add that preset")
+                               "teacher's own samples); --data feeds only DMD2's GAN term (--preset mnist-dmd2-4 or "
+                               "mnist-sd-dmd2-1): leave --data / --captions out or add one of those presets")
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
                          **_teacher_provider(teacher, prompts, data, captions, out, null_class, real_w > 0))
     click.echo(f"{name}: {folder}")

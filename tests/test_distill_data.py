@@ -146,3 +146,51 @@ def test_dmd_data_without_the_gan_term_is_refused_and_named(sd, tmp_path):
     r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--preset", "mnist-dmd2-4", "--out",
                                   str(tmp_path / "o")])
     assert r.exit_code != 0 and "GAN term needs real images" in r.output and "Traceback" not in r.output
+
+
+def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd, tmp_path, one_thread):
+    """--init: the generator starts from an exported generator's weights (not the teacher's), and a folder that is
+    not a generator of this kind (the teacher itself, a 1-step generator for a 4-step run, a LoRA run) is refused
+    in one line before any work."""
+    from fewstep.recipes.dmd import initial_generator, run_dmd
+    from test_distill_pipelines import TINY_DMD
+    t = teacher_from(sd)
+    first = run_dmd(tmp_path / "a", replace(TINY_DMD, steps=3), name="tiny-dmd-1", teacher=lambda: t, progress=False)
+    net = initial_generator(t, replace(TINY_DMD, init=str(first)))
+    from diffusers import UNet2DConditionModel
+    exported = UNet2DConditionModel.from_pretrained(first / "unet").state_dict()
+    got = net.unet.state_dict()
+    assert all(torch.equal(got[k], exported[k]) for k in exported)
+    assert any(not torch.equal(got[k], t.net.unet.state_dict()[k]) for k in exported), "not the teacher's weights"
+    for settings, message in ((replace(TINY_DMD, init=str(sd)), "is not a 1-step eps generator"),
+                              (replace(TINY_DMD, init=str(first), gen_steps=4, lambda_reg=0.0),
+                               "is not a 4-step eps generator"),
+                              (replace(TINY_DMD, init=str(first), lora_rank=2), "leave init")):
+        with pytest.raises(ValueError, match=message) as e:
+            run_dmd(tmp_path / "b", settings, teacher=lambda: t, progress=False)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "b" / "run").exists()
+    folder = run_dmd(tmp_path / "c", replace(TINY_DMD, init=str(first)), name="tiny-dmd-1", teacher=lambda: t,
+                     progress=False)
+    assert json.loads((folder / "fewstep.json").read_text())["preset"]["init"] == str(first)
+
+
+def test_the_test_beds_gan_data_are_its_captioned_digits_encoded_by_its_vae(tmp_path, one_thread, capsys):
+    """The shipped mnist-sd's DMD2 GAN term needs no --data: its real images are the captioned MNIST train digits
+    as its VAE's latents (decoding them gives the digits back), labelled by their caption's prompt id, cached."""
+    from fewstep.data.captions import parse_caption
+    from fewstep.recipes.latents import test_bed_data
+    from fewstep.recipes.textbed import mnist_captioned
+    from fewstep.recipes.teachers import trained_on_test_bed
+    t = teacher_from("mnist-sd")
+    assert trained_on_test_bed(t.folder)
+    latents, labels = test_bed_data(t, tmp_path)
+    images, captions = mnist_captioned()
+    assert latents.shape == (len(images), 4, 8, 8) and len(labels) == len(images)
+    digits = torch.tensor([parse_caption(t.prompts[i])[0] for i in labels[:500].tolist()])
+    assert torch.equal(digits, torch.tensor([parse_caption(c)[0] for c in captions[:500]]))
+    # the VAE reconstructs them to MSE 0.0044; latents scaled 1.5x too large or small decode to 0.010 / 0.011
+    assert (t.decode(latents[:64]) - images[:64]).pow(2).mean() < 0.007, "the latents decode to the digits"
+    capsys.readouterr()
+    again, _ = test_bed_data(t, tmp_path)
+    assert torch.equal(again, latents) and "building" not in capsys.readouterr().err

@@ -190,6 +190,22 @@ def test_two_network_run_resumes_exactly(tmp_path):
             "fake.safetensors", "fake.optimizer.safetensors"} <= names
 
 
+def test_fake_warmup_trains_the_fake_score_alone_first(tmp_path):
+    """fake_warmup=K: the first K steps update only the fake score (the generator keeps its starting weights),
+    then the generator updates every fake_updates steps counted from K."""
+    loss = DMDLoss(Exact(), SCHEDULE, "x0", fake_updates=2, fake_warmup=3)
+    assert [s for s in range(10) if "generator" in loss.phases(s)] == [3, 5, 7, 9]
+    assert all("fake" in loss.phases(s) for s in range(10))
+    teacher = _toy_teacher(tmp_path)
+    start = copy.deepcopy(teacher).state_dict()
+    _, res = _dmd_run(teacher, _toy_pairs(), tmp_path / "warm", 5, lambda_reg=0.25, fake_warmup=5)
+    assert all(torch.equal(a, b) for a, b in zip(res.models["generator"].state_dict().values(), start.values()))
+    assert any(not torch.equal(a, b) for a, b in zip(res.models["fake"].net.state_dict().values(), start.values()))
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="fake_warmup must be an integer"):
+            DMDLoss(Exact(), SCHEDULE, "x0", fake_warmup=bad)
+
+
 def test_update_ratio_and_guards():
     loss = DMDLoss(Exact(), SCHEDULE, "x0", fake_updates=5)
     assert [p for s in range(10) for p in loss.phases(s)].count("generator") == 2

@@ -155,6 +155,10 @@ class DMDLoss:
       times follow :func:`fewstep.distill.times.dm_times` (rho-spaced sigmas for EDM).
     lambda_reg: weight of the regression loss (0 = none, as in DMD2); ``distance`` its metric.
     fake_updates: fake-denoiser updates per generator update (DMD: 1, DMD2: 5).
+    fake_warmup: steps of fake-denoiser updates alone before the generator's first update: for a generator that
+      starts trained (``--init``), whose fake denoiser starts as the teacher and must first learn the
+      generator's samples (until then the DM gradient is the guided minus the unguided teacher, which only
+      drags a good generator off).
     gan_weight_g / gan_weight_d: GAN loss weights for the generator / the head (0 = no GAN); the
       generator's GAN term needs a head that is trained (gan_weight_d > 0, FakeScore(gan_head=True)).
     gen_steps: generator steps (1 = one-step DMD; > 1 = DMD2's multi-step generator trained with
@@ -171,7 +175,10 @@ class DMDLoss:
                  dm_t: tuple[float, float] = DM_FRACTIONS, lambda_reg: float = 0.25, distance: str = "l2",
                  fake_updates: int = 1, gan_weight_g: float = 0.0, gan_weight_d: float = 0.0, gen_steps: int = 1,
                  null_class: int | None = None, lpips_net=None, use_fake: bool = True,
-                 times: torch.Tensor | None = None, gen_prediction: str | None = None):
+                 times: torch.Tensor | None = None, gen_prediction: str | None = None, fake_warmup: int = 0):
+        if not isinstance(fake_warmup, int) or fake_warmup < 0:
+            raise ValueError(f"fake_warmup must be an integer >= 0 (steps of fake updates alone), got {fake_warmup!r}")
+        self.fake_warmup = fake_warmup
         _check_options(distance, fake_updates, lambda_reg, gan_weight_g, gan_weight_d, real_w, gen_steps, lpips_net)
         dm_time_range(schedule, dm_t)  # validates the fractions and the schedule
         self.teacher, self.schedule, self.prediction = teacher, schedule, check_prediction(prediction)
@@ -191,10 +198,12 @@ class DMDLoss:
         self.last_metrics: dict = {}
 
     def phases(self, step: int) -> list[str]:
-        """A generator update every ``fake_updates`` steps, then one fake-denoiser update each step."""
+        """A generator update every ``fake_updates`` steps (none in the first ``fake_warmup``), then one
+        fake-denoiser update each step."""
         if not self.use_fake:
             return ["generator"]
-        return (["generator"] if step % self.fake_updates == 0 else []) + ["fake"]
+        gen = step >= self.fake_warmup and (step - self.fake_warmup) % self.fake_updates == 0
+        return (["generator"] if gen else []) + ["fake"]
 
     def check_networks(self, models: dict) -> None:
         """Refuse networks this objective cannot train (called by :func:`fewstep.train.train` before step 1)."""

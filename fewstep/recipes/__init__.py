@@ -61,6 +61,8 @@ RECIPES = {r.name: r for r in (
     Recipe("mnist-sd-dmd-1", DMD_PRESETS["mnist-sd-dmd-1"], run_dmd, "one-step DMD of the mnist-sd pipeline"),
     Recipe("mnist-sd-dmd-1-lora", DMD_PRESETS["mnist-sd-dmd-1-lora"], run_dmd,
            "one-step DMD of the mnist-sd pipeline as a rank-16 LoRA"),
+    Recipe("mnist-sd-dmd2-1", DMD_PRESETS["mnist-sd-dmd2-1"], run_dmd,
+           "mnist-sd-dmd-1 fine-tuned with DMD2's GAN term on the test bed's digits"),
     Recipe("mnist-sd3-dmd-1", DMD_PRESETS["mnist-sd3-dmd-1"], run_dmd, "one-step DMD of the mnist-sd3 pipeline"),
     Recipe("mnist-vae", MNIST_VAE, run_vae, "AutoencoderKL for 32x32 digits -> 4x8x8 latents (text-to-image test bed)"),
     Recipe("mnist-sd", MNIST_SD, run_sd, "StableDiffusionPipeline on MNIST captions (VP, scaled_linear, CFG)"),

@@ -8,6 +8,7 @@ is DMD2's four-step variant (not shipped, see BENCHMARKS.md).
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -21,8 +22,10 @@ from ..distill.pairs import DMDData, regression_pairs
 from ..schedules import schedule_from_config
 from ._stage import DistillOptions, Hyper, Runner, Stage, provide, teacher_conventions
 from .previews import FID_PROBE_N, generator_preview
-from .teachers import (PipelineTeacher, announce_memory, check_guidance, pipeline_exporter, pipeline_preview_options,
-                       teacher_from, trainable)
+from ..nets import load_net
+from .textbed import INFO
+from .teachers import (PipelineTeacher, announce_memory, check_guidance, load_student, pipeline_exporter,
+                       pipeline_preview_options, teacher_from, trainable, trained_on_test_bed)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class DMDSettings(DistillOptions):
     gan_weight_d: float = 0.0
     gen_steps: int = 1
     gen_prediction: str | None = None  # the generator's output type (None: the teacher's; see DMDLoss)
+    init: str | None = None  # a trained generator of the same teacher to start from (None: the teacher's weights)
+    fake_warmup: int = 0  # first steps train the fake score alone (for an init generator; see DMDLoss)
     dm_t: tuple[float, float] = (0.02, 0.98)
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
@@ -88,13 +93,22 @@ MNIST_SD_DMD = replace(MNIST_SD3_DMD, teacher="mnist-sd", steps=5000, lr={"gener
 # generator's 270 at 435 and 192 at 2,069; at 6e-4, 407 at 539)
 MNIST_SD_DMD_LORA = replace(MNIST_SD_DMD, lora_rank=16, lora_targets="all", steps=5000,
                             lr={"generator": 2e-3, "fake": 4e-3})
+# DMD2's GAN term on top: mnist-sd-dmd-1's generator fine-tuned with the discriminator head on the fake score's
+# mid-block features, real images = the test bed's captioned MNIST train digits (VAE latents); regression kept,
+# half the learning rate (a cooldown from 2e-4), 2,500 generator updates after 400 steps that train the fake score
+# (and the head) alone: a fake score that starts as the teacher drags the trained generator off (its regression
+# error 0.29 -> 1.02 in the first 100 steps without them). GAN weights: DMD2's (3e-3 generator, 1e-2 head).
+MNIST_SD_DMD2 = replace(MNIST_SD_DMD, init="mnist-sd-dmd-1", steps=2900, fake_warmup=400,
+                        lr={"generator": 1e-4, "fake": 2e-4}, gan_weight_g=3e-3, gan_weight_d=1e-2)
 DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd-dmd-1": MNIST_SD_DMD,
-               "mnist-sd-dmd-1-lora": MNIST_SD_DMD_LORA, "mnist-sd3-dmd-1": MNIST_SD3_DMD}
+               "mnist-sd-dmd-1-lora": MNIST_SD_DMD_LORA,
+               "mnist-sd-dmd2-1": MNIST_SD_DMD2, "mnist-sd3-dmd-1": MNIST_SD3_DMD}
 
 
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
 RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False, "lora_rank": None,
-                    "lora_targets": "attention", "max_memory_gib": None, "sharding": None, "gen_prediction": None}  # recorded when set
+                    "lora_targets": "attention", "max_memory_gib": None, "sharding": None, "gen_prediction": None,
+                    "init": None, "fake_warmup": 0}  # recorded when set
 
 
 def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float,
@@ -113,6 +127,34 @@ def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_
                 "sampler": "x = sigma(t_0) z; x0 = G(x, t_i); re-noise x0 to t_(i+1) with fresh noise (DMD2)",
                 "train_steps": train_steps, "train_seconds": round(seconds, 1), "preset": record})
     return cfg
+
+
+def initial_generator(t, settings: DMDSettings):
+    """The generator ``settings.init`` names (a shipped name or an exported folder), checked to be a one-line
+    refusal unless it is a full generator of this teacher with the run's output type and input times."""
+    from ..api import _resolve
+    if settings.lora_rank is not None:
+        raise ValueError("init starts a full generator from trained weights; a LoRA run starts its adapters at zero "
+                         "over the teacher: leave init (--init) out or --lora-rank out")
+    try:
+        folder = _resolve(settings.init)
+    except FileNotFoundError as e:
+        raise ValueError(f"init: {e}") from None
+    pipeline = isinstance(t, PipelineTeacher)
+    if pipeline != (folder / "model_index.json").is_file():
+        raise ValueError(f"{settings.init} is not a generator of this teacher's kind (a "
+                         f"{'pipeline folder' if pipeline else 'fewstep model folder'}): pass a generator "
+                         "that distilling this teacher exported")
+    cfg = json.loads((folder / (INFO if pipeline else "config.json")).read_text())
+    prediction = settings.gen_prediction or t.prediction
+    want = [round(float(v), 6) for v in (t.generator_times(settings.gen_steps) if pipeline
+                                         else generator_times(t.schedule, settings.gen_steps))]
+    got = [round(float(v), 6) for v in cfg.get("generator_times", [])]
+    if cfg.get("kind") != "generator" or got != want or cfg.get("prediction", t.prediction) != prediction:
+        raise ValueError(f"{settings.init} is not a {settings.gen_steps}-step {prediction} generator at times {want} "
+                         f"(it records kind {cfg.get('kind')!r}, times {got}, prediction {cfg.get('prediction')!r}): "
+                         "pass a generator of this recipe's kind")
+    return load_student(t, folder) if pipeline else load_net(folder)
 
 
 def _pairs(t, settings: DMDSettings, out: Path, progress: bool) -> dict:
@@ -139,6 +181,9 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     t = provide(teacher, lambda: teacher_from(settings.teacher))
     check_guidance(t, settings.real_w)
     pipeline = isinstance(t, PipelineTeacher)
+    if pipeline and settings.gan_weight_d > 0 and data is None and trained_on_test_bed(t.folder):
+        from .latents import test_bed_data
+        data = lambda: test_bed_data(t, out)  # noqa: E731  the test bed's own captioned MNIST digits
     if pipeline and settings.gan_weight_d > 0 and data is None:
         raise ValueError("DMD2's GAN term needs real images of the teacher's kind: give data= (the CLI's --data DIR "
                          "of captioned images, encoded once by the teacher's VAE), or set gan_weight_g = "
@@ -157,7 +202,7 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
         if lora is None:
             return copy.deepcopy(t.net)
         return with_lora(t.net, lora, seed=seed, targets=settings.lora_targets)
-    generator = trainable(student(0), settings)  # refuses unusable settings before the pairs are made
+    generator = trainable(student(0) if settings.init is None else initial_generator(t, settings), settings)  # refuses unusable settings before the pairs are made
     fake = FakeScore(trainable(student(1), settings), gan_head=settings.gan_weight_d > 0)
     if pipeline:
         announce_memory(t, generator, fake, settings.max_memory_gib)
@@ -166,7 +211,7 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
                    gan_weight_g=settings.gan_weight_g, gan_weight_d=settings.gan_weight_d,
                    gen_steps=settings.gen_steps, null_class=t.null_class,
                    times=t.generator_times(settings.gen_steps) if pipeline else None,
-                   gen_prediction=settings.gen_prediction)
+                   gen_prediction=settings.gen_prediction, fake_warmup=settings.fake_warmup)
     pairs = _pairs(t, settings, out, progress)
     real = provide(data, lambda: load_mnist("train")) if settings.gan_weight_d > 0 else None
     preview = generator_preview(loss, t.image_shape, t.num_classes, fid_n=fid_n,

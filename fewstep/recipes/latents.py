@@ -19,7 +19,7 @@ from ..data.folder import captioned_files, image_size_of, load_image
 from ..distill.pairs import cached_tensors, weights_hash
 from .teachers import scale_latents
 
-__all__ = ["caption_prompts", "pixel_geometry", "check_image_sizes", "encoded_data"]
+__all__ = ["caption_prompts", "pixel_geometry", "check_image_sizes", "encoded_data", "test_bed_data"]
 
 LATENT_CACHE = "data-latents.safetensors"
 
@@ -61,8 +61,8 @@ def _files_key(paths: list[Path]) -> str:
 
 
 @torch.no_grad()
-def _encode(pipe, paths: list[Path], mode: str, batch: int = 250) -> torch.Tensor:
-    images = torch.stack([load_image(p, None, mode) for p in paths])
+def _encode(pipe, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    """Pixel images in [-1, 1] as the pipeline's scaled latents (the posterior mean); pixel pipelines: as is."""
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return images
@@ -82,6 +82,34 @@ def encoded_data(teacher, paths: list[Path], labels: torch.Tensor, out) -> tuple
                 "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16], "side": side}
     mode = "L" if channels == 1 else "RGB"
     got = cached_tensors(Path(out) / LATENT_CACHE, settings, ("labels", "latents"), len(paths),
-                         lambda: {"latents": _encode(pipe, paths, mode).contiguous(), "labels": labels.contiguous()},
+                         lambda: {"latents": _encode(pipe, torch.stack([load_image(p, None, mode) for p in paths]))
+                                  .contiguous(), "labels": labels.contiguous()},
                          f"the training latents ({len(paths)} images encoded by the teacher's VAE)")
+    return got["latents"], got["labels"]
+
+
+def test_bed_data(teacher, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, prompt ids) of the test bed's own training images for a teacher over its captions grammar
+    (``mnist-sd`` / ``mnist-sd3``): the MNIST train split at 32x32 with its measured captions, the images whose
+    caption is one of the teacher's prompts, encoded once by its VAE and cached like :func:`encoded_data`."""
+    from .textbed import mnist_captioned
+    channels, side = pixel_geometry(teacher.pipe)
+    if (channels, side) != (1, 32) or not teacher.prompts:
+        raise ValueError(f"the test bed's images are 1x32x32 MNIST digits named by prompts, but this teacher works at "
+                         f"{channels}x{side}x{side}: pass --data DIR (your captioned images)")
+    ids = {p: i for i, p in enumerate(teacher.prompts)}
+    vae = teacher.vae
+    settings = {"vae": weights_hash(vae) if vae is not None else "none", "files": "mnist-train-captioned",
+                "prompts": hashlib.sha256("\n".join(teacher.prompts).encode()).hexdigest()[:16], "side": side}
+
+    images, captions = mnist_captioned()
+    keep = torch.tensor([c in ids for c in captions])
+    if not keep.any():
+        raise ValueError("none of the teacher's prompts is a test-bed caption: pass --data DIR (your captioned images)")
+    labels = torch.tensor([ids[c] for c, k in zip(captions, keep.tolist()) if k])
+    got = cached_tensors(Path(out) / LATENT_CACHE, settings, ("labels", "latents"), len(labels),
+                         lambda: {"latents": _encode(teacher.pipe, images[keep]).contiguous(),
+                                  "labels": labels.contiguous()},
+                         f"the test bed's training latents ({len(labels)} captioned MNIST train digits encoded by "
+                         "the teacher's VAE)")
     return got["latents"], got["labels"]

@@ -122,6 +122,16 @@ def default_prompts(folder: Path) -> list[str] | None:
     return [caption(d, th, sl) for d in range(len(DIGITS)) for th in THICKNESS for sl in SLANT]
 
 
+def trained_on_test_bed(folder: Path) -> bool:
+    """Whether a pipeline folder is one of the test bed's (the mnist-sd / mnist-sd3 recipes) trained on the
+    captioned MNIST digits, not on a user's own images (whose captions it records)."""
+    try:
+        info = json.loads((Path(folder) / INFO).read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("recipe") in ("mnist-sd", "mnist-sd3") and "caption_words" not in info
+
+
 def teacher_from(spec, prompts: list[str] | None = None, device: str | torch.device = "cpu", *,
                  null_class: int | None = None, guidance: bool = False):
     """The teacher named by ``--teacher``: a fewstep model, or a :class:`PipelineTeacher` for a diffusers
