@@ -739,7 +739,7 @@ def _distill_settings(preset: str, teacher, suffix: str, max_train_steps=None, *
     from .recipes._stage import capped_steps
     from .train import check_mixed_precision
     base = RECIPES[preset].settings
-    given = {k: v for k, v in {**changes, "teacher": teacher}.items() if v not in (None, False)}
+    given = {k: v for k, v in {**changes, "teacher": teacher}.items() if v is not None and v is not False}
     if max_train_steps is not None:
         given.update(capped_steps(base, max_train_steps))
     try:
@@ -867,6 +867,9 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
         click.echo(f"{name}: {folder}")
 
 
+INIT_FAKE_WARMUP = 400  # distill dmd --init: steps of fake-score updates alone first (the mnist-sd-dmd2-1 preset's)
+
+
 @distill.command("dmd")
 @_distill_options
 @click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora",
@@ -890,12 +893,16 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
               help="Start the generator from a trained one of the same teacher (a shipped name such as "
                    "mnist-sd-dmd-1, or DIR/export/<name> of an earlier run) instead of the teacher's weights "
                    "(default: the preset's).")
+@click.option("--fake-warmup", type=click.IntRange(min=0), default=None, metavar="K",
+              help="First K steps train the fake score alone, so that it learns the generator's samples before "
+                   "the generator moves (default: the preset's; with --init and a preset without one, "
+                   f"{INIT_FAKE_WARMUP}).")
 @click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
               help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
                    "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
 def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, null_class, sharding,
                     mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps,
-                    learning_rate, init, gen_prediction):
+                    learning_rate, init, fake_warmup, gen_prediction):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
@@ -909,8 +916,10 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
         gen, fake = learning_rate
         ratio = base.lr["fake"] / base.lr["generator"]
         learning_rate = {"generator": gen, "fake": fake if fake is not None else float(f"{gen * ratio:.12g}")}
+    if init is not None and fake_warmup is None and base.fake_warmup == 0:
+        fake_warmup = INIT_FAKE_WARMUP  # a fake score that starts as the teacher drags a trained generator off
     settings, name = _distill_settings(preset, teacher, suffix, steps=steps, real_w=w, gen_prediction=gen_prediction,
-                                       lr=learning_rate, init=init,
+                                       lr=learning_rate, init=init, fake_warmup=fake_warmup,
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,

@@ -173,6 +173,14 @@ def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd
     folder = run_dmd(tmp_path / "c", replace(TINY_DMD, init=str(first)), name="tiny-dmd-1", teacher=lambda: t,
                      progress=False)
     assert json.loads((folder / "fewstep.json").read_text())["preset"]["init"] == str(first)
+    # the command: --init alone gives the fake score its warm-up; --fake-warmup 0 is heard, not dropped as "unset"
+    for extra, warm in (([], 400), (["--fake-warmup", "0"], None)):
+        out = tmp_path / f"cli{len(extra)}"
+        r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--init", str(first), "--out", str(out),
+                                      "--train-steps", "1", "--no-progress", *extra])
+        assert r.exit_code == 0, r.output
+        preset = json.loads(next((out / "export").glob("*/fewstep.json")).read_text())["preset"]
+        assert preset["init"] == str(first) and preset.get("fake_warmup") == warm
 
 
 def test_the_test_beds_gan_data_are_its_captioned_digits_encoded_by_its_vae(tmp_path, one_thread, capsys):
