@@ -174,14 +174,14 @@ def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd
                      progress=False)
     assert json.loads((folder / "fewstep.json").read_text())["preset"]["init"] == str(first)
     # the command: --init alone gives the fake score its warm-up; --fake-warmup 0 is heard, not dropped as "unset"
-    for extra, warm in (([], 400), (["--fake-warmup", "0"], None)):
-        out = tmp_path / f"cli{len(extra)}"
+    for extra, warm in (([], 400), (["--fake-warmup", "0"], None), (["--w", "0"], 400)):
+        out = tmp_path / f"cli{'-'.join(extra)}"
         r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--init", str(first), "--out", str(out),
                                       "--train-steps", "1", "--no-progress", *extra])
         assert r.exit_code == 0, r.output
         preset = json.loads(next((out / "export").glob("*/fewstep.json")).read_text())["preset"]
         assert preset["init"] == str(first) and preset.get("fake_warmup") == warm
-
+        assert preset["real_w"] == (0.0 if "--w" in extra else 1.0)
 
 def test_the_test_beds_gan_data_are_its_captioned_digits_encoded_by_its_vae(tmp_path, one_thread, capsys):
     """The shipped mnist-sd's DMD2 GAN term needs no --data: its real images are the captioned MNIST train digits
