@@ -761,7 +761,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
           sample_fn: Callable | None = None, sample_every_minutes: float | None = 10.0,
           sample_every_steps: int | None = None, log_every: int = 50, resume: bool = True, seed: int = 0,
           keep_checkpoints: int = 2, on_step: Callable | None = None, progress: bool = True,
-          cpu: bool | None = None, run_info: dict | None = None, sharding: str | None = None) -> TrainResult:
+          cpu: bool | None = None, run_info: dict | None = None, sharding: str | None = None,
+          ema_warmup: bool | dict = True) -> TrainResult:
     """Train ``model`` on ``objective`` for ``steps`` steps; see the module docstring.
 
     One network: ``model`` is an nn.Module and ``objective(model, batch) -> (B,)``.
@@ -774,7 +775,9 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     lr warms up linearly over ``warmup`` steps then stays constant (AdamW, betas (0.9, 0.999)).
     Each phase uses ``grad_accum`` micro-batches of ``batch_size``. ``grad_clip`` clips the global
     gradient norm (None: no clipping). Each network's EMA is updated right after that network's own
-    optimizer step, with the decay of :func:`ema_decay_at` at its own update count. Checkpoints go out
+    optimizer step, with the decay of :func:`ema_decay_at` at its own update count (``ema_warmup=False``, or
+    ``{name: False}``: the full decay from the first update, for a network that starts from trained weights
+    whose EMA should not forget them). Checkpoints go out
     every ``ckpt_every_minutes`` and/or ``ckpt_every_steps`` and at the end. ``resume=True``
     continues from the newest checkpoint in ``out_dir`` if there is one; ``resume=False`` refuses to
     reuse a folder that has checkpoints. ``on_step(step, loss)`` is called after each step.
@@ -800,6 +803,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     names = list(models)
     lrs, emas = _per_net(lr, names, "lr"), _per_net(ema_decay, names, "ema_decay")
     wds = _per_net(weight_decay, names, "weight_decay")
+    ema_warm = _per_net(ema_warmup, names, "ema_warmup")
     _check_args(steps, lrs, batch_size, grad_accum, emas, grad_clip)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -861,7 +865,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
                                          f"is {good or 'none (no checkpoint yet)'}") from None
             n.scheduler.step()  # warm-up counts this network's own updates
             # its EMA steps when it steps, its decay warm-up counting its own updates (the scheduler's count)
-            ema_update(n.ema, n.raw, ema_decay_at(n.scheduler.last_epoch, n.ema_decay))
+            ema_update(n.ema, n.raw, ema_decay_at(n.scheduler.last_epoch, n.ema_decay) if ema_warm[name] else n.ema_decay)
             window.setdefault("loss" if len(nets) == 1 else f"loss/{name}", []).append(loss_val)
             for key, value in (getattr(objective, "last_metrics", None) or {}).items():
                 window.setdefault(f"{name}/{key}", []).append(value)

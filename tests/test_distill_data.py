@@ -173,6 +173,13 @@ def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd
     folder = run_dmd(tmp_path / "c", replace(TINY_DMD, init=str(first)), name="tiny-dmd-1", teacher=lambda: t,
                      progress=False)
     assert json.loads((folder / "fewstep.json").read_text())["preset"]["init"] == str(first)
+    # its EMA keeps the full decay from the first update (no warm-up that would forget the trained start)
+    from fewstep.train import latest_checkpoint, load_checkpoint_weights
+    raw = load_checkpoint_weights(latest_checkpoint(tmp_path / "c" / "run"), "model", "generator")
+    ema = UNet2DConditionModel.from_pretrained(folder / "unet").state_dict()
+    moved = lambda w: sum(float((w[k].float() - exported[k.removeprefix("unet.")].float()).pow(2).sum())  # noqa: E731
+                          for k in w if k.removeprefix("unet.") in exported) ** 0.5
+    assert 0 < moved({f"unet.{k}": v for k, v in ema.items()}) < 0.01 * moved(raw)
     # the command: --init alone gives the fake score its warm-up; --fake-warmup 0 is heard, not dropped as "unset"
     for extra, warm in (([], 400), (["--fake-warmup", "0"], None), (["--w", "0"], 400)):
         out = tmp_path / f"cli{'-'.join(extra)}"

@@ -230,10 +230,12 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("ckpt-*"))
 
 
-def test_each_networks_ema_steps_with_its_own_updates(tmp_path):
+@pytest.mark.parametrize("warm", [{"a": True, "b": True}, {"a": True, "b": False}])
+def test_each_networks_ema_steps_with_its_own_updates(tmp_path, warm):
     """Two networks, 'b' updated every 5th loop step (as DMD's generator with fake_updates=5): each EMA
     moves only when its network steps, ema_k = d_k ema_{k-1} + (1 - d_k) theta_k with the warm-up decay
-    d_k = min(decay, (1 + k) / (10 + k)) counted in that network's own updates k."""
+    d_k = min(decay, (1 + k) / (10 + k)) counted in that network's own updates k; with ema_warmup False
+    (a network that starts trained) the full decay from its first update."""
     torch.manual_seed(0)
     nets = {"a": MLP(dim=2, hidden=8, depth=1), "b": MLP(dim=2, hidden=8, depth=1)}
 
@@ -248,13 +250,14 @@ def test_each_networks_ema_steps_with_its_own_updates(tmp_path):
     start = {k: [p.detach().clone() for p in n.parameters()] for k, n in nets.items()}
     after = []  # parameters of both networks after every loop step
     res = train(TwoRates(), nets, torch.randn(64, 2), steps=12, out_dir=tmp_path, batch_size=8, lr=1e-2,
-                ema_decay=0.999, ckpt_every_minutes=None, progress=False,
+                ema_decay={"a": 0.999, "b": 0.999 if warm["b"] else 0.9}, ema_warmup=warm,
+                ckpt_every_minutes=None, progress=False,
                 on_step=lambda step, loss: after.append({k: [p.detach().clone() for p in n.parameters()]
                                                          for k, n in nets.items()}))
     for name, update_steps in (("a", range(12)), ("b", (0, 5, 10))):
         ema = [p.clone() for p in start[name]]
         for k, s in enumerate(update_steps, 1):
-            d = min(0.999, (1 + k) / (10 + k))
+            d = min(0.999, (1 + k) / (10 + k)) if warm[name] else 0.9
             ema = [d * e + (1 - d) * p for e, p in zip(ema, after[s][name])]
         got = list(res.emas[name].parameters())
         assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(got, ema)), name

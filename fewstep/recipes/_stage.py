@@ -64,11 +64,12 @@ class DistillOptions:
 @dataclass(frozen=True)
 class Hyper:
     """Optimiser settings of one training run (a stage or a round); the ``train()`` arguments of the same names.
-    ``lr`` and ``ema_decay`` may be ``{network: value}`` when a stage trains several networks."""
+    ``lr``, ``ema_decay`` and ``ema_warmup`` may be ``{network: value}`` when a stage trains several networks."""
     steps: int
     lr: float | dict
     warmup: int
     ema_decay: float | dict
+    ema_warmup: bool | dict = True
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Runner:
                        ckpt_every_minutes=s.ckpt_every_minutes,
                        sample_fn=stage.sample_fn, sample_every_minutes=s.sample_every_minutes, resume=self.resume,
                        seed=s.seed, progress=self.progress, sharding=getattr(s, "sharding", None),
-                       run_info={"recipe": self.recipe, **stage.info, "preset": asdict(s)})
+                       run_info={"recipe": self.recipe, **stage.info, "preset": asdict(s)}, ema_warmup=h.ema_warmup)
         secs = stage_seconds(run_dir, t0)
         extra = stage.config(result.ema, result.step, secs)
         save = stage.save or (lambda net, folder, extra: net.save(folder, extra=extra))
