@@ -46,9 +46,15 @@ def main(argv=None) -> None:
     p.add_argument("--solver", default="dpmpp_2m")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", type=Path, default=None, help="default: the model's grids/ folder")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="cap of each Levenberg-Marquardt run (default: the model's SETTINGS)")
+    p.add_argument("--tag", default=None, help="summary benchmarks/results/tuned_<model>_<tag>.json instead of "
+                                               "tuned_<model>.json (a trial that does not replace the shipped record)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = SETTINGS[args.model]
+    cfg = dict(SETTINGS[args.model])
+    if args.max_evals is not None:
+        cfg["max_evals"] = args.max_evals
     folder = _resolve(args.model)
     model = teacher_from(args.model) if (folder / "model_index.json").is_file() else load(args.model)
     steps = [int(k) for k in args.steps.split(",")]
@@ -72,7 +78,7 @@ def main(argv=None) -> None:
            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/tune_shipped.py " + " ".join(
                argv if argv is not None else sys.argv[1:]), "total_seconds": total, "rows": rows}
     OUT.mkdir(exist_ok=True)
-    (OUT / f"tuned_{args.model}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (OUT / f"tuned_{args.model}{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(doc, indent=1) + "\n")
     log(f"done in {total / 60:.1f} min")
 
 

@@ -867,18 +867,18 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
         click.echo(f"{name}: {folder}")
 
 
-INIT_FAKE_WARMUP = 400  # distill dmd --init: steps of fake-score updates alone first (the mnist-sd-dmd2-1 preset's)
+INIT_FAKE_WARMUP = 400  # distill dmd --init: steps of fake-score updates alone first (the mnist-sd-dmd-1-cooldown preset's)
 
 
 @distill.command("dmd")
 @_distill_options
 @click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora",
-                                            "mnist-sd-dmd2-1", "mnist-sd3-dmd-1"]),
+                                            "mnist-sd-dmd-1-cooldown", "mnist-sd3-dmd-1"]),
               default=None, help="mnist-dmd-1 (the default): one-step DMD with regression; mnist-dmd2-4: DMD2 (no "
                                  "regression, 5 fake updates per generator update, GAN head, 4 steps); mnist-sd-dmd-1 / "
                                  "mnist-sd3-dmd-1: one-step DMD of the text-to-image test bed's pipelines; "
-                                 "mnist-sd-dmd-1-lora: mnist-sd-dmd-1 as a rank-16 LoRA; mnist-sd-dmd2-1: "
-                                 "mnist-sd-dmd-1 fine-tuned with DMD2's GAN term on the test bed's digits.")
+                                 "mnist-sd-dmd-1-lora: mnist-sd-dmd-1 as a rank-16 LoRA; mnist-sd-dmd-1-cooldown: "
+                                 "mnist-sd-dmd-1 trained on at half the learning rate.")
 @_teacher_options
 @click.option("--w", type=float, default=None, callback=_guidance_w,
               help="Guidance weight of the teacher's score, baked into the generator (default: the preset's).")
@@ -928,8 +928,8 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
     real_w = chosen.real_w
     if (data is not None or captions is not None) and chosen.gan_weight_d == 0:
         raise click.UsageError("distill dmd trains from noise and the teacher's scores (its regression pairs are the "
-                               "teacher's own samples); --data feeds only DMD2's GAN term (--preset mnist-dmd2-4 or "
-                               "mnist-sd-dmd2-1): leave --data / --captions out or add one of those presets")
+                               "teacher's own samples); --data feeds only DMD2's GAN term (--preset mnist-dmd2-4): "
+                               "leave --data / --captions out or add that preset")
     folder = _run_recipe(preset, out, threads, settings, resume=resume, progress=progress, name=name,
                          **_teacher_provider(teacher, prompts, data, captions, out, null_class, real_w > 0))
     click.echo(f"{name}: {folder}")

@@ -102,12 +102,11 @@ def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
     for name, teacher, own in (("mnist-sd-dmd-1", "mnist-sd", set()), ("mnist-sd3-dmd-1", "mnist-sd3", {"ema_decay"})):
         changed = {k for k, v in asdict(DMD_PRESETS[name]).items() if asdict(MNIST_DMD)[k] != v}
         assert changed == {"teacher", "steps", "lr"} | own and DMD_PRESETS[name].teacher == teacher
-    # mnist-sd-dmd2-1: mnist-sd-dmd-1's generator fine-tuned with DMD2's GAN term (its weights), fake score first
-    tuned = DMD_PRESETS["mnist-sd-dmd2-1"]
-    changed = {k for k, v in asdict(tuned).items() if asdict(DMD_PRESETS["mnist-sd-dmd-1"])[k] != v}
-    assert changed == {"init", "steps", "fake_warmup", "lr", "gan_weight_g", "gan_weight_d"}
-    assert tuned.init == "mnist-sd-dmd-1" and (tuned.gan_weight_g, tuned.gan_weight_d) == (MNIST_DMD2_4.gan_weight_g,
-                                                                                          MNIST_DMD2_4.gan_weight_d)
+    # mnist-sd-dmd-1-cooldown: mnist-sd-dmd-1's generator trained on at half its learning rates, fake score first
+    cool, base = DMD_PRESETS["mnist-sd-dmd-1-cooldown"], DMD_PRESETS["mnist-sd-dmd-1"]
+    changed = {k for k, v in asdict(cool).items() if asdict(base)[k] != v}
+    assert changed == {"init", "steps", "fake_warmup", "lr"} and cool.init == "mnist-sd-dmd-1"
+    assert {k: 2 * v for k, v in cool.lr.items()} == base.lr
     changed = {k for k, v in asdict(MNIST_DMD2_4).items() if asdict(MNIST_DMD)[k] != v}
     assert changed == {"lambda_reg", "fake_updates", "gan_weight_g", "gan_weight_d", "gen_steps", "steps"}
     assert (MNIST_DMD2_4.gen_steps, MNIST_DMD2_4.steps, MNIST_DMD2_4.fake_updates) == (4, 6000, 5)
@@ -120,7 +119,7 @@ def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
 def test_registry_names_every_shipped_recipe_and_no_second_cli():
     assert set(RECIPES) == {"mnist-teacher", "mnist-classifier", "mnist-guided", "mnist-progressive", "mnist-dmd-1",
                             "mnist-dmd2-4", "mnist-vae", "mnist-sd", "mnist-sd3",  # these three: the text test bed
-                            "mnist-sd-guided", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd-dmd2-1",
+                            "mnist-sd-guided", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown",
                             "mnist-sd3-dmd-1"}  # students
     assert RECIPES["mnist-dmd2-4"].settings is MNIST_DMD2_4
     assert importlib.util.find_spec("fewstep.recipes.__main__") is None  # `fewstep train|distill` is the one way
