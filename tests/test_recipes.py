@@ -82,7 +82,8 @@ def test_dmd_preset_reproduces_the_shipped_generator_config_and_its_recorded_pre
     assert {k: v for k, v in ours.items() if k not in HISTORY} == {k: v for k, v in shipped.items() if k not in HISTORY}
 
 
-@pytest.mark.parametrize("name", ["mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd3-dmd-1"])
+@pytest.mark.parametrize("name", ["mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown",
+                                  "mnist-sd3-dmd-1"])
 def test_the_test_beds_dmd_presets_are_what_the_shipped_generators_recorded(name):
     """Each shipped pipeline generator's fewstep.json records the hyper-parameters it was trained with: the preset
     (mnist-sd-dmd-1's fake-score rate, 3.9999999999999996e-4 from --learning-rate 2e-4 at the former 2:1 ratio,
