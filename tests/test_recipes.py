@@ -221,3 +221,15 @@ def test_dmd_recipe_exports_a_generator(tmp_path):
     assert (tmp_path / "regression-set.safetensors").is_file()
     x = fewstep.generate(gen, torch.arange(2), seed=0)
     assert x.shape == (2, 1, 28, 28) and torch.isfinite(x).all()
+
+
+def test_init_of_a_fewstep_teacher_loads_its_shipped_generator_and_refuses_a_multi_step_run():
+    """--init on fewstep's own MNIST teacher: the shipped one-step generator's weights, and a one-line refusal
+    when the run trains another number of generator steps."""
+    from fewstep.recipes.dmd import initial_generator
+    teacher = fewstep.load("mnist-teacher")
+    net = initial_generator(teacher, replace(MNIST_DMD, init="mnist-dmd-1"))
+    shipped = fewstep.load("mnist-dmd-1").net.state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="is not a 4-step"):
+        initial_generator(teacher, replace(MNIST_DMD2_4, init="mnist-dmd-1"))

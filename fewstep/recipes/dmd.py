@@ -19,10 +19,10 @@ from ..data.mnist import load_mnist
 from ..distill import generator_times
 from ..distill.dmd import DMDLoss, FakeScore
 from ..distill.pairs import DMDData, regression_pairs
+from ..nets import load_net
 from ..schedules import schedule_from_config
 from ._stage import DistillOptions, Hyper, Runner, Stage, provide, teacher_conventions
 from .previews import FID_PROBE_N, generator_preview
-from ..nets import load_net
 from .textbed import INFO
 from .teachers import (PipelineTeacher, announce_memory, check_guidance, load_student, pipeline_exporter,
                        pipeline_preview_options, teacher_from, trainable, trained_on_test_bed)
@@ -203,7 +203,8 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
         if lora is None:
             return copy.deepcopy(t.net)
         return with_lora(t.net, lora, seed=seed, targets=settings.lora_targets)
-    generator = trainable(student(0) if settings.init is None else initial_generator(t, settings), settings)  # refuses unusable settings before the pairs are made
+    # refuses unusable settings (and an unusable init) before the pairs are made
+    generator = trainable(student(0) if settings.init is None else initial_generator(t, settings), settings)
     fake = FakeScore(trainable(student(1), settings), gan_head=settings.gan_weight_d > 0)
     if pipeline:
         announce_memory(t, generator, fake, settings.max_memory_gib)
