@@ -867,9 +867,6 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
         click.echo(f"{name}: {folder}")
 
 
-INIT_FAKE_WARMUP = 400  # distill dmd --init: steps of fake-score updates alone first (the mnist-sd-dmd-1-cooldown preset's)
-
-
 @distill.command("dmd")
 @_distill_options
 @click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora",
@@ -895,8 +892,7 @@ INIT_FAKE_WARMUP = 400  # distill dmd --init: steps of fake-score updates alone 
                    "(default: the preset's).")
 @click.option("--fake-warmup", type=click.IntRange(min=0), default=None, metavar="K",
               help="First K steps train the fake score alone, so that it learns the generator's samples before "
-                   "the generator moves (default: the preset's; with --init and a preset without one, "
-                   f"{INIT_FAKE_WARMUP}).")
+                   "the generator moves (default: the preset's; with --init and a preset without one, 400).")
 @click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
               help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
                    "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
@@ -917,6 +913,7 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
         ratio = base.lr["fake"] / base.lr["generator"]
         learning_rate = {"generator": gen, "fake": fake if fake is not None else float(f"{gen * ratio:.12g}")}
     if init is not None and fake_warmup is None and base.fake_warmup == 0:
+        from .recipes.dmd import INIT_FAKE_WARMUP
         fake_warmup = INIT_FAKE_WARMUP  # a fake score that starts as the teacher drags a trained generator off
     settings, name = _distill_settings(preset, teacher, suffix, steps=steps, real_w=w, gen_prediction=gen_prediction,
                                        lr=learning_rate, init=init, fake_warmup=fake_warmup,

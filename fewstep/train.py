@@ -584,9 +584,10 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.copy_(m)
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA decay warm-up: min(decay, (1 + step) / (10 + step)), so early EMA tracks the model."""
-    return min(decay, (1.0 + step) / (10.0 + step))
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """EMA decay warm-up: min(decay, (1 + step) / (10 + step)), so early EMA tracks the model; ``warmup=False``:
+    ``decay`` from the first step (a network that starts from trained weights)."""
+    return min(decay, (1.0 + step) / (10.0 + step)) if warmup else decay
 
 
 def _warmup_lambda(warmup: int):
@@ -865,7 +866,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
                                          f"is {good or 'none (no checkpoint yet)'}") from None
             n.scheduler.step()  # warm-up counts this network's own updates
             # its EMA steps when it steps, its decay warm-up counting its own updates (the scheduler's count)
-            ema_update(n.ema, n.raw, ema_decay_at(n.scheduler.last_epoch, n.ema_decay) if ema_warm[name] else n.ema_decay)
+            ema_update(n.ema, n.raw, ema_decay_at(n.scheduler.last_epoch, n.ema_decay, ema_warm[name]))
             window.setdefault("loss" if len(nets) == 1 else f"loss/{name}", []).append(loss_val)
             for key, value in (getattr(objective, "last_metrics", None) or {}).items():
                 window.setdefault(f"{name}/{key}", []).append(value)

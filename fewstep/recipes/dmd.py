@@ -99,7 +99,8 @@ MNIST_SD_DMD_LORA = replace(MNIST_SD_DMD, lora_rank=16, lora_targets="all", step
 # 0.999 decay from the first update (with the loop's EMA warm-up the EMA tracked the noisy raw weights at once:
 # FID probe 119 -> 128 within 50 updates). DMD2's GAN term on top (3e-3 / 1e-2, the test bed's captioned digits
 # as real images) did not help: FID 87.3 after 1,411 updates against 86.4 after 1,000 without it (BENCHMARKS.md).
-MNIST_SD_DMD_COOLDOWN = replace(MNIST_SD_DMD, init="mnist-sd-dmd-1", steps=3000, fake_warmup=400,
+INIT_FAKE_WARMUP = 400  # fake-score steps alone before an init generator moves (the cooldown's; --init's default)
+MNIST_SD_DMD_COOLDOWN = replace(MNIST_SD_DMD, init="mnist-sd-dmd-1", steps=3000, fake_warmup=INIT_FAKE_WARMUP,
                                 lr={"generator": 1e-4, "fake": 2e-4})
 DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd-dmd-1": MNIST_SD_DMD,
                "mnist-sd-dmd-1-lora": MNIST_SD_DMD_LORA,

@@ -72,20 +72,26 @@ def _encode(pipe, images: torch.Tensor, batch: int = 250) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _cached_latents(teacher, out, source: dict, labels: torch.Tensor, images, what: str):
+    """(latents, labels) of ``images()`` (pixels in [-1, 1]) encoded by the teacher's VAE, cached in
+    ``out/data-latents.safetensors`` under the VAE's weights, ``source`` (what identifies the images) and the side."""
+    vae = teacher.vae
+    settings = {"vae": weights_hash(vae) if vae is not None else "none", **source,
+                "side": pixel_geometry(teacher.pipe)[1]}
+    got = cached_tensors(Path(out) / LATENT_CACHE, settings, ("labels", "latents"), len(labels),
+                         lambda: {"latents": _encode(teacher.pipe, images()).contiguous(),
+                                  "labels": labels.contiguous()}, what)
+    return got["latents"], got["labels"]
+
+
 def encoded_data(teacher, paths: list[Path], labels: torch.Tensor, out) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, prompt ids) of the images ``paths`` for a :class:`fewstep.recipes.teachers.PipelineTeacher`:
     encoded once by its VAE and cached in ``out/data-latents.safetensors`` (see the module docstring)."""
-    pipe = teacher.pipe
-    channels, side = pixel_geometry(pipe)
-    vae = getattr(pipe, "vae", None)
-    settings = {"vae": weights_hash(vae) if vae is not None else "none", "files": _files_key(paths),
-                "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16], "side": side}
-    mode = "L" if channels == 1 else "RGB"
-    got = cached_tensors(Path(out) / LATENT_CACHE, settings, ("labels", "latents"), len(paths),
-                         lambda: {"latents": _encode(pipe, torch.stack([load_image(p, None, mode) for p in paths]))
-                                  .contiguous(), "labels": labels.contiguous()},
-                         f"the training latents ({len(paths)} images encoded by the teacher's VAE)")
-    return got["latents"], got["labels"]
+    mode = "L" if pixel_geometry(teacher.pipe)[0] == 1 else "RGB"
+    return _cached_latents(teacher, out, {"files": _files_key(paths),
+                                          "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]},
+                           labels, lambda: torch.stack([load_image(p, None, mode) for p in paths]),
+                           f"the training latents ({len(paths)} images encoded by the teacher's VAE)")
 
 
 def test_bed_data(teacher, out) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,18 +104,13 @@ def test_bed_data(teacher, out) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"the test bed's images are 1x32x32 MNIST digits named by prompts, but this teacher works at "
                          f"{channels}x{side}x{side}: pass --data DIR (your captioned images)")
     ids = {p: i for i, p in enumerate(teacher.prompts)}
-    vae = teacher.vae
-    settings = {"vae": weights_hash(vae) if vae is not None else "none", "files": "mnist-train-captioned",
-                "prompts": hashlib.sha256("\n".join(teacher.prompts).encode()).hexdigest()[:16], "side": side}
-
     images, captions = mnist_captioned()
     keep = torch.tensor([c in ids for c in captions])
     if not keep.any():
         raise ValueError("none of the teacher's prompts is a test-bed caption: pass --data DIR (your captioned images)")
     labels = torch.tensor([ids[c] for c, k in zip(captions, keep.tolist()) if k])
-    got = cached_tensors(Path(out) / LATENT_CACHE, settings, ("labels", "latents"), len(labels),
-                         lambda: {"latents": _encode(teacher.pipe, images[keep]).contiguous(),
-                                  "labels": labels.contiguous()},
-                         f"the test bed's training latents ({len(labels)} captioned MNIST train digits encoded by "
-                         "the teacher's VAE)")
-    return got["latents"], got["labels"]
+    source = {"files": "mnist-train-captioned",
+              "prompts": hashlib.sha256("\n".join(teacher.prompts).encode()).hexdigest()[:16]}
+    return _cached_latents(teacher, out, source, labels, lambda: images[keep],
+                           f"the test bed's training latents ({len(labels)} captioned MNIST train digits encoded by "
+                           "the teacher's VAE)")
