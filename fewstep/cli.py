@@ -893,12 +893,17 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
 @click.option("--fake-warmup", type=click.IntRange(min=0), default=None, metavar="K",
               help="First K steps train the fake score alone, so that it learns the generator's samples before "
                    "the generator moves (default: the preset's; with --init and a preset without one, 400).")
+@click.option("--batch-size", "batch_size", type=click.IntRange(min=1), default=None, metavar="B",
+              help="Samples per generator and fake-score update (default: the preset's).")
+@click.option("--fake-updates", "fake_updates", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Fake-score updates per generator update (DMD2's two time-scale rule; default: the preset's, "
+                   "1; mnist-dmd2-4: 5). --train-steps counts fake-score updates.")
 @click.option("--gen-prediction", type=click.Choice(["eps", "v", "x0"]), default=None,
               help="The generator's output type (default: the preset's; else the teacher's). x0 for eps teachers "
                    "such as Stable Diffusion: at t = 999 an eps output's errors reach the image x1/alpha (x14.7).")
 def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, data, captions, null_class, sharding,
                     mixed_precision, gradient_checkpointing, lora_rank, lora_targets, max_memory_gib, w, steps, old_steps,
-                    learning_rate, init, fake_warmup, gen_prediction):
+                    learning_rate, init, fake_warmup, batch_size, fake_updates, gen_prediction):
     """Distribution Matching Distillation into a one-step (or DMD2 four-step) generator: of the shipped
     mnist-teacher (reproduces mnist-dmd-1 / mnist-dmd2-4), of the test bed's pipelines (mnist-sd-dmd-1,
     mnist-sd3-dmd-1), or of any --teacher (a fewstep model or a diffusers pipeline folder)."""
@@ -917,6 +922,7 @@ def distill_dmd_cmd(out, resume, threads, progress, preset, teacher, prompts, da
         fake_warmup = INIT_FAKE_WARMUP  # a fake score that starts as the teacher drags a trained generator off
     settings, name = _distill_settings(preset, teacher, suffix, steps=steps, real_w=w, gen_prediction=gen_prediction,
                                        lr=learning_rate, init=init, fake_warmup=fake_warmup,
+                                       batch_size=batch_size, fake_updates=fake_updates,
                                        mixed_precision=mixed_precision,
                                        gradient_checkpointing=gradient_checkpointing, lora_rank=lora_rank,
                                        lora_targets=lora_targets, sharding=sharding,

@@ -180,8 +180,10 @@ def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd
     moved = lambda w: sum(float((w[k].float() - exported[k.removeprefix("unet.")].float()).pow(2).sum())  # noqa: E731
                           for k in w if k.removeprefix("unet.") in exported) ** 0.5
     assert 0 < moved({f"unet.{k}": v for k, v in ema.items()}) < 0.01 * moved(raw)
+    from fewstep.recipes.dmd import MNIST_DMD  # the preset the command runs for a pipeline folder
     # the command: --init alone gives the fake score its warm-up; --fake-warmup 0 is heard, not dropped as "unset"
-    for extra, warm in (([], 400), (["--fake-warmup", "0"], None), (["--w", "0"], 400)):
+    for extra, warm in (([], 400), (["--fake-warmup", "0"], None), (["--w", "0"], 400),
+                        (["--fake-updates", "2", "--batch-size", "3"], 400)):
         out = tmp_path / f"cli{'-'.join(extra)}"
         r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--init", str(first), "--out", str(out),
                                       "--train-steps", "1", "--no-progress", *extra])
@@ -189,6 +191,8 @@ def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd
         preset = json.loads(next((out / "export").glob("*/fewstep.json")).read_text())["preset"]
         assert preset["init"] == str(first) and preset.get("fake_warmup") == warm
         assert preset["real_w"] == (0.0 if "--w" in extra else 1.0)
+        assert (preset["fake_updates"], preset["batch_size"]) == ((2, 3) if "--fake-updates" in extra
+                                                                  else (MNIST_DMD.fake_updates, MNIST_DMD.batch_size))
 
 def test_the_test_beds_gan_data_are_its_captioned_digits_encoded_by_its_vae(tmp_path, one_thread, capsys):
     """The shipped mnist-sd's DMD2 GAN term needs no --data: its real images are the captioned MNIST train digits
