@@ -432,16 +432,16 @@ def load(name_or_path, device: str | torch.device = "cpu", *, dtype: torch.dtype
 def shipped_solver(model, steps: int, *, solver: str | None = None, w: float | None = None):
     """The tuned solver (``fewstep.grids.TunedGrid``: times and learned coefficients) shipped in a model's
     ``grids/`` folder for ``steps`` model calls: ``model`` a shipped name (``mnist-teacher``, ``mnist-sd``,
-    ``mnist-sd3``) or a folder; ``solver`` / ``w`` narrow the choice when several match (default: the first, in
-    file-name order). For a pipeline: ``pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config,
+    ``mnist-sd3``) or a folder; ``solver`` / ``w`` narrow the choice when several match (default: the one with
+    the lowest recorded held-out error, those without one last). For a pipeline: ``pipe.scheduler = FewstepScheduler.from_config(pipe.scheduler.config,
     grid=fewstep.shipped_solver("mnist-sd", 5))`` then ``pipe(prompt, num_inference_steps=5)``."""
     from .grids import find_grid, shipped_grids
     folder = _resolve(model)
     if solver is None:
         found = [g for g in shipped_grids(folder) if g.nfe == steps and (w is None or g.w is None
                                                                        or float(g.w) == float(w))]
-        if found:
-            return found[0]
+        if found:  # several solvers fitted for this budget: the best on held-out noises
+            return min(found, key=lambda g: g.heldout.get("rmse", float("inf")))
         solver = "dpmpp_2m"  # for find_grid's error, which lists what is there
     return find_grid(folder, solver, steps, w)
 

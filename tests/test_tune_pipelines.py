@@ -104,6 +104,18 @@ def test_shipped_tuned_solvers_are_found_by_model_name_and_steps():
         fewstep.shipped_solver("mnist-sd", 3)
 
 
+def test_of_several_solvers_shipped_for_a_budget_the_lowest_held_out_error_is_the_default(tmp_path):
+    from fewstep.api import _resolve
+    from fewstep.grids import load_grid
+    src = load_grid(_resolve("mnist-sd") / "grids" / "dpmpp_2m-nfe5-w1.json")
+    for solver, err in (("dpmpp_2m", 0.05), ("unipc_bh2_2", 0.03), ("ddim", None)):
+        g = load_grid(_resolve("mnist-sd") / "grids" / "dpmpp_2m-nfe5-w1.json")
+        g.solver, g.heldout = solver, ({} if err is None else {**src.heldout, "rmse": err})
+        g.save(tmp_path / "grids" / f"{solver}-nfe5-w1.json")
+    assert fewstep.shipped_solver(tmp_path, 5).solver == "unipc_bh2_2"
+    assert fewstep.shipped_solver(tmp_path, 5, solver="dpmpp_2m").solver == "dpmpp_2m"
+
+
 def test_prompts_for_a_fewstep_model_and_a_bad_prompts_file_are_refused_in_one_line(tmp_path):
     out = str(tmp_path / "t.json")
     prompts = tmp_path / "p.txt"
