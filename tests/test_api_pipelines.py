@@ -74,7 +74,8 @@ def test_load_any_pipeline_folder_including_sd3_without_t5(sd3_folder):
 def test_mnist_sd3_is_reported_until_its_folder_appears_then_loads(sd3_folder, tmp_path, monkeypatch):
     from diffusers import StableDiffusion3Pipeline
     assert set(DIFFUSERS_CATALOGUE) == {"mnist-vae", "mnist-sd", "mnist-sd3", "mnist-sd-guided-4", "mnist-sd-dmd-1",
-                                        "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown", "mnist-sd3-dmd-1"}
+                                        "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown", "mnist-sd-dmd-1-ttur",
+                                        "mnist-sd3-dmd-1"}
     assets = tmp_path / "assets"
     assets.mkdir()
     monkeypatch.setattr(fewstep.api, "ASSETS", assets)

@@ -83,7 +83,7 @@ def test_dmd_preset_reproduces_the_shipped_generator_config_and_its_recorded_pre
 
 
 @pytest.mark.parametrize("name", ["mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown",
-                                  "mnist-sd3-dmd-1"])
+                                  "mnist-sd-dmd-1-ttur", "mnist-sd3-dmd-1"])
 def test_the_test_beds_dmd_presets_are_what_the_shipped_generators_recorded(name):
     """Each shipped pipeline generator's fewstep.json records the hyper-parameters it was trained with: the preset
     (mnist-sd-dmd-1's fake-score rate, 3.9999999999999996e-4 from --learning-rate 2e-4 at the former 2:1 ratio,
@@ -108,6 +108,11 @@ def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
     changed = {k for k, v in asdict(cool).items() if asdict(base)[k] != v}
     assert changed == {"init", "steps", "fake_warmup", "lr"} and cool.init == "mnist-sd-dmd-1"
     assert {k: 2 * v for k, v in cool.lr.items()} == base.lr
+    # mnist-sd-dmd-1-ttur: the cooldown's generator trained on at its rates, 3 fake-score updates per generator update
+    ttur = DMD_PRESETS["mnist-sd-dmd-1-ttur"]
+    changed = {k for k, v in asdict(ttur).items() if asdict(cool)[k] != v}
+    assert changed == {"init", "steps", "fake_warmup", "fake_updates"} and ttur.init == "mnist-sd-dmd-1-cooldown"
+    assert (ttur.fake_updates, ttur.lr) == (3, cool.lr)
     changed = {k for k, v in asdict(MNIST_DMD2_4).items() if asdict(MNIST_DMD)[k] != v}
     assert changed == {"lambda_reg", "fake_updates", "gan_weight_g", "gan_weight_d", "gen_steps", "steps"}
     assert (MNIST_DMD2_4.gen_steps, MNIST_DMD2_4.steps, MNIST_DMD2_4.fake_updates) == (4, 6000, 5)
@@ -121,7 +126,7 @@ def test_registry_names_every_shipped_recipe_and_no_second_cli():
     assert set(RECIPES) == {"mnist-teacher", "mnist-classifier", "mnist-guided", "mnist-progressive", "mnist-dmd-1",
                             "mnist-dmd2-4", "mnist-vae", "mnist-sd", "mnist-sd3",  # these three: the text test bed
                             "mnist-sd-guided", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown",
-                            "mnist-sd3-dmd-1"}  # students
+                            "mnist-sd-dmd-1-ttur", "mnist-sd3-dmd-1"}  # students
     assert RECIPES["mnist-dmd2-4"].settings is MNIST_DMD2_4
     assert importlib.util.find_spec("fewstep.recipes.__main__") is None  # `fewstep train|distill` is the one way
     assert not hasattr(fewstep.recipes, "main")

@@ -63,6 +63,8 @@ RECIPES = {r.name: r for r in (
            "one-step DMD of the mnist-sd pipeline as a rank-16 LoRA"),
     Recipe("mnist-sd-dmd-1-cooldown", DMD_PRESETS["mnist-sd-dmd-1-cooldown"], run_dmd,
            "mnist-sd-dmd-1 trained on at half the learning rate (fake score first, EMA kept)"),
+    Recipe("mnist-sd-dmd-1-ttur", DMD_PRESETS["mnist-sd-dmd-1-ttur"], run_dmd,
+           "mnist-sd-dmd-1-cooldown trained on with 3 fake-score updates per generator update"),
     Recipe("mnist-sd3-dmd-1", DMD_PRESETS["mnist-sd3-dmd-1"], run_dmd, "one-step DMD of the mnist-sd3 pipeline"),
     Recipe("mnist-vae", MNIST_VAE, run_vae, "AutoencoderKL for 32x32 digits -> 4x8x8 latents (text-to-image test bed)"),
     Recipe("mnist-sd", MNIST_SD, run_sd, "StableDiffusionPipeline on MNIST captions (VP, scaled_linear, CFG)"),
