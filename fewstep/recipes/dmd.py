@@ -106,7 +106,7 @@ MNIST_SD_DMD_COOLDOWN = replace(MNIST_SD_DMD, init="mnist-sd-dmd-1", steps=3000,
 # the generator's samples more closely; the 3e-5 stage above, whose fake score had only its 400 warm-up steps, did
 # worse than its start), 600 fake-only steps first, the same learning rates (BENCHMARKS.md)
 MNIST_SD_DMD_TTUR = replace(MNIST_SD_DMD_COOLDOWN, init="mnist-sd-dmd-1-cooldown", fake_updates=3, fake_warmup=600,
-                            steps=4315)
+                            steps=6067)
 DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd-dmd-1": MNIST_SD_DMD,
                "mnist-sd-dmd-1-lora": MNIST_SD_DMD_LORA,
                "mnist-sd-dmd-1-cooldown": MNIST_SD_DMD_COOLDOWN, "mnist-sd-dmd-1-ttur": MNIST_SD_DMD_TTUR,
