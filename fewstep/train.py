@@ -594,6 +594,32 @@ def _warmup_lambda(warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
 
 
+def _lr_drops(lr_drops: dict | None, names) -> list:
+    """``train``'s lr_drops as [(step, {name: factor})] in step order; refuses a bad step or factor."""
+    out = []
+    for at, factor in sorted((lr_drops or {}).items()):
+        factors = _per_net(factor, names, "lr_drops factor")
+        if not (isinstance(at, int) and at >= 0) or not all(math.isfinite(f) and f > 0 for f in factors.values()):
+            raise ValueError(f"lr_drops maps a step (integer >= 0) to a positive factor, got {at!r}: {factor!r}")
+        out.append((at, factors))
+    return out
+
+
+def _apply_lr(nets: dict, lrs: dict, drops: list, step: int) -> None:
+    """Set each network's learning rate for the step after ``step`` done: its lr times the factor of the
+    latest drop reached (the warm-up still scales it)."""
+    factors = {}
+    for at, f in drops:
+        if step >= at:
+            factors = f
+    for name, n in nets.items():
+        base = lrs[name] * factors.get(name, 1.0)
+        if n.scheduler.base_lrs[0] != base:
+            n.scheduler.base_lrs = [base] * len(n.optimizer.param_groups)
+            for group, lam in zip(n.optimizer.param_groups, n.scheduler.lr_lambdas):
+                group["lr"] = base * lam(n.scheduler.last_epoch)
+
+
 def _per_net(value, names, what: str) -> dict:
     """A hyper-parameter given once for all networks or as {name: value}."""
     if isinstance(value, dict):
@@ -763,7 +789,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
           sample_every_steps: int | None = None, log_every: int = 50, resume: bool = True, seed: int = 0,
           keep_checkpoints: int = 2, on_step: Callable | None = None, progress: bool = True,
           cpu: bool | None = None, run_info: dict | None = None, sharding: str | None = None,
-          ema_warmup: bool | dict = True) -> TrainResult:
+          ema_warmup: bool | dict = True, lr_drops: dict | None = None) -> TrainResult:
     """Train ``model`` on ``objective`` for ``steps`` steps; see the module docstring.
 
     One network: ``model`` is an nn.Module and ``objective(model, batch) -> (B,)``.
@@ -774,6 +800,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     then be ``{name: value}``. Each network has its own AdamW, warm-up, EMA and checkpoint files.
 
     lr warms up linearly over ``warmup`` steps then stays constant (AdamW, betas (0.9, 0.999)).
+    ``lr_drops`` ``{S: factor}`` (factor once or ``{name: factor}``): after S steps the learning rate is
+    ``lr * factor`` (the latest S reached wins), a function of the step, so a resumed run gets the same rates.
     Each phase uses ``grad_accum`` micro-batches of ``batch_size``. ``grad_clip`` clips the global
     gradient norm (None: no clipping). Each network's EMA is updated right after that network's own
     optimizer step, with the decay of :func:`ema_decay_at` at its own update count (``ema_warmup=False``, or
@@ -805,6 +833,7 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     lrs, emas = _per_net(lr, names, "lr"), _per_net(ema_decay, names, "ema_decay")
     wds = _per_net(weight_decay, names, "weight_decay")
     ema_warm = _per_net(ema_warmup, names, "ema_warmup")
+    drops = _lr_drops(lr_drops, names)
     _check_args(steps, lrs, batch_size, grad_accum, emas, grad_clip)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -831,6 +860,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     info = {"steps": steps, "lr": lr, "batch_size": batch_size, "warmup": warmup, "grad_clip": grad_clip,
             "ema_decay": ema_decay, "weight_decay": weight_decay, "mixed_precision": mixed_precision,
             "grad_accum": grad_accum, "seed": seed, "info": run_info or {}}
+    if drops:
+        info["lr_drops"] = {str(k): v for k, v in drops}
     if plan is not None:
         info["sharding"] = {"kind": "fsdp", "processes": accelerator.num_processes, **asdict(plan),
                             "groups": {k: len(fsdp_modules(n.model)) for k, n in nets.items()}}
@@ -851,6 +882,8 @@ def train(objective: Callable, model, data, *, steps: int, out_dir, lr: float | 
     for n in nets.values():
         n.model.train()
     while step < steps:
+        if drops:
+            _apply_lr(nets, lrs, drops, step)
         for phase, name in enumerate(objective.phases(step)):
             n = nets[name]
             for other in nets.values():  # a phase's loss may reach other networks (e.g. DMD's GAN head)

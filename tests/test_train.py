@@ -83,6 +83,20 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in _log(tmp_path / "killed")][:8] == [r["loss"] for r in _log(tmp_path / "full")][:8]
 
 
+def test_lr_drops_change_the_rate_after_their_step_and_resume_exactly(tmp_path):
+    full = _toy_run(tmp_path / "full", 120, lr_drops={60: 0.25})
+    rates = {r["step"]: r["lr"] for r in _log(tmp_path / "full")}
+    assert rates[20] == rates[60] == pytest.approx(2e-3) and rates[70] == rates[120] == pytest.approx(5e-4)
+    # a run of 60 steps at the first rate, continued with the drop: the same weights as the run with it from step 0
+    _toy_run(tmp_path / "later", 60)
+    later = _toy_run(tmp_path / "later", 120, lr_drops={60: 0.25}, resume=True)
+    assert later.resumed_from == 60
+    for a, b in zip(full.model.state_dict().values(), later.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="positive factor"):
+        _toy_run(tmp_path / "bad", 5, lr_drops={3: 0.0})
+
+
 def test_checkpoints_are_complete_and_pruned(tmp_path):
     _toy_run(tmp_path, 50, ckpt_every_steps=10, keep_checkpoints=2)
     ckpts = sorted(p.name for p in tmp_path.glob("ckpt-*"))

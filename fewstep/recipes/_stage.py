@@ -70,6 +70,7 @@ class Hyper:
     warmup: int
     ema_decay: float | dict
     ema_warmup: bool | dict = True
+    lr_drops: dict | None = None  # {after step S: lr factor} (train()'s lr_drops)
 
 
 @dataclass
@@ -119,7 +120,8 @@ class Runner:
                        ckpt_every_minutes=s.ckpt_every_minutes,
                        sample_fn=stage.sample_fn, sample_every_minutes=s.sample_every_minutes, resume=self.resume,
                        seed=s.seed, progress=self.progress, sharding=getattr(s, "sharding", None),
-                       run_info={"recipe": self.recipe, **stage.info, "preset": asdict(s)}, ema_warmup=h.ema_warmup)
+                       run_info={"recipe": self.recipe, **stage.info, "preset": asdict(s)}, ema_warmup=h.ema_warmup,
+                       lr_drops=h.lr_drops)
         secs = stage_seconds(run_dir, t0)
         extra = stage.config(result.ema, result.step, secs)
         save = stage.save or (lambda net, folder, extra: net.save(folder, extra=extra))

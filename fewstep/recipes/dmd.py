@@ -63,6 +63,7 @@ class DMDSettings(DistillOptions):
     gen_prediction: str | None = None  # the generator's output type (None: the teacher's; see DMDLoss)
     init: str | None = None  # a trained generator of the same teacher to start from (None: the teacher's weights)
     fake_warmup: int = 0  # first steps train the fake score alone (for an init generator; see DMDLoss)
+    lr_drops: dict | None = None  # {after step S: lr factor, once or per network} (train()'s lr_drops)
     dm_t: tuple[float, float] = (0.02, 0.98)
     ckpt_every_minutes: float | None = 4.0
     sample_every_minutes: float | None = 10.0
@@ -116,7 +117,7 @@ DMD_PRESETS = {"mnist-dmd-1": MNIST_DMD, "mnist-dmd2-4": MNIST_DMD2_4, "mnist-sd
 MONITORING = ("ckpt_every_minutes", "sample_every_minutes", "fid_probe")  # not recorded as hyper-parameters
 RUNTIME_DEFAULTS = {"mixed_precision": "no", "gradient_checkpointing": False, "lora_rank": None,
                     "lora_targets": "attention", "max_memory_gib": None, "sharding": None, "gen_prediction": None,
-                    "init": None, "fake_warmup": 0}  # recorded when set
+                    "init": None, "fake_warmup": 0, "lr_drops": None}  # recorded when set
 
 
 def generator_config(teacher_cfg: dict, settings: DMDSettings, name: str, train_steps: int, seconds: float,
@@ -230,7 +231,7 @@ def run_dmd(out, settings: DMDSettings = MNIST_DMD, *, name: str = "mnist-dmd-1"
     stage = Stage(f"export/{name}" if pipeline else name, "run", loss, {"generator": generator, "fake": fake},
                   Hyper(settings.steps, settings.lr, settings.warmup, settings.ema_decay,
                         # a generator that starts trained is already an average: its EMA keeps the full decay
-                        {"generator": settings.init is None, "fake": True}),
+                        {"generator": settings.init is None, "fake": True}, settings.lr_drops),
                   lambda ema, step, secs: generator_config(t.config, settings, name, step, secs, loss.times), preview,
                   reuse=False, **exporter)
     data = DMDData(pairs, real, conditional=t.num_classes is not None)
