@@ -55,8 +55,10 @@ DIFFUSERS_CATALOGUE = {
                            "merged pipeline)",
     "mnist-sd-dmd-1-cooldown": "mnist-sd-dmd-1 trained on at half the learning rate: its successor is "
                                "mnist-sd-dmd-1-ttur (DDIM, 1 step, w = 1 baked in)",
-    "mnist-sd-dmd-1-ttur": "mnist-sd-dmd-1-cooldown trained on with 3 fake-score updates per generator update: the "
-                           "best one-step generator of mnist-sd (DDIM, 1 step, w = 1 baked in)",
+    "mnist-sd-dmd-1-ttur": "mnist-sd-dmd-1-cooldown trained on with 3 fake-score updates per generator update: its "
+                           "successor is mnist-sd-dmd-1-anneal (DDIM, 1 step, w = 1 baked in)",
+    "mnist-sd-dmd-1-anneal": "the mnist-sd-dmd-1-ttur run continued at 0.3x the generator's learning rate: the best "
+                             "one-step generator of mnist-sd (DDIM, 1 step, w = 1 baked in)",
     "mnist-sd3-dmd-1": "one-step DMD generator of mnist-sd3, a StableDiffusion3Pipeline (1 Euler step, w = 1 baked in)",
 }
 STUDENT_RECIPES = {"mnist-sd-guided-4": "fewstep distill guided --teacher mnist-sd --until 4 --out DIR",
@@ -64,6 +66,7 @@ STUDENT_RECIPES = {"mnist-sd-guided-4": "fewstep distill guided --teacher mnist-
                    "mnist-sd-dmd-1-lora": "fewstep distill dmd --preset mnist-sd-dmd-1-lora --out DIR",
                    "mnist-sd-dmd-1-cooldown": "fewstep distill dmd --preset mnist-sd-dmd-1-cooldown --out DIR",
                    "mnist-sd-dmd-1-ttur": "fewstep distill dmd --preset mnist-sd-dmd-1-ttur --out DIR",
+                   "mnist-sd-dmd-1-anneal": "fewstep distill dmd --preset mnist-sd-dmd-1-anneal --out DIR",
                    "mnist-sd3-dmd-1": "fewstep distill dmd --teacher mnist-sd3 --out DIR"}
 TEXT_BED_RECIPES = ("mnist-sd", "mnist-sd3")  # their prompts follow fewstep.data.captions' grammar
 

@@ -75,7 +75,7 @@ def test_mnist_sd3_is_reported_until_its_folder_appears_then_loads(sd3_folder, t
     from diffusers import StableDiffusion3Pipeline
     assert set(DIFFUSERS_CATALOGUE) == {"mnist-vae", "mnist-sd", "mnist-sd3", "mnist-sd-guided-4", "mnist-sd-dmd-1",
                                         "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown", "mnist-sd-dmd-1-ttur",
-                                        "mnist-sd3-dmd-1"}
+                                        "mnist-sd-dmd-1-anneal", "mnist-sd3-dmd-1"}
     assets = tmp_path / "assets"
     assets.mkdir()
     monkeypatch.setattr(fewstep.api, "ASSETS", assets)

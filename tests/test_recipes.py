@@ -83,7 +83,7 @@ def test_dmd_preset_reproduces_the_shipped_generator_config_and_its_recorded_pre
 
 
 @pytest.mark.parametrize("name", ["mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown",
-                                  "mnist-sd-dmd-1-ttur", "mnist-sd3-dmd-1"])
+                                  "mnist-sd-dmd-1-ttur", "mnist-sd-dmd-1-anneal", "mnist-sd3-dmd-1"])
 def test_the_test_beds_dmd_presets_are_what_the_shipped_generators_recorded(name):
     """Each shipped pipeline generator's fewstep.json records the hyper-parameters it was trained with: the preset
     (mnist-sd-dmd-1's fake-score rate, 3.9999999999999996e-4 from --learning-rate 2e-4 at the former 2:1 ratio,
@@ -113,6 +113,10 @@ def test_dmd2_and_progressive_presets_are_replacements_of_their_recipe():
     changed = {k for k, v in asdict(ttur).items() if asdict(cool)[k] != v}
     assert changed == {"init", "steps", "fake_warmup", "fake_updates"} and ttur.init == "mnist-sd-dmd-1-cooldown"
     assert (ttur.fake_updates, ttur.lr) == (3, cool.lr)
+    # mnist-sd-dmd-1-anneal: the ttur run on past its last step, the generator's learning rate dropped there
+    anneal = DMD_PRESETS["mnist-sd-dmd-1-anneal"]
+    assert {k for k, v in asdict(anneal).items() if asdict(ttur)[k] != v} == {"steps", "lr_drops"}
+    assert anneal.lr_drops == {ttur.steps: {"generator": 0.3, "fake": 1.0}} and anneal.steps > ttur.steps
     changed = {k for k, v in asdict(MNIST_DMD2_4).items() if asdict(MNIST_DMD)[k] != v}
     assert changed == {"lambda_reg", "fake_updates", "gan_weight_g", "gan_weight_d", "gen_steps", "steps"}
     assert (MNIST_DMD2_4.gen_steps, MNIST_DMD2_4.steps, MNIST_DMD2_4.fake_updates) == (4, 6000, 5)
@@ -126,7 +130,7 @@ def test_registry_names_every_shipped_recipe_and_no_second_cli():
     assert set(RECIPES) == {"mnist-teacher", "mnist-classifier", "mnist-guided", "mnist-progressive", "mnist-dmd-1",
                             "mnist-dmd2-4", "mnist-vae", "mnist-sd", "mnist-sd3",  # these three: the text test bed
                             "mnist-sd-guided", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora", "mnist-sd-dmd-1-cooldown",
-                            "mnist-sd-dmd-1-ttur", "mnist-sd3-dmd-1"}  # students
+                            "mnist-sd-dmd-1-ttur", "mnist-sd-dmd-1-anneal", "mnist-sd3-dmd-1"}  # students
     assert RECIPES["mnist-dmd2-4"].settings is MNIST_DMD2_4
     assert importlib.util.find_spec("fewstep.recipes.__main__") is None  # `fewstep train|distill` is the one way
     assert not hasattr(fewstep.recipes, "main")

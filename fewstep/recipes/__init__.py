@@ -65,6 +65,8 @@ RECIPES = {r.name: r for r in (
            "mnist-sd-dmd-1 trained on at half the learning rate (fake score first, EMA kept)"),
     Recipe("mnist-sd-dmd-1-ttur", DMD_PRESETS["mnist-sd-dmd-1-ttur"], run_dmd,
            "mnist-sd-dmd-1-cooldown trained on with 3 fake-score updates per generator update"),
+    Recipe("mnist-sd-dmd-1-anneal", DMD_PRESETS["mnist-sd-dmd-1-anneal"], run_dmd,
+           "the mnist-sd-dmd-1-ttur run continued at 0.3x the generator's learning rate"),
     Recipe("mnist-sd3-dmd-1", DMD_PRESETS["mnist-sd3-dmd-1"], run_dmd, "one-step DMD of the mnist-sd3 pipeline"),
     Recipe("mnist-vae", MNIST_VAE, run_vae, "AutoencoderKL for 32x32 digits -> 4x8x8 latents (text-to-image test bed)"),
     Recipe("mnist-sd", MNIST_SD, run_sd, "StableDiffusionPipeline on MNIST captions (VP, scaled_linear, CFG)"),
