@@ -10,7 +10,7 @@ A second tab, text-to-image, takes prompts of the test bed's grammar (:mod:`fews
 a prompt outside it is a one-line error) and puts the same methods as ``fewstep demo``'s text-to-image
 row side by side on the same prompts and seeds: ``mnist-sd`` with its stock scheduler at 50 steps, with
 fewstep's solver at 5 steps, and each shipped distilled student pipeline (``mnist-sd-guided-4``,
-``mnist-sd-dmd-1``) with its own scheduler and steps.
+``mnist-sd-dmd-1-anneal``) with its own scheduler and steps.
 
 :func:`compare` and :func:`compare_text` are the page's work as plain functions (no server needed);
 :func:`build_app` makes the Gradio page and :func:`launch` serves it.

@@ -12,7 +12,7 @@ Text-to-image section (:func:`text_plan`): ten prompts of the test bed's grammar
 thickness and slant mixed (:func:`demo_prompts`), through the shipped ``mnist-sd`` pipeline's stock call:
 the teacher with its own scheduler (PNDM) at 50 steps, with fewstep's default solver in the pipeline
 (``FewstepScheduler``, ``unipc_bh2_3``) at 5 steps, and each distilled student pipeline that is shipped
-(``mnist-sd-guided-4``, ``mnist-sd-dmd-1``) with its own scheduler and steps; the same prompts and seeds in
+(``mnist-sd-guided-4``, ``mnist-sd-dmd-1-anneal``) with its own scheduler and steps; the same prompts and seeds in
 every row. Writes a second image (one row per method) and a second table: network evaluations per image
 (counted; a guided step counts two), seconds per image, the speed-up over the 50-step teacher and the
 prompted-digit accuracy (the shipped classifier). Students that are not shipped are listed as such.

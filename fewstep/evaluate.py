@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -530,7 +531,7 @@ def evaluate_heldout(model, *, n: int = 2070, w: float = 1.0, solver: str | None
 # -- the text-to-image methods of fewstep demo and fewstep app ----------------------------------------------------
 
 TEXT_TEACHER = "mnist-sd"
-TEXT_STUDENTS = {"mnist-sd-guided-4": "guided-distilled student", "mnist-sd-dmd-1": "DMD generator"}
+TEXT_STUDENTS = {"mnist-sd-guided-4": "guided-distilled student", "mnist-sd-dmd-1-anneal": "DMD generator"}
 
 
 @dataclass(frozen=True)
@@ -583,7 +584,7 @@ def text_methods(*, teacher: str = TEXT_TEACHER, teacher_steps: int = 50, solver
     (the speed-up's baseline) and with fewstep's default solver (``fewstep.sampling.DEFAULT_SOLVER``) at
     ``solver_steps``, both guided; then each student of ``students_names`` (default :data:`TEXT_STUDENTS`, name ->
     description; a pipeline folder of that name under ``students``, default the shipped assets), with ``folder``
-    None when it is not there (steps then from the name's ``-<k>`` tail). ``labels``: the two teacher methods'
+    None when it is not there (steps then from the name's last ``-<k>`` part). ``labels``: the two teacher methods'
     labels, formatted with ``teacher``, ``stock`` (its scheduler class less "Scheduler"), ``solver`` and ``steps``.
     [] when ``teacher`` is not shipped."""
     from .sampling import DEFAULT_SOLVER
@@ -602,6 +603,6 @@ def text_methods(*, teacher: str = TEXT_TEACHER, teacher_steps: int = 50, solver
         if (where / name / "model_index.json").is_file():
             methods.append(_student_method(name, where / name, what))
         else:
-            steps = int(name.rsplit("-", 1)[1])
+            steps = int(re.findall(r"-(\d+)(?=-|$)", name)[-1])  # mnist-sd-guided-4: 4, mnist-sd-dmd-1-anneal: 1
             methods.append(TextMethod(f"{what}, {_steps_label(steps)}", name, steps))
     return methods

@@ -20,12 +20,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stand_in_students(out: Path) -> Path:
-    """``out``/mnist-sd-dmd-1 and ``out``/mnist-sd-guided-4: copies of mnist-sd laid out as exported students
+    """``out``/mnist-sd-dmd-1-anneal and ``out``/mnist-sd-guided-4: copies of mnist-sd laid out as exported students
     (recipes.teachers.export_student): DDIM with trailing spacing, set_alpha_to_one, fewstep.json with
     student_steps; the guided one's UNet has a zero-initialised guidance input (time_cond_proj_dim), so its
     output is the teacher's conditional output whatever w."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    for name, steps in (("mnist-sd-dmd-1", 1), ("mnist-sd-guided-4", 4)):
+    for name, steps in (("mnist-sd-dmd-1-anneal", 1), ("mnist-sd-guided-4", 4)):
         folder = out / name
         shutil.copytree(ASSETS / "mnist-sd", folder)
         config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -75,7 +75,7 @@ def test_demo_on_reduced_rows_writes_image_and_table(tmp_path, students):
         assert im.size[0] > 600 and im.size[1] > 3 * 60  # three rows of ten digits with labels
     # the text-to-image section: teacher (stock 3 steps, fewstep 5 steps) and both stand-in students
     text = table["text_to_image"]
-    assert [r["model"] for r in text["rows"]] == ["mnist-sd", "mnist-sd", "mnist-sd-guided-4", "mnist-sd-dmd-1"]
+    assert [r["model"] for r in text["rows"]] == ["mnist-sd", "mnist-sd", "mnist-sd-guided-4", "mnist-sd-dmd-1-anneal"]
     assert text["prompts"] == demo_prompts() and not text["not_shipped"]
     evals = [r["network_evals"] for r in text["rows"]]
     assert evals[0] >= 2 * 3 and evals[1:] == [10, 4, 1]  # guided teacher steps count two; students one per step
@@ -109,8 +109,9 @@ def test_text_plan_includes_only_the_shipped_students(tmp_path, students):
     assert [r.scheduler for r in absent[:2]] == ["stock", "fewstep:unipc_bh2_3"]
     assert absent[0].label.startswith("teacher, stock PNDM 50 steps")
     assert [r.folder is None for r in absent] == [False, False, True, True]
+    assert [r.steps for r in absent[2:]] == [4, 1]  # from the names when the folders are not there
     present = {r.model: r for r in text_plan(students=students)}
-    guided, dmd = present["mnist-sd-guided-4"], present["mnist-sd-dmd-1"]
+    guided, dmd = present["mnist-sd-guided-4"], present["mnist-sd-dmd-1-anneal"]
     assert (guided.steps, guided.guidance_scale(1.5), guided.scheduler) == (4, 2.5, "own")  # w: the UNet's input
     assert (dmd.steps, dmd.guidance_scale(1.5)) == (1, 1.0) and "w = 1 baked in" in dmd.label
     section, images = run_text_section(absent[1:], prompts=["a thick seven"], progress=False)  # fewstep 5 steps
@@ -120,7 +121,7 @@ def test_text_plan_includes_only_the_shipped_students(tmp_path, students):
 def test_text_rows_share_prompts_and_seeds(students):
     """Every row starts from the same latents: the stand-in guided student (zero guidance input) at one step
     draws exactly what the stand-in DMD copy of the teacher draws, whatever w."""
-    rows = [TextMethod("dmd", "mnist-sd-dmd-1", 1, "own", False, students / "mnist-sd-dmd-1"),
+    rows = [TextMethod("dmd", "mnist-sd-dmd-1-anneal", 1, "own", False, students / "mnist-sd-dmd-1-anneal"),
             TextMethod("guided at 1 step", "mnist-sd-guided-4", 1, "own", True, students / "mnist-sd-guided-4")]
     section, (a, b) = run_text_section(rows, w=3.0, prompts=["a thick seven", "a thin two slanted left"], seed=3,
                                        progress=False)
@@ -132,7 +133,7 @@ def test_text_rows_share_prompts_and_seeds(students):
 
 
 def test_student_folder_without_steps_is_a_one_line_error(tmp_path):
-    folder = tmp_path / "mnist-sd-dmd-1"
+    folder = tmp_path / "mnist-sd-dmd-1-anneal"
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
     with pytest.raises(ValueError, match="no student_steps"):
