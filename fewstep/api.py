@@ -440,7 +440,8 @@ def shipped_solver(model, steps: int, *, solver: str | None = None, w: float | N
     ``grids/`` folder for ``steps`` model calls: ``model`` a shipped name (``mnist-teacher``, ``mnist-sd``,
     ``mnist-sd3``) or a folder; ``solver`` / ``w`` narrow the choice when several match (default: the one with
     the lowest recorded held-out error, those without one last). For a pipeline: ``pipe.scheduler =
-    FewstepScheduler.from_config(pipe.scheduler.config, grid=fewstep.shipped_solver("mnist-sd", 5))`` then ``pipe(prompt, num_inference_steps=5)``."""
+    FewstepScheduler.from_config(pipe.scheduler.config, grid=fewstep.shipped_solver("mnist-sd", 5))`` then
+    ``pipe(prompt, num_inference_steps=5)``."""
     from .grids import find_grid, shipped_grids
     folder = _resolve(model)
     if solver is None:

@@ -870,8 +870,8 @@ def distill_progressive_cmd(out, resume, threads, progress, until, teacher, prom
 @distill.command("dmd")
 @_distill_options
 @click.option("--preset", type=click.Choice(["mnist-dmd-1", "mnist-dmd2-4", "mnist-sd-dmd-1", "mnist-sd-dmd-1-lora",
-                                            "mnist-sd-dmd-1-cooldown", "mnist-sd-dmd-1-ttur", "mnist-sd-dmd-1-anneal",
-                                            "mnist-sd3-dmd-1"]),
+                                            "mnist-sd-dmd-1-cooldown", "mnist-sd-dmd-1-ttur",
+                                            "mnist-sd-dmd-1-anneal", "mnist-sd3-dmd-1"]),
               default=None, help="mnist-dmd-1 (the default): one-step DMD with regression; mnist-dmd2-4: DMD2 (no "
                                  "regression, 5 fake updates per generator update, GAN head, 4 steps); mnist-sd-dmd-1 / "
                                  "mnist-sd3-dmd-1: one-step DMD of the text-to-image test bed's pipelines; "

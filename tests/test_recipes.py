@@ -242,3 +242,11 @@ def test_init_of_a_fewstep_teacher_loads_its_shipped_generator_and_refuses_a_mul
     assert all(torch.equal(v, shipped[k]) for k, v in net.state_dict().items())
     with pytest.raises(ValueError, match="is not a 4-step"):
         initial_generator(teacher, replace(MNIST_DMD2_4, init="mnist-dmd-1"))
+
+
+def test_the_cli_offers_every_dmd_preset():
+    """The CLI lists the preset names literally (it imports the recipes only when a command runs)."""
+    from fewstep.cli import main
+    dmd = main.commands["distill"].commands["dmd"]
+    (preset,) = [p for p in dmd.params if p.name == "preset"]
+    assert list(preset.type.choices) == list(DMD_PRESETS)
