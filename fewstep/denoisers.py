@@ -10,6 +10,8 @@ w = 0 is the plain conditional model; diffusers' ``guidance_scale`` s = 1 + w.
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from typing import Callable, Mapping
 
 import torch
@@ -19,7 +21,7 @@ from .schedules import DiscreteVP, NoiseSchedule
 __all__ = [
     "PREDICTIONS", "as_batch_times", "to_x0", "ModelDenoiser",
     "ClassifierFreeGuidance", "ClassifierGuidance", "dynamic_threshold", "Thresholded",
-    "CountingDenoiser",
+    "CountingDenoiser", "MemoDenoiser",
 ]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "flow")
@@ -235,3 +237,54 @@ class CountingDenoiser:
                 f"the model returned NaN or inf at model call {self.nfe} (t = {float(torch.as_tensor(t).flatten()[0]):.6g}); "
                 "check the model, its prediction type and dtype (float16 overflow?)")
         return out
+
+
+class MemoDenoiser:
+    """Remembers the outputs of the last ``size`` calls by their exact inputs (x, t and the conditions, bit for
+    bit) and answers a repeated call with a copy instead of calling the model again.
+
+    Fitting a solver reruns the sampler from the same noises with small changes: every run's first call (the
+    noise at t_max) repeats, and in a forward-difference Jacobian every call before the step whose parameter
+    moved repeats too. ``hits`` counts the calls answered from memory."""
+
+    def __init__(self, denoiser: Callable, size: int = 64):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive integer, got {size!r}")
+        self.denoiser, self.size, self.hits, self._memory = denoiser, size, 0, OrderedDict()
+
+    def __call__(self, x, t, **cond):
+        key = _fingerprint(x, t, cond)
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return self._memory[key].clone()
+        out = self.denoiser(x, t, **cond)
+        self._memory[key] = out.detach().clone()
+        if len(self._memory) > self.size:
+            self._memory.popitem(last=False)
+        return out
+
+
+def _fingerprint(*values) -> bytes:
+    """A digest of tensors (dtype, shape, device and bytes), numbers, strings and nested dicts / sequences."""
+    h = hashlib.blake2b(digest_size=20)
+
+    def feed(v):
+        if isinstance(v, torch.Tensor):
+            v = v.detach()
+            h.update(f"T{v.dtype}{tuple(v.shape)}{v.device}".encode())
+            h.update(v.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, Mapping):
+            h.update(b"D")
+            for k in sorted(v, key=str):
+                feed(str(k))
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"L{len(v)}".encode())
+            for item in v:
+                feed(item)
+        else:
+            h.update(f"V{type(v).__name__}:{v!r}".encode())
+    for value in values:
+        feed(value)
+    return h.digest()

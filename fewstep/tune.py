@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .denoisers import CountingDenoiser
+from .denoisers import CountingDenoiser, MemoDenoiser
 from .grids import TunedGrid, lambdas_of, model_identity, schedule_identity
 from .reference import reference_path, rmse
 from .sampling import sample
@@ -49,10 +49,12 @@ from .solvers.baseline import ddim_step
 
 __all__ = ["Calibration", "Trajectory", "calibration_set", "reference_trajectory", "dp_grid", "refine_grid",
            "tune_grid", "tune_model", "grid_rmse", "step_costs", "METHODS", "tune_solver", "SOLVER_METHODS",
-           "DEFAULT_SOLVER_METHOD", "default_starts", "flow_shift_grid", "grid_targets", "heldout_errors", "is_flow",
+           "DEFAULT_SOLVER_METHOD", "default_starts", "flow_shift_grid", "trajectory_targets",
+           "heldout_errors", "is_flow",
            "heldout_reference", "pure_noise_top", "from_pure_noise", "prompt_split"]
 
 METHODS = ("dp", "refine", "dp+refine")
+REFERENCE_ERROR_SAMPLES = 16  # the calibration reference's own error is checked on this many noises (a report)
 FIXED_SPACINGS = ("logsnr", "karras", "time_uniform", "time_quadratic")  # the starts refine chooses from
 
 
@@ -108,23 +110,30 @@ def prompt_split(n_prompts: int, every: int = 4) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def reference_trajectory(denoiser: Callable, schedule: NoiseSchedule, x_T: torch.Tensor, cond: dict | None = None,
-                         *, steps: int = 128, candidates: int = 64) -> Trajectory:
+                         *, steps: int = 128, candidates: int = 64, error_samples: int | None = None) -> Trajectory:
     """The reference solve of ``fewstep.reference`` (classic RK4 in log-SNR on y = x / sigma, float64 state)
     from t_max to t_min, then one denoising call, in ``steps`` steps, recording every
     ``steps // candidates``-th step; its error is taken as the difference from a second solve with half
-    the steps (RMSE and max; a bound, ~15x the error only in RK4's asymptotic range)."""
+    the steps (RMSE and max; a bound, ~15x the error only in RK4's asymptotic range), on the first
+    ``error_samples`` noises only when given (the check then costs that share of a third of the solve)."""
     if steps % candidates:
         raise ValueError(f"steps ({steps}) must be a multiple of candidates ({candidates})")
+    if error_samples is not None and (not isinstance(error_samples, int) or error_samples < 1):
+        raise ValueError(f"error_samples must be a positive integer or None, got {error_samples!r}")
     start = time.perf_counter()
     counted = CountingDenoiser(denoiser)
     fine = reference_path(counted, schedule, x_T, schedule.t_max, 0.0, steps=steps, every=steps // candidates,
                           cond=cond)
-    coarse = reference_path(counted, schedule, x_T, schedule.t_max, 0.0, steps=steps // 2, cond=cond)
-    diff = fine.x - coarse.x
+    k = x_T.shape[0] if error_samples is None else min(error_samples, x_T.shape[0])
+    head = torch.arange(k)
+    coarse = reference_path(counted, schedule, x_T[:k], schedule.t_max, 0.0, steps=steps // 2,
+                            cond=None if cond is None else {n: _rows(v, head, len(x_T)) for n, v in cond.items()})
+    diff = fine.x[:k] - coarse.x
     # the difference bounds the finer answer's error; only in RK4's asymptotic range is it ~15x that error
     # (a learned model's ODE may not be there: measured on mnist-teacher, 128 -> 256 steps still moves ~0.003)
-    error = {"rmse": rmse(fine.x, coarse.x), "max_abs": float(diff.abs().max()),
-             "how": f"|x({steps} RK4 steps) - x({steps // 2} steps)|, taken as the {steps}-step answer's error"}
+    error = {"rmse": rmse(fine.x[:k], coarse.x), "max_abs": float(diff.abs().max()),
+             "how": f"|x({steps} RK4 steps) - x({steps // 2} steps)|, taken as the {steps}-step answer's error"
+                    + (f", on the first {k} of {x_T.shape[0]} noises" if k < x_T.shape[0] else "")}
     xs, x0s = [v.to(x_T.dtype) for v in fine.xs], [v.to(x_T.dtype) for v in fine.x0s]
     return Trajectory(fine.times, xs, x0s, fine.x, error, counted.nfe, time.perf_counter() - start)
 
@@ -298,12 +307,12 @@ def tune_grid(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "dpm
     cal, log = _as_calibration(calibration), log or (lambda msg: None)
     if cal.trajectory is None:
         cal.trajectory = reference_trajectory(denoiser, schedule, cal.x_T, cal.cond, steps=reference_steps,
-                                              candidates=candidates)
+                                              candidates=candidates, error_samples=REFERENCE_ERROR_SAMPLES)
         log(f"reference: {cal.trajectory.model_calls} calls, {cal.trajectory.seconds:.0f} s, "
             f"own error {cal.trajectory.error['rmse']:.2g}")
     start, counted = time.perf_counter(), CountingDenoiser(denoiser)  # the tuning's own cost
     starts = {**default_starts(schedule, nfe), **(starts or {})}  # flow: the pipelines' shifted grids too
-    grid, record = _search(counted, schedule, solver, nfe, cal, method, max_evals or 12 * (nfe - 1) + 20,
+    grid, record = _search(MemoDenoiser(counted, size=2 * nfe + 8), schedule, solver, nfe, cal, method, max_evals or 12 * (nfe - 1) + 20,
                            options or {}, free_end, starts)
     log(f"{solver} NFE {nfe} ({method}): calibration RMSE {record['start_rmse']:.4g} ({record['start']}) -> "
         f"{record['rmse']:.4g}")
@@ -495,12 +504,17 @@ def from_pure_noise(denoiser: Callable, schedule: NoiseSchedule, x_T: torch.Tens
 def _subset(cal: Calibration, idx: torch.Tensor) -> Calibration:
     """The calibration samples ``idx`` (noises, conditions and their slice of the reference trajectory)."""
     n = cal.x_T.shape[0]
-    take = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v  # noqa: E731
+    take = lambda v: _rows(v, idx, n)  # noqa: E731
     traj = cal.trajectory
     sub = None if traj is None else Trajectory(traj.times, [take(v) for v in traj.xs], [take(v) for v in traj.x0s],
                                                take(traj.final), traj.error, traj.model_calls, traj.seconds)
     cond = None if cal.cond is None else {k: take(v) for k, v in cal.cond.items()}
     return Calibration(take(cal.x_T), cond, cal.seed, sub)
+
+
+def _rows(v, idx: torch.Tensor, n: int):
+    """The rows ``idx`` of a per-sample tensor (first dimension ``n``); anything else as it is."""
+    return v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v
 
 
 def _split(cal: Calibration, validation: float) -> tuple[Calibration, Calibration]:
@@ -576,24 +590,32 @@ class _Problem:
                               coefficients=rows, basis=self.basis, cond=self.cal.cond, fit=fit).x
 
 
-def grid_targets(denoiser, schedule, x_T: torch.Tensor, cond, times: torch.Tensor, final: torch.Tensor,
-                 steps: int) -> list:
-    """The converged ODE solution at each time of ``times`` after the first (x at t_max = ``x_T``), by RK4 in
-    log-SNR (``fewstep.reference``) from one grid time to the next, about ``steps`` steps over the whole
-    log-SNR range; the last target (t = 0) is ``final``, the reference trajectory's answer."""
-    from .reference import reference_path
-    lam = schedule.lambda_(torch.tensor([schedule.t_max, schedule.t_min], dtype=torch.float64))
-    span = float(lam[1] - lam[0])
-    x, out = x_T, []
-    for a, b in zip(times[:-1].tolist(), times[1:].tolist()):
-        if b == 0.0:
-            out.append(final.to(torch.float64))
+def trajectory_targets(traj: Trajectory, schedule: NoiseSchedule, times: torch.Tensor) -> list:
+    """The converged ODE solution at each time of ``times`` after the first, read off the reference trajectory
+    without model calls (PAS's per-step targets): cubic Hermite interpolation in lambda of y = x / sigma between
+    the recorded candidates, whose slopes dy/dlambda = e^lambda x0_hat are recorded too (the reference's own
+    ODE, ``fewstep.reference``; the interpolation error is O(h^4) in the candidates' spacing h, the order of the
+    RK4 solve). The target at t = 0 is ``traj.final``."""
+    lam_c = schedule.lambda_(traj.times.to(torch.float64))
+    sig_c = schedule.sigma(traj.times.to(torch.float64))
+    out = []
+    for t in times[1:].tolist():
+        if t == 0.0:
+            out.append(traj.final.to(torch.float64))
             break
-        lam_a, lam_b = schedule.lambda_(torch.tensor([a, b], dtype=torch.float64)).tolist()
-        gap = lam_b - lam_a
-        x = reference_path(denoiser, schedule, x, a, b, steps=max(4, math.ceil(steps * gap / span)), cond=cond).x
-        out.append(x)
-        x = x.to(x_T.dtype)
+        lam = float(schedule.lambda_(torch.tensor([t], dtype=torch.float64)))
+        i = int(torch.searchsorted(lam_c, torch.tensor([lam], dtype=torch.float64)).clamp(1, len(lam_c) - 1)) - 1
+        lo, hi = float(lam_c[i]), float(lam_c[i + 1])
+        if not lo - 1e-9 <= lam <= hi + 1e-9:
+            raise ValueError(f"time {t!r} lies outside the reference trajectory's range "
+                             f"[{float(traj.times[-1])!r}, {float(traj.times[0])!r}]")
+        h, s = hi - lo, (lam - lo) / (hi - lo)
+        y0, y1 = traj.xs[i].to(torch.float64) / float(sig_c[i]), traj.xs[i + 1].to(torch.float64) / float(sig_c[i + 1])
+        d0 = math.exp(lo) * traj.x0s[i].to(torch.float64)
+        d1 = math.exp(hi) * traj.x0s[i + 1].to(torch.float64)
+        y = ((2 * s ** 3 - 3 * s ** 2 + 1) * y0 + (s ** 3 - 2 * s ** 2 + s) * h * d0
+             + (3 * s ** 2 - 2 * s ** 3) * y1 + (s ** 3 - s ** 2) * h * d1)
+        out.append(float(schedule.sigma(torch.tensor([t], dtype=torch.float64))) * y)
     return out
 
 
@@ -649,8 +671,7 @@ def _fit_pas(train: _Problem, val: _Problem, grid: torch.Tensor, targets: list, 
                                 "validation_uncorrected": base_val, "dropped_steps": dropped}
 
 
-def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max_evals, basis, reference_steps,
-                counted, log) -> dict:
+def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max_evals, basis, log) -> dict:
     """One method's fit from the starting ``grid``: its grid, coefficient rows (None for ``grid``), objective
     and validation error."""
     objective = [train.error(grid)]
@@ -660,9 +681,7 @@ def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max
         grid, rows, history, extra = _fit_coeff_lm(train, val, grid, nfe, free_end, evals, log)
         objective += history
     elif method == "pas":
-        fit_cal = train.cal
-        targets = grid_targets(counted, train.schedule, train.x_tmax, fit_cal.cond, grid, fit_cal.trajectory.final,
-                               reference_steps)
+        targets = trajectory_targets(train.cal.trajectory, train.schedule, grid)  # no model calls
         rows, history, extra = _fit_pas(train, val, grid, targets, basis, log)  # PAS's own per-step fit, then
         rows, history2, extra2 = _fit_pas_lm(train, val, grid, basis, rows, max_evals or 40 * nfe * basis, log)
         extra.update(extra2)  # the final error, all steps together
@@ -732,19 +751,22 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         inner = cal.costs["pure_noise"]
     if inner.trajectory is None:
         inner.trajectory = reference_trajectory(denoiser, schedule, inner.x_T, inner.cond, steps=reference_steps,
-                                                candidates=candidates)
+                                                candidates=candidates, error_samples=REFERENCE_ERROR_SAMPLES)
         log(f"reference: {inner.trajectory.model_calls} calls, {inner.trajectory.seconds:.0f} s, "
             f"own error {inner.trajectory.error['rmse']:.2g}")
     key = ("split", validation)
     if key not in inner.costs:  # cached with the calibration, so the DP costs of the fitting split are reused
         inner.costs[key] = _split(inner, validation)
     fit_cal, val_cal = inner.costs[key]
-    start, counted = time.perf_counter(), CountingDenoiser(denoiser)
+    start, counted = time.perf_counter(), CountingDenoiser(denoiser)  # the model calls made
+    # reruns from the same noises repeat calls (every run's first; in a Jacobian column, each call before the
+    # step whose parameter moved): remembered, enough of them to keep a base run through all its columns
+    memo = MemoDenoiser(counted, size=(basis + 2) * nfe + 8)
     all_starts = {**default_starts(schedule, nfe), **(starts or {})}  # (tune_grid adds the flow starts too)
-    base = tune_grid(counted, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
+    base = tune_grid(memo, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
                      reference_steps=reference_steps, candidates=candidates, options=opts, free_end=free_end,
                      starts=all_starts)
-    train, val = (_Problem(counted, schedule, solver, opts, c, basis) for c in (fit_cal, val_cal))
+    train, val = (_Problem(memo, schedule, solver, opts, c, basis) for c in (fit_cal, val_cal))
     if top is not None:  # the problems sample from the pure noises themselves
         n_fit = fit_cal.x_T.shape[0]
         train.cal = replace(fit_cal, x_T=cal.x_T[:n_fit])
@@ -769,8 +791,7 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
     fits = {}
     both = ("coeff", "pas") if nfe >= 3 and spec.order >= 2 else ("pas",)  # coeff needs a high-order term
     for mth in (both if method == "auto" else (method,)):
-        fits[mth] = _fit_method(mth, train, val, start_grid, nfe, free_end, max_evals, basis, reference_steps,
-                                counted, log)
+        fits[mth] = _fit_method(mth, train, val, start_grid, nfe, free_end, max_evals, basis, log)
     # kept only if not worse than the grid alone on the validation split, by the robust error and by plain RMSE
     # (the robust error alone let a fit that sends more samples to another mode through, measured on the flow
     # mixture); auto keeps the better of the methods that pass

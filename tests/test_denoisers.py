@@ -8,7 +8,7 @@ import torch
 
 import fewstep
 from fewstep.data.gmm import GaussianMixture
-from fewstep.denoisers import ClassifierFreeGuidance, ClassifierGuidance, ModelDenoiser, Thresholded, \
+from fewstep.denoisers import ClassifierFreeGuidance, ClassifierGuidance, MemoDenoiser, ModelDenoiser, Thresholded, \
     dynamic_threshold
 from fewstep.schedules import EDM, CosineVP, DiscreteVP, LinearVP, RectifiedFlow
 
@@ -345,3 +345,27 @@ def test_thresholded_wrapper_and_the_sampler_switch():
     c = fewstep.sample(exact, x, sch, solver="dpmpp_2m", steps=6)
     assert torch.equal(a.x, b.x) and a.nfe == 6
     assert a.x.abs().max() <= 1.0 < c.x.abs().max()  # the final step returns a thresholded x0
+
+
+def test_memo_denoiser_answers_only_exact_repeats_from_memory():
+    """A repeated call (same x, t and conditions, bit for bit) is answered from memory with a copy; any
+    difference in x, t, a condition or the dtype calls the model; the oldest calls are forgotten first."""
+    calls = []
+
+    def model(x, t, labels=None):
+        calls.append(1)
+        return x * 2 + (0 if labels is None else labels[:, None])
+    memo = MemoDenoiser(model, size=3)
+    x, t, y = torch.randn(4, D, dtype=F64), torch.full((4,), 0.5, dtype=F64), torch.tensor([0, 1, 2, 3])
+    first = memo(x, t, labels=y)
+    again = memo(x, t, labels=y)
+    assert torch.equal(first, again) and len(calls) == 1 and memo.hits == 1
+    again.add_(1.0)  # the caller's copy: the memory is untouched
+    assert torch.equal(memo(x, t, labels=y), first) and len(calls) == 1
+    for changed in ((x + 1e-12, t, y), (x, t + 1e-12, y), (x, t, y.flip(0)), (x.float(), t, y)):
+        memo(changed[0], changed[1], labels=changed[2])
+    assert len(calls) == 5
+    memo(x, t, labels=y)  # forgotten: four other calls since, memory of three
+    assert len(calls) == 6
+    with pytest.raises(ValueError, match="size"):
+        MemoDenoiser(model, size=0)

@@ -15,7 +15,7 @@ from fewstep.sampling import sample
 from fewstep.schedules import CosineVP, LinearVP, RectifiedFlow, time_grid
 from fewstep.solvers import get_solver
 from fewstep.solvers.learned import learned_sample, pas_basis
-from fewstep.tune import calibration_set, tune_solver
+from fewstep.tune import calibration_set, reference_trajectory, trajectory_targets, tune_solver
 
 F64 = torch.float64
 D = 16
@@ -36,7 +36,7 @@ def gaussian_problem(schedule):
     cal = calibration_set(32, (D,), seed=1, dtype=F64)
     cal.x_T = cal.x_T * sigma_max
     heldout = torch.randn(128, D, generator=torch.Generator().manual_seed(2), dtype=F64) * sigma_max
-    return {"schedule": schedule, "den": den, "exact": exact, "cal": cal, "heldout": heldout}
+    return {"schedule": schedule, "den": den, "exact": exact, "cal": cal, "heldout": heldout, "mu": mu, "std": std}
 
 
 @pytest.fixture(scope="module", params=["vp", "flow"])
@@ -53,6 +53,22 @@ def vp():
 def learned_vp(vp):
     return tune_solver(vp["den"], vp["schedule"], solver="dpmpp_2m", nfe=4, calibration=vp["cal"],
                        reference_steps=32, candidates=16, conditioning={"w": 0.0})
+
+
+@pytest.mark.parametrize("nfe", [3, 5, 8])
+def test_pas_targets_read_off_the_reference_are_as_exact_as_the_reference(problem, nfe):
+    """PAS's per-step targets come from the recorded reference trajectory without model calls (Hermite
+    interpolation between candidates): each is within the reference's own error estimate of the exact ODE
+    solution at that time, on grids whose times fall between the candidates."""
+    s, x_T = problem["schedule"], problem["cal"].x_T
+    traj = reference_trajectory(problem["den"], s, x_T, steps=32, candidates=16)
+    grid = time_grid(s, nfe, "karras")
+    targets = trajectory_targets(traj, s, grid)
+    assert len(targets) == nfe
+    for t, target in zip(grid[1:-1].tolist(), targets):
+        exact = single_gaussian_flow(problem["mu"], problem["std"], s, x_T, s.t_max, t)
+        assert rmse(target, exact) <= traj.error["rmse"], t
+    assert torch.equal(targets[-1], traj.final.to(F64))  # t = 0: the reference's answer itself
 
 
 @pytest.mark.parametrize("method", ["coeff", "pas"])
@@ -73,6 +89,24 @@ def test_learned_solver_beats_every_fixed_solver_on_heldout_noise(problem, metho
     obj = tuned.calibration["objective"]
     assert all(b <= a for a, b in zip(obj, obj[1:])) and obj[-1] < 0.9 * obj[0]
     assert tuned.calibration["validation_samples"] == 8 and tuned.calibration["fitting_samples"] == 24
+
+
+def test_remembered_model_calls_change_nothing_but_the_cost(vp, monkeypatch):
+    """The fit remembers repeated model calls (fewstep.denoisers.MemoDenoiser): the same learned solver as a fit
+    that calls the model every time, for well under the model calls (each rerun repeats its first call, each
+    Jacobian column the calls before the step whose parameter moved)."""
+    import fewstep.tune as tune
+
+    def fit():
+        cal = calibration_set(32, (D,), seed=1, dtype=F64)
+        cal.x_T = cal.x_T * float(vp["schedule"].sigma(torch.tensor(vp["schedule"].t_max, dtype=F64)))
+        return tune_solver(vp["den"], vp["schedule"], solver="dpmpp_2m", nfe=4, calibration=cal, method="pas",
+                           reference_steps=32, candidates=16)
+    remembered = fit()
+    monkeypatch.setattr(tune, "MemoDenoiser", lambda denoiser, size: denoiser)
+    every_call = fit()
+    assert remembered.times == every_call.times and remembered.learned == every_call.learned
+    assert remembered.cost["model_calls"] < 0.75 * every_call.cost["model_calls"]
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "dpm_solver_3m", "unipc_bh1_2", "unipc_bh2_3"])
