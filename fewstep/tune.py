@@ -312,7 +312,8 @@ def tune_grid(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "dpm
             f"own error {cal.trajectory.error['rmse']:.2g}")
     start, counted = time.perf_counter(), CountingDenoiser(denoiser)  # the tuning's own cost
     starts = {**default_starts(schedule, nfe), **(starts or {})}  # flow: the pipelines' shifted grids too
-    grid, record = _search(MemoDenoiser(counted, size=2 * nfe + 8), schedule, solver, nfe, cal, method, max_evals or 12 * (nfe - 1) + 20,
+    remembered = MemoDenoiser(counted, size=2 * nfe + 8)  # each rerun from the noises repeats its first call
+    grid, record = _search(remembered, schedule, solver, nfe, cal, method, max_evals or 12 * (nfe - 1) + 20,
                            options or {}, free_end, starts)
     log(f"{solver} NFE {nfe} ({method}): calibration RMSE {record['start_rmse']:.4g} ({record['start']}) -> "
         f"{record['rmse']:.4g}")
@@ -504,12 +505,12 @@ def from_pure_noise(denoiser: Callable, schedule: NoiseSchedule, x_T: torch.Tens
 def _subset(cal: Calibration, idx: torch.Tensor) -> Calibration:
     """The calibration samples ``idx`` (noises, conditions and their slice of the reference trajectory)."""
     n = cal.x_T.shape[0]
-    take = lambda v: _rows(v, idx, n)  # noqa: E731
     traj = cal.trajectory
-    sub = None if traj is None else Trajectory(traj.times, [take(v) for v in traj.xs], [take(v) for v in traj.x0s],
-                                               take(traj.final), traj.error, traj.model_calls, traj.seconds)
-    cond = None if cal.cond is None else {k: take(v) for k, v in cal.cond.items()}
-    return Calibration(take(cal.x_T), cond, cal.seed, sub)
+    sub = None if traj is None else Trajectory(traj.times, [_rows(v, idx, n) for v in traj.xs],
+                                               [_rows(v, idx, n) for v in traj.x0s], _rows(traj.final, idx, n),
+                                               traj.error, traj.model_calls, traj.seconds)
+    cond = None if cal.cond is None else {k: _rows(v, idx, n) for k, v in cal.cond.items()}
+    return Calibration(_rows(cal.x_T, idx, n), cond, cal.seed, sub)
 
 
 def _rows(v, idx: torch.Tensor, n: int):
@@ -760,10 +761,11 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
     fit_cal, val_cal = inner.costs[key]
     start, counted = time.perf_counter(), CountingDenoiser(denoiser)  # the model calls made
     # reruns from the same noises repeat calls (every run's first; in a Jacobian column, each call before the
-    # step whose parameter moved): remembered, enough of them to keep a base run through all its columns
+    # step whose parameter moved): remembered, enough of them to keep a base run through all its columns (the
+    # grid stage, tune_grid, remembers its own)
     memo = MemoDenoiser(counted, size=(basis + 2) * nfe + 8)
     all_starts = {**default_starts(schedule, nfe), **(starts or {})}  # (tune_grid adds the flow starts too)
-    base = tune_grid(memo, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
+    base = tune_grid(counted, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
                      reference_steps=reference_steps, candidates=candidates, options=opts, free_end=free_end,
                      starts=all_starts)
     train, val = (_Problem(memo, schedule, solver, opts, c, basis) for c in (fit_cal, val_cal))
