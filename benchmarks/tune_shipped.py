@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", type=Path, default=None, help="default: the model's grids/ folder")
     p.add_argument("--max-evals", type=int, default=None,
                    help="cap of each Levenberg-Marquardt run (default: the model's SETTINGS)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="calibration noises (fitting + validation; default: the model's SETTINGS)")
     p.add_argument("--tag", default=None, help="summary benchmarks/results/tuned_<model>_<tag>.json instead of "
                                                "tuned_<model>.json (a trial that does not replace the shipped record)")
     args = p.parse_args(argv)
@@ -55,6 +57,8 @@ def main(argv=None) -> None:
     cfg = dict(SETTINGS[args.model])
     if args.max_evals is not None:
         cfg["max_evals"] = args.max_evals
+    if args.samples is not None:
+        cfg["samples"] = args.samples
     folder = _resolve(args.model)
     model = teacher_from(args.model) if (folder / "model_index.json").is_file() else load(args.model)
     steps = [int(k) for k in args.steps.split(",")]

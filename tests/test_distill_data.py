@@ -148,7 +148,8 @@ def test_dmd_data_without_the_gan_term_is_refused_and_named(sd, tmp_path):
     assert r.exit_code != 0 and "GAN term needs real images" in r.output and "Traceback" not in r.output
 
 
-def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd, tmp_path, one_thread):
+def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd, tmp_path, one_thread,
+                                                                             monkeypatch):
     """--init: the generator starts from an exported generator's weights (not the teacher's), and a folder that is
     not a generator of this kind (the teacher itself, a 1-step generator for a 4-step run, a LoRA run) is refused
     in one line before any work."""
@@ -181,18 +182,32 @@ def test_init_starts_the_generator_from_a_trained_one_and_refuses_other_kinds(sd
                           for k in w if k.removeprefix("unet.") in exported) ** 0.5
     assert 0 < moved({f"unet.{k}": v for k, v in ema.items()}) < 0.01 * moved(raw)
     from fewstep.recipes.dmd import MNIST_DMD  # the preset the command runs for a pipeline folder
-    # the command: --init alone gives the fake score its warm-up; --fake-warmup 0 is heard, not dropped as "unset"
+    # the command: --init alone gives the fake score its warm-up; --fake-warmup 0 is heard, not dropped as "unset".
+    # That one runs through to its export; the others (400 warm-up steps each) stop where the command hands its
+    # settings to the run
+    import fewstep.cli
+    handed = []
     for extra, warm in (([], 400), (["--fake-warmup", "0"], None), (["--w", "0"], 400),
                         (["--fake-updates", "2", "--batch-size", "3"], 400)):
+        if warm is not None:
+            monkeypatch.setattr(fewstep.cli, "_run_recipe", lambda preset, out, threads, settings, **kw:
+                                handed.append(settings) or Path(out))
+        else:
+            monkeypatch.undo()
         out = tmp_path / f"cli{'-'.join(extra)}"
         r = CliRunner().invoke(main, ["distill", "dmd", "--teacher", str(sd), "--init", str(first), "--out", str(out),
                                       "--train-steps", "1", "--no-progress", *extra])
         assert r.exit_code == 0, r.output
-        preset = json.loads(next((out / "export").glob("*/fewstep.json")).read_text())["preset"]
-        assert preset["init"] == str(first) and preset.get("fake_warmup") == warm
-        assert preset["real_w"] == (0.0 if "--w" in extra else 1.0)
-        assert (preset["fake_updates"], preset["batch_size"]) == ((2, 3) if "--fake-updates" in extra
-                                                                  else (MNIST_DMD.fake_updates, MNIST_DMD.batch_size))
+        if warm is None:
+            preset = json.loads(next((out / "export").glob("*/fewstep.json")).read_text())["preset"]
+            got = (preset["init"], preset.get("fake_warmup"), preset["real_w"], preset["fake_updates"],
+                   preset["batch_size"])
+        else:
+            st = handed.pop()
+            got = (st.init, st.fake_warmup, st.real_w, st.fake_updates, st.batch_size)
+        assert got == (str(first), warm, 0.0 if "--w" in extra else 1.0,
+                       *((2, 3) if "--fake-updates" in extra else (MNIST_DMD.fake_updates, MNIST_DMD.batch_size)))
+
 
 def test_the_test_beds_gan_data_are_its_captioned_digits_encoded_by_its_vae(tmp_path, one_thread, capsys):
     """The shipped mnist-sd's DMD2 GAN term needs no --data: its real images are the captioned MNIST train digits
