@@ -17,6 +17,8 @@ loop (``DIFFUSERS_CONFIGS`` of ``fewstep bench solvers``: DPM-Solver++ default /
 UniPC, DEIS, Euler, Heun, DDIM), default = DPMSolverMultistepScheduler. flow-mixture: every row through the
 scheduler interface from pure noise at sigma = 1 (``fewstep.bench.flow``), reference fewstep unipc_bh2_3
 at 1000 steps; diffusers rows FlowMatchEuler (default), DPM-Solver and UniPC in flow mode.
+Every row records the RMSE, the median held-out sample's RMSE and how many samples end more than ``FAR``
+from the reference (in another mode: on multi-modal models a few of them make most of the RMSE).
 Writes ``benchmarks/results/learned_<model>.{json,md}``.
 """
 from __future__ import annotations
@@ -48,6 +50,15 @@ def log(msg: str) -> None:
 
 
 CACHE = Path("/tmp/fewstep-learned-cache")  # set from --cache
+FAR = 0.2  # a sample more than this RMS from the reference ended in another mode (data in [-1, 1])
+
+
+def scores(x: torch.Tensor, ref: torch.Tensor) -> dict:
+    """RMSE over all samples, and the per-sample view behind it: the median sample's RMSE, and how many samples
+    are more than ``FAR`` from the reference (on a multi-modal model, the ones sent to another mode: a few of
+    them carry most of the RMSE)."""
+    per = (x.to(torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1).pow(2).mean(1).sqrt()
+    return {"rmse": rmse(x, ref), "median": float(per.median()), "far": int((per > FAR).sum())}
 
 
 def _cached_ref(name: str, make):
@@ -87,7 +98,7 @@ class GMMMnist:
                 x = sample(self.denoiser, self.x_T, self.schedule, solver=solver, grid=time_grid(self.schedule, nfe, sp),
                            cond=self.cond).x
                 rows.append({"impl": "fewstep", "row": f"{solver} / {sp}", "kind": "fixed", "nfe": nfe,
-                             "rmse": rmse(x, self.ref)})
+                             **scores(x, self.ref)})
         return rows
 
     def diffusers_rows(self, nfe: int) -> list:
@@ -99,13 +110,13 @@ class GMMMnist:
             if calls != nfe:  # Heun spends 2 steps - 1 calls: only budgets it can hit exactly
                 continue
             rows.append({"impl": "diffusers", "row": f"{name} / {spacing}", "kind": "diffusers", "nfe": nfe,
-                         "rmse": rmse(x, self.ref), "default": (name, spacing) == ("DPMSolverMultistepScheduler",
+                         **scores(x, self.ref), "default": (name, spacing) == ("DPMSolverMultistepScheduler",
                                                                                    "default")})
         return rows
 
-    def heldout_rmse(self, tuned) -> float:
+    def heldout(self, tuned) -> dict:
         from fewstep.sampling import sample
-        return rmse(sample(self.denoiser, self.x_T, self.schedule, grid=tuned, cond=self.cond).x, self.ref)
+        return scores(sample(self.denoiser, self.x_T, self.schedule, grid=tuned, cond=self.cond).x, self.ref)
 
 
 class TeacherProblem(GMMMnist):
@@ -169,7 +180,7 @@ class FlowMixtureProblem:
 
     def _row(self, impl, row, kind, sched, nfe, **extra):
         x, calls = self.run_scheduler(sched, self.model, self.x_T.clone(), nfe)
-        return {"impl": impl, "row": row, "kind": kind, "nfe": calls, "rmse": rmse(x, self.ref), **extra}
+        return {"impl": impl, "row": row, "kind": kind, "nfe": calls, **scores(x, self.ref), **extra}
 
     def fixed_rows(self, nfe: int) -> list:
         from fewstep.bench.flow import SPACINGS
@@ -186,9 +197,10 @@ class FlowMixtureProblem:
         return [self._row("diffusers", name, "diffusers", make(), nfe, default=name == self.default_name)
                 for name, make in self.makers.items()]
 
-    def heldout_rmse(self, tuned) -> float:
+    def heldout(self, tuned) -> dict:
         from fewstep.diffusers import FewstepScheduler
-        return self._row("fewstep", "", "", FewstepScheduler.from_config(self.src, grid=tuned), tuned.nfe)["rmse"]
+        row = self._row("fewstep", "", "", FewstepScheduler.from_config(self.src, grid=tuned), tuned.nfe)
+        return {k: row[k] for k in ("rmse", "median", "far")}
 
     def handpicked(self, cal, solver: str, nfe: int):
         """The flow benchmark's own tune_grid settings (``fewstep.bench.flow.tune_flow_grids``)."""
@@ -244,9 +256,10 @@ def run(args, out: Path) -> dict:
                 if not path.is_file() or f"shipped/{solver}/{nfe}" in progress.done:
                     continue
                 tuned = load_grid(path)
-                e = p.heldout_rmse(tuned)
+                h = p.heldout(tuned)
+                e = h["rmse"]
                 rows.append({"impl": "fewstep", "row": f"{solver} / shipped ({tuned.method})", "method": "auto",
-                             "kind": "learned" if tuned.learned else "tuned_grid", "nfe": nfe, "rmse": e})
+                             "kind": "learned" if tuned.learned else "tuned_grid", "nfe": nfe, **h})
                 progress.save(f"shipped/{solver}/{nfe}")
                 log(f"{path.name}: held-out {e:.4g}")
             continue
@@ -259,11 +272,13 @@ def run(args, out: Path) -> dict:
                                     reference_steps=args.tune_ref_steps, conditioning={"name": p.name},
                                     log=lambda m: log(f"  {m}"))
                 seconds = time.perf_counter() - start
-                e = p.heldout_rmse(tuned)
+                h = p.heldout(tuned)
+                e = h["rmse"]
                 kind = "learned" if tuned.learned else "tuned_grid"
                 rows.append({"impl": "fewstep", "row": f"{solver} / {method}", "kind": kind if method != "grid" else
-                             "tuned_grid", "method": method, "nfe": nfe, "rmse": e})
+                             "tuned_grid", "method": method, "nfe": nfe, **h})
                 fits.append({"solver": solver, "method": method, "nfe": nfe, "heldout_rmse": e,
+                             "heldout_median": h["median"], "heldout_far": h["far"],
                              "fitting_rmse": tuned.calibration["rmse"], "validation_rmse": tuned.calibration["validation_rmse"],
                              "validation_error": tuned.calibration["validation_error"],
                              "fell_back_to_grid": bool(tuned.calibration.get("fell_back_to_grid")),
@@ -278,13 +293,16 @@ def run(args, out: Path) -> dict:
             if "coeff" in mine and "pas" in mine and f"auto/{solver}/{nfe}" not in progress.done:
                 pick = min(("coeff", "pas"), key=lambda k: mine[k]["validation_error"])  # tune_solver's "auto"
                 rows.append({"impl": "fewstep", "row": f"{solver} / auto (default: {pick})", "kind": "auto",
-                             "method": "auto", "nfe": nfe, "rmse": mine[pick]["heldout_rmse"]})
+                             "method": "auto", "nfe": nfe, "rmse": mine[pick]["heldout_rmse"],
+                             **({"median": mine[pick]["heldout_median"], "far": mine[pick]["heldout_far"]}
+                                if "heldout_median" in mine[pick] else {})})
                 progress.save(f"auto/{solver}/{nfe}")
             if p.family == "flow" and args.handpicked and f"hand/{solver}/{nfe}" not in progress.done:
                 g = p.handpicked(cal, solver, nfe)
-                e = p.heldout_rmse(g)
+                h = p.heldout(g)
+                e = h["rmse"]
                 rows.append({"impl": "fewstep", "row": f"{solver} / flow benchmark's tune_grid settings",
-                             "kind": "handpicked", "nfe": nfe, "rmse": e})
+                             "kind": "handpicked", "nfe": nfe, **h})
                 progress.save(f"hand/{solver}/{nfe}")
                 log(f"{solver} NFE {nfe} hand-picked tune_grid: held-out {e:.4g}")
     m = machine_info()
@@ -304,7 +322,8 @@ def summarize(rows: list, nfes) -> dict:
         best = lambda kind: min((r for r in at if r["kind"] == kind), key=lambda r: r["rmse"], default=None)  # noqa: E731
         d_best, d_default = best("diffusers"), next(r for r in at if r.get("default"))
         entry = {"diffusers_best": d_best["row"], "diffusers_best_rmse": d_best["rmse"],
-                 "diffusers_default_rmse": d_default["rmse"]}
+                 "diffusers_default_rmse": d_default["rmse"], "diffusers_best_median": d_best.get("median"),
+                 "diffusers_best_far": d_best.get("far"), "samples_far": {r["row"]: r["far"] for r in at if "far" in r}}
         for kind in ("fixed", "tuned_grid", "learned", "auto", "handpicked"):
             b = best(kind)
             if b is not None:
@@ -312,6 +331,7 @@ def summarize(rows: list, nfes) -> dict:
                 entry[f"{kind}_rmse"] = b["rmse"]
                 entry[f"{kind}_vs_diffusers_best"] = b["rmse"] / d_best["rmse"]
                 entry[f"{kind}_vs_diffusers_default"] = b["rmse"] / d_default["rmse"]
+                entry[f"{kind}_median"], entry[f"{kind}_far"] = b.get("median"), b.get("far")
         for method in ("coeff", "pas", "grid", "auto"):
             b = min((r for r in at if r.get("method") == method), key=lambda r: r["rmse"], default=None)
             if b is not None:
@@ -346,6 +366,18 @@ def markdown(doc: dict) -> str:
                      f"{fmt(e.get('coeff_rmse'))} | {fmt(e.get('pas_rmse'))} | {fmt(e.get('auto_rmse'))} | "
                      f"{e.get('auto_vs_diffusers_best', float('nan')):.3f} | {fmt(e.get('learned_rmse'))} "
                      f"({e.get('learned')}) | {e.get('learned_vs_diffusers_best', float('nan')):.3f} |")
+    if all(e.get("learned_median") is not None and e.get("diffusers_best_median") is not None for e in s.values()):
+        n_samples = doc["heldout"]["samples"]
+        lines += ["", f"The per-sample view behind the RMSE: the median held-out sample's RMSE, and how many of the "
+                  f"{n_samples} samples end more than {FAR} RMS from the reference (in another mode: one such sample "
+                  f"alone makes an RMSE of at least {FAR}/sqrt({n_samples}) = {FAR / n_samples ** 0.5:.3f}):", "",
+                  "| NFE | diffusers best: median sample | far samples | best learned: median sample | far samples "
+                  "| median / diffusers best's |", "|---|---|---|---|---|---|"]
+        for n in nfes:
+            e = s[n] if n in s else s[str(n)]
+            lines.append(f"| {n} | {fmt(e['diffusers_best_median'])} | {e['diffusers_best_far']} | "
+                         f"{fmt(e['learned_median'])} | {e['learned_far']} | "
+                         f"{e['learned_median'] / e['diffusers_best_median']:.3f} |")
     if any("handpicked_rmse" in e for e in s.values()):
         lines += ["", "Tuned grid with `tune_solver`'s defaults against the flow benchmark's hand-picked `tune_grid` "
                   "settings (its pipeline grids as starts, free end, 1024 reference steps):", "",
