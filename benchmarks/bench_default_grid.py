@@ -142,7 +142,24 @@ def power_rule(top: float, p: float):
     return rule
 
 
+def angle_rule(top: float, end: float):
+    """Uniform in the angle theta = arctan(EDM sigma) from ``top`` to ``end`` (the spacing of a uniform-time grid
+    under the cosine schedule, Nichol & Dhariwal 2021, whatever the model's own schedule: densest in log-sigma
+    at sigma = 1), t_max first, K - 1 real points, then 0. Probes where a model's samples choose their mode."""
+    def rule(s, K):
+        if K == 1:
+            return torch.tensor([s.t_max, 0.0], dtype=F64)
+        top_s = min(top, float(s.edm_sigma(torch.tensor(s.t_max, dtype=F64))) / 1.5)
+        th = torch.linspace(math.atan(top_s), math.atan(end), K - 1, dtype=F64)
+        sig = torch.tan(th)
+        return torch.cat([torch.tensor([s.t_max], dtype=F64), s.t_of_edm_sigma(sig), torch.zeros(1, dtype=F64)])
+    return rule
+
+
 RULES = {
+    "angle5_0.06": angle_rule(5.0, 0.06),
+    "angle8_0.06": angle_rule(8.0, 0.06),
+    "angle20_0.1": angle_rule(20.0, 0.1),
     "top20_p0.7": power_rule(20.0, 0.7),
     "top20_p0.85": power_rule(20.0, 0.85),
     "top20_p1.2": power_rule(20.0, 1.2),

@@ -269,7 +269,7 @@ def run(args, out: Path) -> dict:
                     continue
                 start = time.perf_counter()
                 tuned = tune_solver(p.denoiser, p.schedule, solver=solver, nfe=nfe, calibration=cal, method=method,
-                                    reference_steps=args.tune_ref_steps, conditioning={"name": p.name},
+                                    reference_steps=args.tune_ref_steps, conditioning={"name": p.name}, times=args.times,
                                     log=lambda m: log(f"  {m}"))
                 seconds = time.perf_counter() - start
                 h = p.heldout(tuned)
@@ -422,6 +422,8 @@ def main(argv=None):
     ap.add_argument("--shipped", default=None, metavar="DIR",
                     help="score the tuned solvers in DIR (<solver>-nfe<K>-w<w>.json, e.g. a model's grids/ folder) "
                          "on the held-out noises instead of fitting new ones")
+    ap.add_argument("--times", default="tuned", choices=["tuned", "fixed"],
+                    help="tune_solver's times: fitted (default) or the best fixed spacing kept, coefficients alone")
     ap.add_argument("--tag", default="")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.partial.json (written as it goes)")
     ap.add_argument("--cache", default="/tmp/fewstep-learned-cache", help="held-out references are cached here")

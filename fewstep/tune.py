@@ -672,14 +672,15 @@ def _fit_pas(train: _Problem, val: _Problem, grid: torch.Tensor, targets: list, 
                                 "validation_uncorrected": base_val, "dropped_steps": dropped}
 
 
-def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max_evals, basis, log) -> dict:
+def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max_evals, basis, log,
+                move_times: bool = True) -> dict:
     """One method's fit from the starting ``grid``: its grid, coefficient rows (None for ``grid``), objective
     and validation error."""
     objective = [train.error(grid)]
     rows, extra = None, {}
     if method == "coeff":
         evals = max_evals or 15 * (2 * nfe - 3) + 30
-        grid, rows, history, extra = _fit_coeff_lm(train, val, grid, nfe, free_end, evals, log)
+        grid, rows, history, extra = _fit_coeff_lm(train, val, grid, nfe, free_end, evals, log, move_times)
         objective += history
     elif method == "pas":
         targets = trajectory_targets(train.cal.trajectory, train.schedule, grid)  # no model calls
@@ -697,7 +698,7 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
                 validation: float = 0.25, reference_steps: int = 128, candidates: int = 64,
                 max_evals: int | None = None, options: dict | None = None, free_end: bool | None = None,
                 model=None, conditioning: dict | None = None, starts: dict | None = None, basis: int = 4,
-                heldout: Calibration | torch.Tensor | tuple | None = None,
+                heldout: Calibration | torch.Tensor | tuple | None = None, times: str = "tuned",
                 log: Callable[[str], None] | None = None) -> TunedGrid:
     """Fit a learned solver: the time grid of ``nfe`` model calls and per-step coefficients of ``solver``
     (``fewstep.solvers.learned``) whose final sample comes closest to the converged probability-flow ODE
@@ -724,6 +725,9 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
       (the result, its times alone, the best fixed spacing) are recorded in ``heldout``.
     max_evals: sampler runs on the fitting split for the Levenberg-Marquardt search (coeff: default
       15 * (2 nfe - 3) + 30; pas: 40 nfe basis); the grid stage keeps ``tune_grid``'s default.
+    times: ``tuned`` (default: the grid stage above, and coeff moves the times with its scales) or ``fixed``
+      (no grid stage: the fixed spacing or start with the lowest fitting error, kept as it is; only the
+      coefficients are fitted: fewer parameters, and the grid stage's cost saved).
     """
     spec = get_solver(solver)
     if spec.kind != "multistep" or spec.stochastic or spec.step is None:
@@ -737,6 +741,11 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         raise ValueError(f"validation must be a share in (0, 1), got {validation!r}")
     if not isinstance(basis, int) or not 1 <= basis <= 8:
         raise ValueError(f"basis must be an integer from 1 to 8, got {basis!r}")
+    if times not in ("tuned", "fixed"):
+        raise ValueError(f"times must be 'tuned' (fitted) or 'fixed' (the best fixed spacing), got {times!r}")
+    if times == "fixed" and method == "grid":
+        raise ValueError("method 'grid' fits the times alone; with times='fixed' there is nothing to fit: "
+                         "use times='tuned', or method 'coeff', 'pas' or 'auto'")
     if method == "coeff" and spec.order < 2:
         raise ValueError(f"method 'coeff' scales a high-order term; {solver!r} is first order: use 'pas' or a "
                          "solver such as dpmpp_2m")
@@ -765,9 +774,14 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
     # grid stage, tune_grid, remembers its own)
     memo = MemoDenoiser(counted, size=(basis + 2) * nfe + 8)
     all_starts = {**default_starts(schedule, nfe), **(starts or {})}  # (tune_grid adds the flow starts too)
-    base = tune_grid(counted, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
-                     reference_steps=reference_steps, candidates=candidates, options=opts, free_end=free_end,
-                     starts=all_starts)
+    fixed = {sp: time_grid(schedule, nfe, sp) for sp in FIXED_SPACINGS}
+    fixed.update({k: _check_start(schedule, k, g, nfe) for k, g in all_starts.items()})
+    if times == "tuned":
+        base = tune_grid(counted, schedule, solver=solver, nfe=nfe, calibration=fit_cal, method="dp+refine",
+                         reference_steps=reference_steps, candidates=candidates, options=opts, free_end=free_end,
+                         starts=all_starts)
+        best_start, tuned_times = base.calibration["start"], torch.tensor(base.times, dtype=torch.float64)
+        grid_objective, fixed_errors = base.calibration["objective"], base.calibration["fixed_spacings"]
     train, val = (_Problem(memo, schedule, solver, opts, c, basis) for c in (fit_cal, val_cal))
     if top is not None:  # the problems sample from the pure noises themselves
         n_fit = fit_cal.x_T.shape[0]
@@ -775,25 +789,26 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         val.cal = replace(val_cal, x_T=cal.x_T[n_fit:])
         train.top = val.top = top
         train.x_tmax, val.x_tmax = fit_cal.x_T, val_cal.x_T
+    if times == "fixed":  # the start with the lowest plain RMSE on the fitting split, as tune_grid ranks them
+        fixed_errors = {k: train.error(g, plain=True) for k, g in fixed.items()}
+        best_start = min(fixed_errors, key=fixed_errors.get)
+        tuned_times, grid_objective = fixed[best_start], [fixed_errors[best_start]]
     # the starting grid: the tuned one or the best start on the fitting split, whichever validates better
-    fixed = {sp: time_grid(schedule, nfe, sp) for sp in FIXED_SPACINGS}
-    fixed.update({k: _check_start(schedule, k, g, nfe) for k, g in all_starts.items()})
-    best_start = base.calibration["start"]
-    tuned_times = torch.tensor(base.times, dtype=torch.float64)
     train.set_scale(fixed[best_start])
     val.set_scale(fixed[best_start])
     val_tuned, val_start = val.error(tuned_times), val.error(fixed[best_start])
     grid, grid_from = (tuned_times, "tune_grid") if val_tuned <= val_start else (fixed[best_start], best_start)
     log(f"grid ({grid_from}): fitting error {train.error(grid):.4g}, validation {min(val_tuned, val_start):.4g} "
         f"(best start {best_start}: {val_start:.4g}; robust errors, see _Problem)")
-    record = {"grid_from": grid_from, "start": best_start, "grid_objective": base.calibration["objective"],
+    record = {"grid_from": grid_from, "start": best_start, "grid_objective": grid_objective, "times": times,
               "grid_validation_error": min(val_tuned, val_start), "start_validation_error": val_start,
-              "fixed_spacings": base.calibration["fixed_spacings"]}
+              "fixed_spacings": fixed_errors}
     start_grid = grid
     fits = {}
     both = ("coeff", "pas") if nfe >= 3 and spec.order >= 2 else ("pas",)  # coeff needs a high-order term
     for mth in (both if method == "auto" else (method,)):
-        fits[mth] = _fit_method(mth, train, val, start_grid, nfe, free_end, max_evals, basis, log)
+        fits[mth] = _fit_method(mth, train, val, start_grid, nfe, free_end, max_evals, basis, log,
+                                move_times=times == "tuned")
     # kept only if not worse than the grid alone on the validation split, by the robust error and by plain RMSE
     # (the robust error alone let a fit that sends more samples to another mode through, measured on the flow
     # mixture); auto keeps the better of the methods that pass
@@ -937,7 +952,7 @@ def _residual(problem: "_Problem", grid, method, rows):
 
 
 def _fit_coeff_lm(train: "_Problem", val: "_Problem", grid: torch.Tensor, nfe: int, free_end: bool, max_runs: int,
-                  log) -> tuple:
+                  log, move_times: bool = True) -> tuple:
     """Times and one scale per step (``coeff``) together, by Levenberg-Marquardt on the fitting split's final
     error (LD3's objective, arXiv 2405.15506, with the scales added), from ``grid`` and zero scales;
     early-stopped on the validation split."""
@@ -945,6 +960,7 @@ def _fit_coeff_lm(train: "_Problem", val: "_Problem", grid: torch.Tensor, nfe: i
     if not active:
         raise ValueError(f"method 'coeff' needs nfe >= 3 (a step with a high-order term), got {nfe}; use 'grid'")
     u0, lam0, span, t_max = _gap_logits(train.schedule, grid, free_end)
+    u0 = u0 if move_times else u0[:0]  # fixed times: the scales alone
     nu = u0.numel()
 
     def unpack(p):

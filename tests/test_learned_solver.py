@@ -91,6 +91,31 @@ def test_learned_solver_beats_every_fixed_solver_on_heldout_noise(problem, metho
     assert tuned.calibration["validation_samples"] == 8 and tuned.calibration["fitting_samples"] == 24
 
 
+@pytest.mark.parametrize("method", ["coeff", "pas"])
+def test_fixed_times_fit_the_coefficients_alone_on_the_best_fixed_spacing(problem, method):
+    """times='fixed': no grid stage; the grid is the fixed spacing with the lowest fitting-split error, unchanged,
+    and the coefficients fitted on it lower the held-out error below that spacing's own, for fewer model calls
+    than the fit that moves the times."""
+    s, den, x = problem["schedule"], problem["den"], problem["heldout"]
+    ref = problem["exact"](x)
+    nfe = 4
+    tuned = tune_solver(den, s, solver="dpmpp_2m", nfe=nfe, calibration=problem["cal"], method=method,
+                        reference_steps=32, candidates=16, times="fixed")
+    moving = tune_solver(den, s, solver="dpmpp_2m", nfe=nfe, calibration=problem["cal"], method=method,
+                         reference_steps=32, candidates=16)
+    start = tuned.calibration["start"]
+    assert tuned.calibration["times"] == "fixed" and start in tuned.calibration["fixed_spacings"]
+    assert start == min(tuned.calibration["fixed_spacings"], key=tuned.calibration["fixed_spacings"].get)
+    kept = time_grid(s, nfe, start) if start in SPACINGS else None
+    grid = torch.tensor(tuned.times, dtype=F64)
+    if kept is not None:
+        assert torch.equal(grid, kept) or torch.equal(grid[1:], kept[1:])  # (flow: the pure-noise top first)
+    assert tuned.learned["method"] == method
+    alone = rmse(sample(den, x, s, solver="dpmpp_2m", grid=kept if kept is not None else grid).x, ref)
+    assert rmse(sample(den, x, s, grid=tuned).x, ref) < alone
+    assert tuned.cost["model_calls"] < moving.cost["model_calls"]
+
+
 def test_remembered_model_calls_change_nothing_but_the_cost(vp, monkeypatch):
     """The fit remembers repeated model calls (fewstep.denoisers.MemoDenoiser): the same learned solver as a fit
     that calls the model every time, for well under the model calls (each rerun repeats its first call, each
@@ -233,7 +258,9 @@ def test_bad_arguments_are_refused_in_one_line(vp):
                         ({"solver": "heun"}, "one-call-per-step"),
                         ({"solver": "ddim", "method": "coeff"}, "first order"),
                         ({"validation": 1.5}, "validation must be a share"),
-                        ({"basis": 0}, "basis must be")]:
+                        ({"basis": 0}, "basis must be"),
+                        ({"times": "frozen"}, "times must be 'tuned'"),
+                        ({"times": "fixed", "method": "grid"}, "nothing to fit")]:
         with pytest.raises(ValueError, match=words):
             tune_solver(vp["den"], vp["schedule"], **{"nfe": 4, **kw, **args})
 
