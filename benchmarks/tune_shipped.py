@@ -50,6 +50,8 @@ def main(argv=None) -> None:
                    help="cap of each Levenberg-Marquardt run (default: the model's SETTINGS)")
     p.add_argument("--samples", type=int, default=None,
                    help="calibration noises (fitting + validation; default: the model's SETTINGS)")
+    p.add_argument("--times", default="tuned", choices=["tuned", "fixed"],
+                   help="tune_solver's times: fitted (default) or the best fixed spacing kept (coefficients alone)")
     p.add_argument("--tag", default=None, help="summary benchmarks/results/tuned_<model>_<tag>.json instead of "
                                                "tuned_<model>.json (a trial that does not replace the shipped record)")
     args = p.parse_args(argv)
@@ -64,13 +66,13 @@ def main(argv=None) -> None:
     steps = [int(k) for k in args.steps.split(",")]
     start = time.perf_counter()
     grids = tune_model(model, solver=args.solver, nfe=steps, w=cfg["w"], samples=cfg["samples"], seed=1234,
-                       method="learned", heldout=cfg["heldout"], max_evals=cfg["max_evals"], log=log)
+                       method="learned", heldout=cfg["heldout"], max_evals=cfg["max_evals"], times=args.times, log=log)
     total = time.perf_counter() - start
     out_dir = args.out_dir or folder / "grids"
     rows = []
     for g in grids:
         path = g.save(out_dir / f"{g.solver}-nfe{g.nfe}-w{g.w:g}.json")
-        rows.append({"nfe": g.nfe, "method": g.method, "heldout_rmse": g.heldout["rmse"],
+        rows.append({"nfe": g.nfe, "method": g.method, "times": g.calibration.get("times", "tuned"), "heldout_rmse": g.heldout["rmse"],
                      "times_alone": g.heldout["grid_alone"], "best_fixed": g.heldout["best_fixed"],
                      "fixed_spacings": g.heldout["fixed_spacings"], "calibration_rmse": g.calibration["rmse"],
                      "model_calls": g.cost["model_calls"], "seconds": g.cost["seconds"],

@@ -1044,9 +1044,12 @@ def _tune_target(model, prompts, null_class, w):
               help="Objective evaluations for refine (default 12 * (nfe - 1) + 20).")
 @click.option("--free-end", is_flag=True, help="Let the last finite time move too (lower RMSE, blurrier samples); "
               "learned methods move it by default on flow-matching models only.")
+@click.option("--times", type=click.Choice(["tuned", "fixed"]), default="tuned", show_default=True,
+              help="Learned methods: fit the times with the coefficients (tuned), or keep the fixed spacing with the "
+                   "lowest calibration error and fit the coefficients alone (fixed: no grid stage, a faster fit).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 def tune_cmd(model, prompts, null_class, solver, steps, nfe, w, out, method, heldout, samples, seed, reference_steps,
-             candidates, max_evals, free_end, threads):
+             candidates, max_evals, free_end, times, threads):
     """Fit a learned solver (default) or a time grid on which --solver with --steps model calls comes closest
     to the converged ODE solution of --model, on calibration noises; write it as JSON (use it with
     `fewstep sample --grid PATH`, `fewstep.sample(..., grid=fewstep.load_grid(PATH))` or
@@ -1055,13 +1058,16 @@ def tune_cmd(model, prompts, null_class, solver, steps, nfe, w, out, method, hel
 
     from .tune import tune_model
     nfe = _budget_alias(steps, nfe)
+    if times == "fixed" and method in ("dp", "refine", "dp+refine", "grid"):
+        raise click.UsageError(f"--times fixed keeps the times and fits coefficients; --method {method} fits times "
+                               "alone: use --method learned, coeff or pas with it")
     _check_writable(out, file=True)
     torch.set_num_threads(threads)
     m = _tune_target(model, prompts, null_class, w)
     log = lambda msg: click.echo(f"[tune] {msg}", err=True)  # noqa: E731
     try:
         solver_method = method not in ("dp", "refine", "dp+refine")
-        extra = {"heldout": heldout} if solver_method else {}
+        extra = {"heldout": heldout, "times": times} if solver_method else {}
         grid = tune_model(m, solver=solver, nfe=nfe, w=w, samples=samples, seed=seed, method=method,
                           reference_steps=reference_steps, candidates=candidates, max_evals=max_evals,
                           free_end=free_end or (None if solver_method else False), log=log, **extra)

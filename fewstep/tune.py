@@ -797,7 +797,8 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
     train.set_scale(fixed[best_start])
     val.set_scale(fixed[best_start])
     val_tuned, val_start = val.error(tuned_times), val.error(fixed[best_start])
-    grid, grid_from = (tuned_times, "tune_grid") if val_tuned <= val_start else (fixed[best_start], best_start)
+    grid, grid_from = (tuned_times, "tune_grid" if times == "tuned" else best_start) if val_tuned <= val_start \
+        else (fixed[best_start], best_start)
     log(f"grid ({grid_from}): fitting error {train.error(grid):.4g}, validation {min(val_tuned, val_start):.4g} "
         f"(best start {best_start}: {val_start:.4g}; robust errors, see _Problem)")
     record = {"grid_from": grid_from, "start": best_start, "grid_objective": grid_objective, "times": times,

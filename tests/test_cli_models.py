@@ -69,6 +69,7 @@ def test_sample_writes_a_grid_and_reports_nfe(tiny, tmp_path):
     (["bench", "solvers", "--nfe", "5,1001"], "expected integers from 1 to 1000"),
     (["sample", "--labels", ","], "expected one or more finite class ids"),
     (["tune", "--out", "g.json"], "missing option --steps"),
+    (["tune", "--steps", "3", "--times", "fixed", "--method", "dp", "--out", "g.json"], "--times fixed keeps the times"),
     (["distill", "dmd", "--out", "x", "--train-steps", "0"], "--train-steps"),
 ])
 def test_misuse_exits_2_with_one_line(args, words):
