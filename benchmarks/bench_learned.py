@@ -422,8 +422,9 @@ def main(argv=None):
     ap.add_argument("--shipped", default=None, metavar="DIR",
                     help="score the tuned solvers in DIR (<solver>-nfe<K>-w<w>.json, e.g. a model's grids/ folder) "
                          "on the held-out noises instead of fitting new ones")
-    ap.add_argument("--times", default="tuned", choices=["tuned", "fixed"],
-                    help="tune_solver's times: fitted (default) or the best fixed spacing kept, coefficients alone")
+    ap.add_argument("--times", default="auto", choices=["auto", "tuned", "fixed"],
+                    help="tune_solver's times (default auto: both fits, tuned times kept only where they validate "
+                         "better by more than one standard error)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.partial.json (written as it goes)")
     ap.add_argument("--cache", default="/tmp/fewstep-learned-cache", help="held-out references are cached here")

@@ -50,8 +50,9 @@ def main(argv=None) -> None:
                    help="cap of each Levenberg-Marquardt run (default: the model's SETTINGS)")
     p.add_argument("--samples", type=int, default=None,
                    help="calibration noises (fitting + validation; default: the model's SETTINGS)")
-    p.add_argument("--times", default="tuned", choices=["tuned", "fixed"],
-                   help="tune_solver's times: fitted (default) or the best fixed spacing kept (coefficients alone)")
+    p.add_argument("--times", default="auto", choices=["auto", "tuned", "fixed"],
+                   help="tune_solver's times (default auto: both fits, tuned times kept only where they validate "
+                        "better by more than one standard error)")
     p.add_argument("--tag", default=None, help="summary benchmarks/results/tuned_<model>_<tag>.json instead of "
                                                "tuned_<model>.json (a trial that does not replace the shipped record)")
     args = p.parse_args(argv)

@@ -1044,9 +1044,10 @@ def _tune_target(model, prompts, null_class, w):
               help="Objective evaluations for refine (default 12 * (nfe - 1) + 20).")
 @click.option("--free-end", is_flag=True, help="Let the last finite time move too (lower RMSE, blurrier samples); "
               "learned methods move it by default on flow-matching models only.")
-@click.option("--times", type=click.Choice(["tuned", "fixed"]), default="tuned", show_default=True,
-              help="Learned methods: fit the times with the coefficients (tuned), or keep the fixed spacing with the "
-                   "lowest calibration error and fit the coefficients alone (fixed: no grid stage, a faster fit).")
+@click.option("--times", type=click.Choice(["auto", "tuned", "fixed"]), default="auto", show_default=True,
+              help="Learned methods: fit the times with the coefficients (tuned), keep the fixed spacing with the "
+                   "lowest calibration error and fit the coefficients alone (fixed: a faster fit), or both, the tuned "
+                   "times kept only where they validate better by more than one standard error (auto).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 def tune_cmd(model, prompts, null_class, solver, steps, nfe, w, out, method, heldout, samples, seed, reference_steps,
              candidates, max_evals, free_end, times, threads):

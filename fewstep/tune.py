@@ -431,6 +431,8 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe=5, w: float = 0.0, sample
 # ---------------------------------------------------------------------------
 
 SOLVER_METHODS = ("coeff", "pas", "auto", "grid")
+TIMES = ("auto", "tuned", "fixed")  # tune_solver's times: see its docstring
+DEFAULT_TIMES = "auto"
 DEFAULT_SOLVER_METHOD = "auto"  # coeff and pas both fitted, the better on the validation split kept: neither
 # wins everywhere on held-out noises (benchmarks/results/learned_*.md)
 FLOW_SHIFTS = (1.0, 2.0, 3.0, 4.0, 5.0, 7.0)  # shifted flow grids tried as starts (SD3 / Sana 3, Flux ~3.2, Wan 5)
@@ -698,7 +700,7 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
                 validation: float = 0.25, reference_steps: int = 128, candidates: int = 64,
                 max_evals: int | None = None, options: dict | None = None, free_end: bool | None = None,
                 model=None, conditioning: dict | None = None, starts: dict | None = None, basis: int = 4,
-                heldout: Calibration | torch.Tensor | tuple | None = None, times: str = "tuned",
+                heldout: Calibration | torch.Tensor | tuple | None = None, times: str = DEFAULT_TIMES,
                 log: Callable[[str], None] | None = None) -> TunedGrid:
     """Fit a learned solver: the time grid of ``nfe`` model calls and per-step coefficients of ``solver``
     (``fewstep.solvers.learned``) whose final sample comes closest to the converged probability-flow ODE
@@ -725,9 +727,12 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
       (the result, its times alone, the best fixed spacing) are recorded in ``heldout``.
     max_evals: sampler runs on the fitting split for the Levenberg-Marquardt search (coeff: default
       15 * (2 nfe - 3) + 30; pas: 40 nfe basis); the grid stage keeps ``tune_grid``'s default.
-    times: ``tuned`` (default: the grid stage above, and coeff moves the times with its scales) or ``fixed``
-      (no grid stage: the fixed spacing or start with the lowest fitting error, kept as it is; only the
-      coefficients are fitted: fewer parameters, and the grid stage's cost saved).
+    times: ``tuned`` (the grid stage above, and coeff moves the times with its scales), ``fixed`` (no grid
+      stage: the fixed spacing or start with the lowest fitting error, kept as it is; only the coefficients are
+      fitted: fewer parameters, a fraction of the cost) or ``auto`` (default: both fitted; the tuned times are
+      kept only where their validation error is lower by more than one standard error of the paired
+      per-sample difference, the one-standard-error rule: fitted times chase the few calibration samples near
+      a boundary between modes, which does not carry over; ``_pick_times``). ``method='grid'`` implies tuned.
     """
     spec = get_solver(solver)
     if spec.kind != "multistep" or spec.stochastic or spec.step is None:
@@ -741,8 +746,9 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         raise ValueError(f"validation must be a share in (0, 1), got {validation!r}")
     if not isinstance(basis, int) or not 1 <= basis <= 8:
         raise ValueError(f"basis must be an integer from 1 to 8, got {basis!r}")
-    if times not in ("tuned", "fixed"):
-        raise ValueError(f"times must be 'tuned' (fitted) or 'fixed' (the best fixed spacing), got {times!r}")
+    if times not in TIMES:
+        raise ValueError(f"times must be 'tuned' (fitted), 'fixed' (the best fixed spacing) or 'auto' (both, the "
+                         f"simpler kept unless the tuned times validate clearly better), got {times!r}")
     if times == "fixed" and method == "grid":
         raise ValueError("method 'grid' fits the times alone; with times='fixed' there is nothing to fit: "
                          "use times='tuned', or method 'coeff', 'pas' or 'auto'")
@@ -750,6 +756,18 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         raise ValueError(f"method 'coeff' scales a high-order term; {solver!r} is first order: use 'pas' or a "
                          "solver such as dpmpp_2m")
     cal, log = _as_calibration(calibration), log or (lambda msg: None)
+    if times == "auto" and method != "grid":  # both fits share the calibration's reference solve and split
+        kw = dict(solver=solver, nfe=nfe, calibration=cal, method=method, validation=validation,
+                  reference_steps=reference_steps, candidates=candidates, max_evals=max_evals, options=options,
+                  free_end=free_end, model=model, conditioning=conditioning, starts=starts, basis=basis, log=log)
+        result = _pick_times(tune_solver(denoiser, schedule, times="fixed", **kw),
+                             tune_solver(denoiser, schedule, times="tuned", **kw), log)
+        if heldout is not None:
+            result.heldout = heldout_errors(denoiser, schedule, result, heldout, reference_steps=reference_steps)
+            log(f"held-out RMSE {result.heldout['rmse']:.4g} (times alone {result.heldout['grid_alone']:.4g}, best "
+                f"fixed spacing {result.heldout['best_fixed']:.4g})")
+        return result
+    times = "tuned" if times == "auto" else times
     candidates = min(candidates, reference_steps)  # a short reference solve records every step
     free_end = is_flow(schedule) if free_end is None else bool(free_end)
     opts = dict(options or {})
@@ -834,7 +852,8 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         grid = torch.cat([torch.tensor([top], dtype=torch.float64), grid[1:]])
     fit_rmse, val_rmse = train.error(grid, m, rows, plain=True), val.error(grid, m, rows, plain=True)
     record.update(fitting_error=train.error(grid, m, rows), validation_error=val.error(grid, m, rows),
-                  outlier_cap={"fitting": train.delta, "validation": val.delta})
+                  outlier_cap={"fitting": train.delta, "validation": val.delta},
+                  validation_per_sample=val.per_sample(grid, m, rows).pow(2).mean(1).sqrt().tolist())
     record["objective"] = [min(record["objective"][:k + 1]) for k in range(len(record["objective"]))]
     log(f"{method} {solver} NFE {nfe}: fitting RMSE {fit_rmse:.4g}, validation RMSE {val_rmse:.4g} "
         f"(grid alone {record['grid_validation_error']:.4g})")
@@ -856,6 +875,30 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
         log(f"held-out RMSE {result.heldout['rmse']:.4g} (times alone {result.heldout['grid_alone']:.4g}, best fixed "
             f"spacing {result.heldout['best_fixed']:.4g})")
     return result
+
+
+def _pick_times(fixed: TunedGrid, tuned: TunedGrid, log) -> TunedGrid:
+    """``times='auto'``: the fit on fixed times unless the fit with tuned times has a lower validation error by
+    more than one standard error of the paired per-sample difference of squared errors (the one-standard-error
+    rule, Hastie, Tibshirani & Friedman, Elements of Statistical Learning, sec. 7.10: the simpler of two models
+    whose errors are within noise of each other). The result records both and the cost of both fits."""
+    e_f = torch.tensor(fixed.calibration["validation_per_sample"], dtype=torch.float64)
+    e_t = torch.tensor(tuned.calibration["validation_per_sample"], dtype=torch.float64)
+    d = e_t.pow(2) - e_f.pow(2)
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    use_tuned = float(d.mean()) + se < 0.0
+    out = tuned if use_tuned else fixed
+    out.calibration["times_choice"] = {
+        "chosen": "tuned" if use_tuned else "fixed", "rule": "one standard error",
+        "validation_rmse": {"fixed": fixed.calibration["validation_rmse"], "tuned": tuned.calibration["validation_rmse"]},
+        "mean_difference": float(d.mean()), "standard_error": se,
+        "other": {"times": (fixed if use_tuned else tuned).times, "learned": (fixed if use_tuned else tuned).learned}}
+    out.calibration["times"] = "auto"
+    out.cost = {**out.cost, "model_calls": fixed.cost["model_calls"] + tuned.cost["model_calls"],
+                "seconds": round(fixed.cost["seconds"] + tuned.cost["seconds"], 1)}
+    log(f"times: {'tuned' if use_tuned else 'fixed'} kept (validation RMSE fixed {fixed.calibration['validation_rmse']:.4g}, "
+        f"tuned {tuned.calibration['validation_rmse']:.4g}; paired difference {float(d.mean()):.3g} +- {se:.3g})")
+    return out
 
 
 @torch.no_grad()

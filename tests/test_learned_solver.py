@@ -116,6 +116,35 @@ def test_fixed_times_fit_the_coefficients_alone_on_the_best_fixed_spacing(proble
     assert tuned.cost["model_calls"] < moving.cost["model_calls"]
 
 
+def test_auto_times_keep_fitted_times_only_when_they_validate_clearly_better(learned_vp):
+    """times='auto' (the default): of the fit on fixed times and the fit with tuned times, the tuned one is kept
+    only if its per-sample validation errors are lower by more than one standard error of the paired difference;
+    the result records the choice and the cost of both fits."""
+    import copy
+
+    from fewstep.tune import _pick_times
+
+    def pair(e_fixed, e_tuned):
+        fixed, tuned = copy.deepcopy(learned_vp), copy.deepcopy(learned_vp)
+        tuned.times = [*tuned.times[:-2], tuned.times[-2] * 0.9, 0.0]
+        for g, e in ((fixed, e_fixed), (tuned, e_tuned)):
+            g.calibration["validation_per_sample"] = e
+            g.calibration["validation_rmse"] = float(torch.tensor(e).pow(2).mean().sqrt())
+        return fixed, tuned
+
+    base = [0.10, 0.12, 0.08, 0.11, 0.09, 0.10, 0.13, 0.07]
+    clearly = _pick_times(*pair(base, [0.5 * e for e in base]), log=lambda m: None)  # every sample halved
+    assert clearly.calibration["times_choice"]["chosen"] == "tuned" and clearly.times[-2] != learned_vp.times[-2]
+    one_flip = [0.5 * e for e in base[:-1]] + [0.2]  # lower mean error, but one sample sent far: within noise
+    noisy = _pick_times(*pair(base, one_flip), log=lambda m: None)
+    assert float(torch.tensor(one_flip).pow(2).mean()) < float(torch.tensor(base).pow(2).mean())
+    assert noisy.calibration["times_choice"]["chosen"] == "fixed" and noisy.times == learned_vp.times
+    tie = _pick_times(*pair(base, base), log=lambda m: None)
+    assert tie.calibration["times_choice"]["chosen"] == "fixed"
+    assert tie.cost["model_calls"] == 2 * learned_vp.cost["model_calls"]
+    assert tie.calibration["times"] == "auto" and tie.calibration["times_choice"]["other"]["times"] != tie.times
+
+
 def test_remembered_model_calls_change_nothing_but_the_cost(vp, monkeypatch):
     """The fit remembers repeated model calls (fewstep.denoisers.MemoDenoiser): the same learned solver as a fit
     that calls the model every time, for well under the model calls (each rerun repeats its first call, each
