@@ -411,6 +411,10 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe=5, w: float = 0.0, sample
         conditioning.update(calibration_prompts=[prompts[i] for i in cal_ids],
                             heldout_prompts=[prompts[i] for i in ho_ids])
     cal = calibration_set(samples, model.image_shape, seed=seed, num_classes=classes, classes=cal_ids)
+    if prompts and method not in METHODS and len(cal_ids) >= 2:  # validation on prompts of its own, as held-out
+        cal = _validation_prompts(cal, cal_ids, kwargs.get("validation", 0.25), seed)
+        conditioning["validation_prompts"] = sorted({prompts[i] for i in cal.cond["labels"][-_n_validation(
+            samples, kwargs.get("validation", 0.25)):].tolist()})
     ho = calibration_set(heldout, model.image_shape, seed=seed + 1, num_classes=classes,
                          classes=ho_ids) if heldout else None
     den, out = model.denoiser(w), []
@@ -520,12 +524,31 @@ def _rows(v, idx: torch.Tensor, n: int):
     return v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == n else v
 
 
+def _n_validation(n: int, validation: float) -> int:
+    """How many of n calibration samples validate: the last ``validation`` share, at least one, never all."""
+    return min(n - 1, max(1, round(n * validation)))
+
+
+def _validation_prompts(cal: Calibration, cal_ids: list, validation: float, seed: int) -> Calibration:
+    """The calibration set with its validation samples (the last ``validation`` share) on prompts the fitting
+    samples never use (every 4th calibration prompt, ``prompt_split``), so that stopping and choosing on the
+    validation split measure what the held-out prompts measure: how the fit carries over to other prompts."""
+    n = int(cal.x_T.shape[0])
+    fit_pos, val_pos = prompt_split(len(cal_ids))
+    fit_ids, val_ids = [cal_ids[i] for i in fit_pos], [cal_ids[i] for i in val_pos]
+    g = torch.Generator().manual_seed(seed + 2)
+    n_val = _n_validation(n, validation)
+    labels = torch.cat([torch.as_tensor(fit_ids)[torch.randint(0, len(fit_ids), (n - n_val,), generator=g)],
+                        torch.as_tensor(val_ids)[torch.randint(0, len(val_ids), (n_val,), generator=g)]])
+    return Calibration(cal.x_T, {**cal.cond, "labels": labels}, cal.seed)
+
+
 def _split(cal: Calibration, validation: float) -> tuple[Calibration, Calibration]:
     """(train, validation): the last ``validation`` share of the calibration samples validate (at least one)."""
     n = int(cal.x_T.shape[0])
     if n < 2:
         raise ValueError(f"a learned solver needs at least 2 calibration noises (fit + validation), got {n}")
-    n_val = min(n - 1, max(1, round(n * validation)))
+    n_val = _n_validation(n, validation)
     idx = torch.arange(n)
     return _subset(cal, idx[: n - n_val]), _subset(cal, idx[n - n_val:])
 

@@ -51,12 +51,23 @@ def test_every_fourth_prompt_is_held_out_and_the_sets_are_disjoint():
     assert set(labels.tolist()) == set(cal)  # every calibration prompt drawn, no held-out one
 
 
+def test_validation_samples_get_calibration_prompts_the_fitting_samples_never_see():
+    from fewstep.tune import _validation_prompts
+    cal_ids, _ = prompt_split(90)
+    cal = _validation_prompts(calibration_set(48, (2,), seed=0, classes=cal_ids), cal_ids, 0.25, seed=0)
+    fit, val = cal.cond["labels"][:36].tolist(), cal.cond["labels"][36:].tolist()
+    assert len(val) == 12 and not set(fit) & set(val) and set(fit) | set(val) <= set(cal_ids)
+    assert set(val) <= {cal_ids[i] for i in prompt_split(len(cal_ids))[1]}
+
+
 def test_the_json_records_both_prompt_sets_and_the_heldout_error(tuned):
     folder, _, out = tuned
     grid = load_grid(out)
     doc = json.loads(out.read_text())
     cal, held = grid.model["calibration_prompts"], grid.model["heldout_prompts"]
     assert sorted(cal + held) == sorted(PROMPTS) and not set(cal) & set(held) and held == [PROMPTS[3], PROMPTS[7]]
+    # the validation split's prompts: calibration prompts that the fitting samples never use (every 4th of them)
+    assert grid.model["validation_prompts"] == [PROMPTS[4]]
     assert grid.w == 1.0 and grid.nfe == 3 and grid.model["fingerprint"]
     # coeff as asked, unless it did not beat the times alone on the validation split (then it says so)
     assert doc["learned"].get("method") == "coeff" or grid.calibration.get("fell_back_to_grid")
