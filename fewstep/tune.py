@@ -740,10 +740,11 @@ def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "d
       per step, on the tuned grid: PAS's closed-form per-step fit, then Levenberg-Marquardt on the final
       error), ``auto`` (default: both, the one with the lower validation error kept) or ``grid`` (the tuned
       times alone). Fits and validation use a robust error (each sample's RMSE capped at 3x the median:
-      samples sent to another mode of a multi-modal model would otherwise dominate). Every method starts with
-      ``tune_grid`` (dp + refine) on the fitting split, from the fixed spacings, ``starts`` and, for a flow
-      schedule, the flow pipelines' shifted grids (``default_starts``). The result is never worse on the
-      validation split than that grid, nor than the best start.
+      samples sent to another mode of a multi-modal model would otherwise dominate). With tuned times every
+      method starts with ``tune_grid`` (dp + refine) on the fitting split, from the fixed spacings, ``starts``
+      and, for a flow schedule, the flow pipelines' shifted grids (``default_starts``); with fixed times from
+      the best of those starts as it is. The result is never worse on the validation split than its grid,
+      nor than the best start.
     free_end: let the last finite time move (default: yes for flow schedules, whose pipelines' grids end well
       above t_min; no for VP / EDM, see ``tune_grid``).
     heldout: more noises (and conditions), never used in fitting: their errors against a fresh reference solve
