@@ -412,9 +412,8 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe=5, w: float = 0.0, sample
                             heldout_prompts=[prompts[i] for i in ho_ids])
     cal = calibration_set(samples, model.image_shape, seed=seed, num_classes=classes, classes=cal_ids)
     if prompts and method not in METHODS and len(cal_ids) >= 2:  # validation on prompts of its own, as held-out
-        cal = _validation_prompts(cal, cal_ids, kwargs.get("validation", 0.25), seed)
-        conditioning["validation_prompts"] = sorted({prompts[i] for i in cal.cond["labels"][-_n_validation(
-            samples, kwargs.get("validation", 0.25)):].tolist()})
+        cal, val_ids = _validation_prompts(cal, cal_ids, kwargs.get("validation", VALIDATION_SHARE), seed)
+        conditioning["validation_prompts"] = sorted({prompts[i] for i in val_ids})
     ho = calibration_set(heldout, model.image_shape, seed=seed + 1, num_classes=classes,
                          classes=ho_ids) if heldout else None
     den, out = model.denoiser(w), []
@@ -436,6 +435,7 @@ def tune_model(model, *, solver: str = "dpmpp_2m", nfe=5, w: float = 0.0, sample
 
 SOLVER_METHODS = ("coeff", "pas", "auto", "grid")
 TIMES = ("auto", "tuned", "fixed")  # tune_solver's times: see its docstring
+VALIDATION_SHARE = 0.25  # the calibration samples tune_solver validates on (the last quarter)
 DEFAULT_TIMES = "auto"
 DEFAULT_SOLVER_METHOD = "auto"  # coeff and pas both fitted, the better on the validation split kept: neither
 # wins everywhere on held-out noises (benchmarks/results/learned_*.md)
@@ -529,10 +529,11 @@ def _n_validation(n: int, validation: float) -> int:
     return min(n - 1, max(1, round(n * validation)))
 
 
-def _validation_prompts(cal: Calibration, cal_ids: list, validation: float, seed: int) -> Calibration:
-    """The calibration set with its validation samples (the last ``validation`` share) on prompts the fitting
-    samples never use (every 4th calibration prompt, ``prompt_split``), so that stopping and choosing on the
-    validation split measure what the held-out prompts measure: how the fit carries over to other prompts."""
+def _validation_prompts(cal: Calibration, cal_ids: list, validation: float, seed: int) -> tuple[Calibration, list]:
+    """(the calibration set with its validation samples, the last ``validation`` share, on prompts the fitting
+    samples never use (every 4th calibration prompt, ``prompt_split``), the prompt ids those samples drew), so
+    that stopping and choosing on the validation split measure what the held-out prompts measure: how the fit
+    carries over to other prompts."""
     n = int(cal.x_T.shape[0])
     fit_pos, val_pos = prompt_split(len(cal_ids))
     fit_ids, val_ids = [cal_ids[i] for i in fit_pos], [cal_ids[i] for i in val_pos]
@@ -540,7 +541,7 @@ def _validation_prompts(cal: Calibration, cal_ids: list, validation: float, seed
     n_val = _n_validation(n, validation)
     labels = torch.cat([torch.as_tensor(fit_ids)[torch.randint(0, len(fit_ids), (n - n_val,), generator=g)],
                         torch.as_tensor(val_ids)[torch.randint(0, len(val_ids), (n_val,), generator=g)]])
-    return Calibration(cal.x_T, {**cal.cond, "labels": labels}, cal.seed)
+    return Calibration(cal.x_T, {**cal.cond, "labels": labels}, cal.seed), labels[n - n_val:].tolist()
 
 
 def _split(cal: Calibration, validation: float) -> tuple[Calibration, Calibration]:
@@ -720,7 +721,7 @@ def _fit_method(method, train: _Problem, val: _Problem, grid, nfe, free_end, max
 @torch.no_grad()
 def tune_solver(denoiser: Callable, schedule: NoiseSchedule, *, solver: str = "dpmpp_2m", nfe: int = 5,
                 calibration: Calibration | torch.Tensor | tuple, method: str = DEFAULT_SOLVER_METHOD,
-                validation: float = 0.25, reference_steps: int = 128, candidates: int = 64,
+                validation: float = VALIDATION_SHARE, reference_steps: int = 128, candidates: int = 64,
                 max_evals: int | None = None, options: dict | None = None, free_end: bool | None = None,
                 model=None, conditioning: dict | None = None, starts: dict | None = None, basis: int = 4,
                 heldout: Calibration | torch.Tensor | tuple | None = None, times: str = DEFAULT_TIMES,

@@ -54,9 +54,9 @@ def test_every_fourth_prompt_is_held_out_and_the_sets_are_disjoint():
 def test_validation_samples_get_calibration_prompts_the_fitting_samples_never_see():
     from fewstep.tune import _validation_prompts
     cal_ids, _ = prompt_split(90)
-    cal = _validation_prompts(calibration_set(48, (2,), seed=0, classes=cal_ids), cal_ids, 0.25, seed=0)
+    cal, drawn = _validation_prompts(calibration_set(48, (2,), seed=0, classes=cal_ids), cal_ids, 0.25, seed=0)
     fit, val = cal.cond["labels"][:36].tolist(), cal.cond["labels"][36:].tolist()
-    assert len(val) == 12 and not set(fit) & set(val) and set(fit) | set(val) <= set(cal_ids)
+    assert len(val) == 12 and not set(fit) & set(val) and set(fit) | set(val) <= set(cal_ids) and drawn == val
     assert set(val) <= {cal_ids[i] for i in prompt_split(len(cal_ids))[1]}
 
 
