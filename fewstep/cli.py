@@ -1028,8 +1028,8 @@ def _tune_target(model, prompts, null_class, w):
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the grid (JSON).")
 @click.option("--method", type=click.Choice(["learned", "coeff", "pas", "grid", "dp", "refine", "dp+refine"]),
               default="learned", show_default=True,
-              help="learned: a learned solver, times and per-step coefficients fitted together (fewstep.tune_solver's "
-                   "default method); coeff / pas: that method; grid: the times alone, through tune_solver (validation "
+              help="learned: a learned solver, per-step coefficients on fitted or fixed times (see --times; "
+                   "fewstep.tune_solver's default method); coeff / pas: that method; grid: the times alone, through tune_solver (validation "
                    "split, flow starts); dp / refine / dp+refine: tune_grid's grid methods (GITS dynamic programming, "
                    "LD3's objective by Nelder-Mead, refine from the better start).")
 @click.option("--heldout", type=click.IntRange(min=0), default=32, show_default=True,
