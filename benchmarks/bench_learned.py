@@ -16,7 +16,9 @@ gmm-mnist: reference RK4 in log-SNR (``fewstep.bench.runner.reference``); diffus
 loop (``DIFFUSERS_CONFIGS`` of ``fewstep bench solvers``: DPM-Solver++ default / Karras / Lu, singlestep,
 UniPC, DEIS, Euler, Heun, DDIM), default = DPMSolverMultistepScheduler. flow-mixture: every row through the
 scheduler interface from pure noise at sigma = 1 (``fewstep.bench.flow``), reference fewstep unipc_bh2_3
-at 1000 steps; diffusers rows FlowMatchEuler (default), DPM-Solver and UniPC in flow mode.
+at 1000 steps; diffusers rows FlowMatchEuler (default), DPM-Solver and UniPC in flow mode, each at the model's
+shift 3 and at shifts 1, 2 and 4 (``OTHER_SHIFTS``: a flow scheduler's spacing is its shift; "diffusers best" is
+the best of them all).
 Every row records the RMSE, the median held-out sample's RMSE and how many samples end more than ``FAR``
 from the reference (in another mode: on multi-modal models a few of them make most of the RMSE).
 Writes ``benchmarks/results/learned_<model>.{json,md}``.
@@ -152,12 +154,12 @@ class FlowMixtureProblem:
     name, family = "flow-mixture", "flow"
 
     def __init__(self, n_heldout: int, ref_steps: int):
-        from fewstep.bench.flow import FLOW_EULER, FlowMixture, diffusers_schedulers, run_scheduler
+        from fewstep.bench.flow import FLOW_EULER, OTHER_SHIFTS, FlowMixture, diffusers_schedulers, run_scheduler
         from fewstep.bench.models import mnist_mixture
         from fewstep.diffusers import FewstepScheduler
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         self.gmm = mnist_mixture()
-        self.model, self.makers = FlowMixture(self.gmm), diffusers_schedulers()
+        self.model, self.makers = FlowMixture(self.gmm), diffusers_schedulers(OTHER_SHIFTS)  # each on its best shift
         self.src = self.makers[FLOW_EULER]().config
         self.schedule = FewstepScheduler.from_config(self.src, solver="dpmpp_2m").schedule
         self.denoiser, self.shape = self.gmm.denoiser(self.schedule), (1, 28, 28)
@@ -321,7 +323,10 @@ def summarize(rows: list, nfes) -> dict:
         at = [r for r in rows if r["nfe"] == n]
         best = lambda kind: min((r for r in at if r["kind"] == kind), key=lambda r: r["rmse"], default=None)  # noqa: E731
         d_best, d_default = best("diffusers"), next(r for r in at if r.get("default"))
+        euler = min((r["rmse"] for r in at if r["kind"] == "diffusers" and r["row"].startswith("FlowMatchEuler")),
+                    default=None)  # flow: FlowMatchEuler on its best shift, beside the default (its model's shift)
         entry = {"diffusers_best": d_best["row"], "diffusers_best_rmse": d_best["rmse"],
+                 **({"flow_euler_best_rmse": euler} if euler is not None else {}),
                  "diffusers_default_rmse": d_default["rmse"], "diffusers_best_median": d_best.get("median"),
                  "diffusers_best_far": d_best.get("far"), "samples_far": {r["row"]: r["far"] for r in at if "far" in r}}
         for kind in ("fixed", "tuned_grid", "learned", "auto", "handpicked"):
@@ -331,6 +336,8 @@ def summarize(rows: list, nfes) -> dict:
                 entry[f"{kind}_rmse"] = b["rmse"]
                 entry[f"{kind}_vs_diffusers_best"] = b["rmse"] / d_best["rmse"]
                 entry[f"{kind}_vs_diffusers_default"] = b["rmse"] / d_default["rmse"]
+                if euler is not None:
+                    entry[f"{kind}_vs_flow_euler_best"] = b["rmse"] / euler
                 entry[f"{kind}_median"], entry[f"{kind}_far"] = b.get("median"), b.get("far")
         for method in ("coeff", "pas", "grid", "auto"):
             b = min((r for r in at if r.get("method") == method), key=lambda r: r["rmse"], default=None)
@@ -366,6 +373,15 @@ def markdown(doc: dict) -> str:
                      f"{fmt(e.get('coeff_rmse'))} | {fmt(e.get('pas_rmse'))} | {fmt(e.get('auto_rmse'))} | "
                      f"{e.get('auto_vs_diffusers_best', float('nan')):.3f} | {fmt(e.get('learned_rmse'))} "
                      f"({e.get('learned')}) | {e.get('learned_vs_diffusers_best', float('nan')):.3f} |")
+    if all("flow_euler_best_rmse" in e for e in s.values()):
+        lines += ["", "Against FlowMatchEuler (the flow pipelines' stock scheduler; target 0.25x): at the model's shift 3 "
+                  "(diffusers default) and on its best shift:", "",
+                  "| NFE | best learned / FlowMatchEuler shift 3 | best learned / FlowMatchEuler best shift |",
+                  "|---|---|---|"]
+        for n in nfes:
+            e = s[n] if n in s else s[str(n)]
+            lines.append(f"| {n} | {e.get('learned_vs_diffusers_default', float('nan')):.3f} | "
+                         f"{e.get('learned_vs_flow_euler_best', float('nan')):.3f} |")
     if all(e.get("learned_median") is not None and e.get("diffusers_best_median") is not None for e in s.values()):
         n_samples = doc["heldout"]["samples"]
         lines += ["", f"The per-sample view behind the RMSE: the median held-out sample's RMSE, and how many of the "

@@ -541,3 +541,20 @@ def test_bench_solvers_flow_mixture_writes_every_kind_of_row(tmp_path):
     assert "Tuned grids" in (tmp_path / "flow_solvers_quick.md").read_text()
     bad = CliRunner().invoke(main, ["bench", "solvers", "--model", "flow-mixture", "--w", "1", "--quick"])
     assert bad.exit_code == 2 and "unconditional" in bad.output
+
+
+def test_bench_flow_schedulers_on_other_shifts_follow_their_shift():
+    """Each maker of ``diffusers_schedulers(other_shifts)`` builds its own shift (no late-bound closure): every
+    sigma of scheduler X at shift s is the shift-1 sigma u of X shifted, s u / (1 + (s - 1) u) (SD3 eq. 23)."""
+    from fewstep.bench.flow import FLOW_EULER, SHIFT, diffusers_schedulers
+    makers = diffusers_schedulers((1.0, 2.0, SHIFT))
+    assert len(makers) == 9  # the model's shift once, and each other shift
+    for name in (FLOW_EULER, "DPMSolverMultistepScheduler(flow)", "UniPCMultistepScheduler(flow)"):
+        runs = {}
+        for shift, suffix in ((1.0, " shift 1"), (2.0, " shift 2"), (SHIFT, "")):
+            sched = makers[name + suffix]()
+            sched.set_timesteps(5)
+            runs[shift] = torch.as_tensor(sched.sigmas, dtype=torch.float64)[1:-2]  # (FlowMatchEuler ends at its own shifted sigma_min)
+        u = runs[1.0]
+        for shift in (2.0, SHIFT):
+            assert torch.allclose(runs[shift], shift * u / (1 + (shift - 1) * u), rtol=5e-3), (name, shift, runs)

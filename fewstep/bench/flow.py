@@ -50,14 +50,25 @@ NFES = (5, 6, 8, 10, 15, 20)
 QUICK_NFES = (5, 10)
 OVERHEAD_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_3m", "unipc_bh2_2", "unipc_bh2_3")
 FLOW_EULER = "FlowMatchEulerDiscreteScheduler"
+OTHER_SHIFTS = (1.0, 2.0, 4.0)  # diffusers' flow schedulers also on these shifts where "their best spacing" is asked
 
 
-def diffusers_schedulers() -> dict:
+def diffusers_schedulers(other_shifts=()) -> dict:
+    """name -> maker of diffusers' flow schedulers at the model's shift (``SHIFT``), and, for each of
+    ``other_shifts``, the three again on that shift's grid (named "... shift K": the flow schedulers' spacing
+    is their shift, so "each on its best spacing" means trying several)."""
     from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
-    flow = {"use_flow_sigmas": True, "flow_shift": SHIFT, "prediction_type": "flow_prediction"}
-    return {FLOW_EULER: lambda: FlowMatchEulerDiscreteScheduler(shift=SHIFT),
-            "DPMSolverMultistepScheduler(flow)": lambda: DPMSolverMultistepScheduler(**flow),
-            "UniPCMultistepScheduler(flow)": lambda: UniPCMultistepScheduler(**flow)}
+
+    def three(shift: float, suffix: str) -> dict:
+        flow = {"use_flow_sigmas": True, "flow_shift": shift, "prediction_type": "flow_prediction"}
+        return {FLOW_EULER + suffix: lambda: FlowMatchEulerDiscreteScheduler(shift=shift),
+                f"DPMSolverMultistepScheduler(flow){suffix}": lambda: DPMSolverMultistepScheduler(**flow),
+                f"UniPCMultistepScheduler(flow){suffix}": lambda: UniPCMultistepScheduler(**flow)}
+    out = three(SHIFT, "")
+    for shift in other_shifts:
+        if shift != SHIFT:
+            out.update(three(float(shift), f" shift {shift:g}"))
+    return out
 
 
 class FlowMixture:
