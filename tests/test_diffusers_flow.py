@@ -533,8 +533,9 @@ def test_bench_solvers_flow_mixture_writes_every_kind_of_row(tmp_path):
     kinds = {(row["impl"], row["spacing"]) for row in doc["results"]}
     assert {("diffusers", "default"), ("fewstep", "tuned"), ("fewstep", "source"), ("fewstep", "logsnr")} <= kinds
     names = {row["solver"] for row in doc["results"] if row["impl"] == "diffusers"}
-    assert names == {"FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler(flow)",
-                     "UniPCMultistepScheduler(flow)"}
+    base = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler(flow)", "UniPCMultistepScheduler(flow)")
+    assert names == set(base) | {f"{n} shift {k}" for n in base for k in (1, 2, 4)}  # each on several shifts
+    assert ("fewstep", "shifted_uniform:shift 2") in kinds
     assert all(row["nfe"] == 4 and row["rmse"] > 0 for row in doc["results"])  # calls counted, not assumed
     assert doc["reference"]["error_estimate"] < 1e-2 and doc["summary"]["4"]["flowmatch_euler_rmse"] > 0
     assert (tmp_path / "flow_solvers_quick.png").stat().st_size > 0
