@@ -185,19 +185,9 @@ class FlowMixtureProblem:
         return {"impl": impl, "row": row, "kind": kind, "nfe": calls, **scores(x, self.ref), **extra}
 
     def fixed_rows(self, nfe: int) -> list:
-        from fewstep.bench.flow import OTHER_SHIFTS, SPACINGS
-        from fewstep.diffusers import FewstepScheduler
-        rows = []
-        for solver in FIXED_SOLVERS:
-            for spacing, grid in SPACINGS:
-                kw = {"source_grid": grid} if grid else {}
-                rows.append(self._row("fewstep", f"{solver} / {spacing}{':' + grid if grid else ''}", "fixed",
-                                      FewstepScheduler.from_config(self.src, solver=solver, spacing=spacing, **kw), nfe))
-            for shift in OTHER_SHIFTS:  # the shifted-uniform grid at the shifts diffusers' rows get too
-                rows.append(self._row("fewstep", f"{solver} / shifted_uniform:shift {shift:g}", "fixed",
-                                      FewstepScheduler.from_config(self.src, solver=solver, spacing="shifted_uniform",
-                                                                   shift=shift), nfe))
-        return rows
+        from fewstep.bench.flow import fixed_schedulers  # the flow benchmark's fixed grids, shifted ones included
+        return [self._row("fewstep", f"{solver} / {label}", "fixed", make(), nfe)
+                for solver in FIXED_SOLVERS for label, make in fixed_schedulers(self.src, solver).items()]
 
     def diffusers_rows(self, nfe: int) -> list:
         return [self._row("diffusers", name, "diffusers", make(), nfe, default=name == self.default_name)

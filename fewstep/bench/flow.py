@@ -71,6 +71,22 @@ def diffusers_schedulers(other_shifts=()) -> dict:
     return out
 
 
+def fixed_schedulers(source_config, solver: str) -> dict:
+    """spacing label -> maker of ``FewstepScheduler`` with ``solver`` on each fixed flow grid of the benchmark:
+    ``SPACINGS`` (labelled ``spacing`` or ``spacing:source_grid``) and the shifted-uniform grid at each of
+    ``OTHER_SHIFTS`` (``shifted_uniform:shift K``, the shifts diffusers' rows get too)."""
+    from ..diffusers import FewstepScheduler
+    out = {}
+    for spacing, grid in SPACINGS:
+        kw = {"source_grid": grid} if grid else {}
+        out[f"{spacing}:{grid}" if grid else spacing] = \
+            lambda spacing=spacing, kw=kw: FewstepScheduler.from_config(source_config, solver=solver, spacing=spacing, **kw)
+    for shift in OTHER_SHIFTS:
+        out[f"shifted_uniform:shift {shift:g}"] = lambda shift=shift: FewstepScheduler.from_config(
+            source_config, solver=solver, spacing="shifted_uniform", shift=shift)
+    return out
+
+
 class FlowMixture:
     """The exact flow velocity of a Gaussian mixture, called like a diffusers flow transformer."""
 
@@ -171,15 +187,9 @@ def run(*, quick: bool = False, nfes=None, samples: int | None = None, seed: int
         for n in nfes:
             add("diffusers", name, "default", make(), n)
     for solver in (QUICK_SOLVERS if quick else SOLVERS):
-        for spacing, grid in SPACINGS:
-            kw = {"source_grid": grid} if grid else {}
+        for label, make in fixed_schedulers(src, solver).items():
             for n in nfes:
-                add("fewstep", solver, f"{spacing}:{grid}" if grid else spacing,
-                    FewstepScheduler.from_config(src, solver=solver, spacing=spacing, **kw), n)
-        for shift in OTHER_SHIFTS:  # the shifted-uniform grid at the shifts diffusers' rows get too
-            for n in nfes:
-                add("fewstep", solver, f"shifted_uniform:shift {shift:g}",
-                    FewstepScheduler.from_config(src, solver=solver, spacing="shifted_uniform", shift=shift), n)
+                add("fewstep", solver, label, make(), n)
         log(f"fewstep {solver}: done")
     tuned_nfes = tuple(n for n in nfes if n <= 10)
     cal_samples = min(16 if quick else 64, n_samples)
