@@ -555,7 +555,8 @@ def test_bench_flow_schedulers_on_other_shifts_follow_their_shift():
         for shift, suffix in ((1.0, " shift 1"), (2.0, " shift 2"), (SHIFT, "")):
             sched = makers[name + suffix]()
             sched.set_timesteps(5)
-            runs[shift] = torch.as_tensor(sched.sigmas, dtype=torch.float64)[1:-2]  # (FlowMatchEuler ends at its own shifted sigma_min)
+            # interior sigmas, the last left out: FlowMatchEuler ends at its own shifted sigma_min
+            runs[shift] = torch.as_tensor(sched.sigmas, dtype=torch.float64)[1:-2]
         u = runs[1.0]
         for shift in (2.0, SHIFT):
             assert torch.allclose(runs[shift], shift * u / (1 + (shift - 1) * u), rtol=5e-3), (name, shift, runs)

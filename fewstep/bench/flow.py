@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -76,15 +77,11 @@ def fixed_schedulers(source_config, solver: str) -> dict:
     ``SPACINGS`` (labelled ``spacing`` or ``spacing:source_grid``) and the shifted-uniform grid at each of
     ``OTHER_SHIFTS`` (``shifted_uniform:shift K``, the shifts diffusers' rows get too)."""
     from ..diffusers import FewstepScheduler
-    out = {}
-    for spacing, grid in SPACINGS:
-        kw = {"source_grid": grid} if grid else {}
-        out[f"{spacing}:{grid}" if grid else spacing] = \
-            lambda spacing=spacing, kw=kw: FewstepScheduler.from_config(source_config, solver=solver, spacing=spacing, **kw)
-    for shift in OTHER_SHIFTS:
-        out[f"shifted_uniform:shift {shift:g}"] = lambda shift=shift: FewstepScheduler.from_config(
-            source_config, solver=solver, spacing="shifted_uniform", shift=shift)
-    return out
+    grids = {(f"{spacing}:{grid}" if grid else spacing): {"spacing": spacing, **({"source_grid": grid} if grid else {})}
+             for spacing, grid in SPACINGS}
+    grids.update({f"shifted_uniform:shift {k:g}": {"spacing": "shifted_uniform", "shift": k} for k in OTHER_SHIFTS})
+    return {label: partial(FewstepScheduler.from_config, source_config, solver=solver, **kw)
+            for label, kw in grids.items()}
 
 
 class FlowMixture:
@@ -314,11 +311,8 @@ def plot(doc: dict, path: Path) -> None:
     for name in dict.fromkeys(r["solver"] for r in rows if r["impl"] == "diffusers" and " shift " not in r["solver"]):
         pts = sorted((r["nfe"], r["rmse"]) for r in rows if r["impl"] == "diffusers" and r["solver"] == name)
         ax.plot(*zip(*pts), "s--", label=f"diffusers {name}")
-    d_best = {}
-    for r in rows:
-        if r["impl"] == "diffusers":
-            d_best[r["nfe"]] = min(d_best.get(r["nfe"], float("inf")), r["rmse"])
-    ax.plot(*zip(*sorted(d_best.items())), "s-", color="0.5", label="diffusers, best of all shifts")
+    ax.plot(list(map(int, doc["summary"])), [s["best_diffusers_rmse"] for s in doc["summary"].values()], "s-",
+            color="0.5", label="diffusers, best of all shifts")
     best = {}
     for r in rows:
         if r["impl"] == "fewstep" and r["spacing"] != "tuned":
